@@ -1,0 +1,90 @@
+"""The ``cluster-archive`` flow: folder of images -> Zarr -> autoencoder -> codes -> K-means -> tables."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from prefect import flow, get_run_logger
+
+from imgclust.config import ConfigError, RunConfig
+from imgclust.dask_cluster import dask_client
+from imgclust.preflight import clear_previous_run, preflight
+from imgclust.presets import PRESETS
+from tasks.cluster import cluster_task
+from tasks.discover import discover_task
+from tasks.encode import encode_task
+from tasks.ingest import ingest_task
+from tasks.publish import publish_task, write_run_record
+from tasks.train import train_task
+
+if logging.getLogger("imgclust").level == logging.NOTSET:
+    logging.getLogger("imgclust").setLevel(logging.INFO)  # stage messages reach Prefect's run logs
+
+
+@contextlib.contextmanager
+def _timed(seconds: dict[str, float], stage: str) -> Iterator[None]:
+    t0 = time.perf_counter()
+    yield
+    seconds[stage] = round(time.perf_counter() - t0, 3)
+
+
+@flow(name="cluster-archive", validate_parameters=True)
+def cluster_archive(config: RunConfig) -> dict[str, Any]:
+    """Cluster every image under ``config.source`` and write the results to ``config.output``."""
+    log = get_run_logger()
+    preflight(config)
+    if config.overwrite:
+        clear_previous_run(config)
+    so, out, preset = config.storage_options, config.output, PRESETS[config.preset]
+    size = config.resolved_image_size
+    sec: dict[str, float] = {}
+    with dask_client(config.dask_address, config.n_workers) as client:
+        address = client.scheduler.address
+        with _timed(sec, "discover"):
+            found = discover_task(config.source, out, so, address)
+        if config.n_clusters is not None and config.n_clusters > found.n_unique:
+            raise ConfigError("n_clusters", f"{config.n_clusters} clusters asked for but only {found.n_unique} "
+                              "distinct images were found")
+        gray = found.gray if config.color == "auto" else config.color == "gray"
+        with _timed(sec, "ingest"):
+            ing = ingest_task(config.source, out, so, found.unique_url, found.unreadable_url, size, gray, config.fit,
+                              config.shard_size, address)
+        if ing.n_accepted < max(2, config.n_clusters or 2):
+            raise ConfigError("n_clusters" if config.n_clusters else "source",
+                              f"only {ing.n_accepted} images could be decoded; see {out}/rejected.parquet")
+        with _timed(sec, "train"):
+            model = train_task(ing.images_url, out, so, config.preset, config.resolved_epochs, config.batch_size,
+                               config.resolved_learning_rate, config.seed, config.device)
+        with _timed(sec, "encode"):
+            enc = encode_task(ing.images_url, out, so, model.model_url, model.model_token, model.code_dim,
+                              config.batch_size, address)
+        with _timed(sec, "cluster"):
+            clu = cluster_task(enc.codes_url, out, so, config.n_clusters, preset.embedding, config.seed, address)
+        with _timed(sec, "publish"):
+            quality = publish_task(out, so, clu.labels_url, clu.distances_url)
+    counts = {"found": found.n_found, "duplicates": found.n_duplicates, "rejected": ing.n_rejected,
+              "accepted": ing.n_accepted, "clusters": clu.n_clusters}
+    record = {
+        "config": config.public_dict(),
+        "resolved": {"image_size": list(size), "color": "gray" if gray else "rgb", "epochs": config.resolved_epochs,
+                     "learning_rate": config.resolved_learning_rate, "embedding": preset.embedding,
+                     "code_dim": model.code_dim, "device": model.device, "n_clusters": clu.n_clusters},
+        "counts": counts,
+        "seconds": sec,
+        "quality": {"reconstruction_mse": enc.reconstruction_mse, "silhouette_sample": clu.silhouette,
+                    "k_curve": clu.k_curve, **quality},
+        "train_loss": model.losses,
+    }
+    write_run_record(out, so, record)
+    log.info("cluster-archive: %d images -> %d clusters; results in %s", ing.n_accepted, clu.n_clusters, out)
+    return record
+
+
+if __name__ == "__main__":
+    import sys
+
+    cluster_archive(RunConfig(source=sys.argv[1], output=sys.argv[2]))

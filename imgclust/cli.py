@@ -1,0 +1,175 @@
+"""``imgclust``: the command line over the Prefect flows."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+from imgclust import __version__
+
+EXIT_USAGE = 2
+
+
+def _quiet_prefect_env() -> None:
+    """Set before Prefect is imported: no telemetry, our module logger in Prefect's logs."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "imgclust")
+    os.environ.setdefault("IMGCLUST_PROGRESS", "auto")
+
+
+def _fail(message: str, code: int = EXIT_USAGE) -> int:
+    print(f"imgclust: error: {message}", file=sys.stderr)
+    return code
+
+
+def _add_run_parser(sub: argparse._SubParsersAction) -> None:
+    from imgclust.presets import PRESETS
+
+    p = sub.add_parser(
+        "run", help="cluster the images under SOURCE, writing results to OUTPUT",
+        description="Run the cluster-archive flow: discover, ingest to Zarr, train the autoencoder, encode, "
+        "cluster, publish. Options override those of --config.",
+        argument_default=argparse.SUPPRESS,
+    )
+    p.add_argument("source", help="folder or fsspec URL (e.g. s3://bucket/photos) holding the images")
+    p.add_argument("output", help="folder or fsspec URL to write the run to (not inside SOURCE)")
+    p.add_argument("--config", help="YAML, TOML or JSON file with the same settings (keys as the long options)")
+    p.add_argument("--image-size", help="HxW images are resized to, or one number for square (default: the "
+                   "preset's, 32 for default, 28 for seed-mnist, 240x320 for seed-house, 152 for seed-faces)")
+    p.add_argument("--color", choices=["auto", "rgb", "gray"], help="channels; auto = gray when every image is "
+                   "grayscale (default auto)")
+    p.add_argument("--fit", choices=["crop", "pad"], help="crop = centre-crop to the target aspect, pad = "
+                   "letterbox on black (default crop)")
+    p.add_argument("--preset", choices=list(PRESETS), help="model preset (default: default). " + " | ".join(
+        f"{k}: {v.description}" for k, v in PRESETS.items()))
+    p.add_argument("--epochs", type=int, help="training epochs (default: the preset's)")
+    p.add_argument("--batch-size", type=int, help="training and encoding batch size (default 128)")
+    p.add_argument("--learning-rate", type=float, help="Adam learning rate (default: the preset's)")
+    p.add_argument("--n-clusters", "-k", type=int, help="number of clusters (default: chosen from the data by "
+                   "silhouette, k = 2..20)")
+    p.add_argument("--seed", type=int, help="fixes training and clustering (default 0)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where to train (default auto: CUDA when "
+                   "present)")
+    p.add_argument("--dask-address", help="scheduler address, e.g. tcp://10.0.0.5:8786 (default: a local "
+                   "cluster)")
+    p.add_argument("--n-workers", type=int, help="worker processes of the local cluster (default: cores)")
+    p.add_argument("--shard-size", type=int, help="images per Zarr chunk and Dask task (default 1024)")
+    p.add_argument("--storage-options", help='fsspec options as JSON, e.g. \'{"endpoint_url": '
+                   '"http://127.0.0.1:9000", "anon": false}\'')
+    p.add_argument("--overwrite", action="store_true", help="replace a finished run in OUTPUT")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (logs still report progress)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="imgclust", description="Unsupervised clustering of image archives "
+                                     "with convolutional autoencoders, on Prefect + Dask.")
+    parser.add_argument("--version", action="version", version=f"imgclust {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_run_parser(sub)
+    ev = sub.add_parser("evaluate", help="score a finished run against known labels",
+                        description="Write metrics.json (Hungarian accuracy, NMI, ARI, purity, contingency).")
+    ev.add_argument("run_dir", help="output folder/URL of a finished run")
+    ev.add_argument("--labels", required=True, help="CSV/Parquet with columns path,label, or 'parent-folder'")
+    ev.add_argument("--storage-options", help="fsspec options as JSON")
+    sa = sub.add_parser("sample", help="write scikit-learn's digits as PNG files into a folder (one folder per "
+                        "digit) for a first run")
+    sa.add_argument("folder")
+    sa.add_argument("--size", type=int, default=28, help="side of the written PNGs (default 28)")
+    return parser
+
+
+def _run_settings(ns: argparse.Namespace) -> dict[str, Any]:
+    from imgclust.config import ConfigError, load_config_file
+
+    args = vars(ns).copy()
+    settings: dict[str, Any] = {}
+    if "config" in args:
+        settings.update(load_config_file(args.pop("config")))
+    for key in ("command", "no_progress"):
+        args.pop(key, None)
+    if "storage_options" in args:
+        try:
+            so = json.loads(args["storage_options"])
+        except json.JSONDecodeError as exc:
+            raise ConfigError("storage_options", f"not valid JSON: {exc}") from None
+        if not isinstance(so, dict):
+            raise ConfigError("storage_options", "must be a JSON object")
+        args["storage_options"] = so
+    settings.update(args)
+    return settings
+
+
+def _validation_message(exc: Exception) -> str:
+    errors = exc.errors()  # type: ignore[attr-defined]
+    parts = []
+    for e in errors:
+        loc = ".".join(str(x) for x in e["loc"]) or "config"
+        msg = e["msg"].removeprefix("Value error, ")
+        parts.append(f"{loc}: {msg}" + (f" (got {e['input']!r})" if loc != "config" and "input" in e
+                                        and not isinstance(e["input"], dict) else ""))
+    return "; ".join(parts)
+
+
+def cmd_run(ns: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from imgclust.config import ConfigError, RunConfig
+
+    if getattr(ns, "no_progress", False):
+        os.environ["IMGCLUST_PROGRESS"] = "0"
+    try:
+        config = RunConfig(**_run_settings(ns))
+        from imgclust.preflight import preflight
+
+        n = preflight(config)
+    except ValidationError as exc:
+        return _fail(_validation_message(exc))
+    except ConfigError as exc:
+        return _fail(str(exc))
+    print(f"imgclust: {n} image files under {config.source}; writing to {config.output}", file=sys.stderr)
+    from flows.cluster_archive import cluster_archive
+
+    try:
+        record = cluster_archive(config)
+    except ConfigError as exc:
+        return _fail(str(exc))
+    c = record["counts"]
+    print(f"done: {c['accepted']} images in {c['clusters']} clusters, {c['rejected']} rejected, "
+          f"{c['duplicates']} duplicates; results in {config.output}")
+    for name in ("assignments.parquet", "clusters.json", "manifest.parquet", "rejected.parquet", "run.json"):
+        print(f"  {config.output.rstrip('/')}/{name}")
+    return 0
+
+
+def cmd_evaluate(ns: argparse.Namespace) -> int:
+    from imgclust.evaluate import evaluate_run, format_metrics
+
+    so = json.loads(ns.storage_options) if ns.storage_options else {}
+    try:
+        metrics = evaluate_run(ns.run_dir, ns.labels, so)
+    except (FileNotFoundError, ValueError) as exc:
+        return _fail(str(exc))
+    print(format_metrics(metrics))
+    return 0
+
+
+def cmd_sample(ns: argparse.Namespace) -> int:
+    from imgclust.sample import write_digits
+
+    n = write_digits(ns.folder, ns.size)
+    print(f"wrote {n} digit images to {ns.folder} (one folder per digit)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    _quiet_prefect_env()
+    ns = build_parser().parse_args(argv)
+    return {"run": cmd_run, "evaluate": cmd_evaluate, "sample": cmd_sample}[ns.command](ns)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

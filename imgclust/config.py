@@ -1,0 +1,135 @@
+"""The single, validated configuration object of a clustering run."""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from imgclust.presets import PRESETS
+
+
+class ConfigError(ValueError):
+    """A parameter is wrong; raised before any heavy work. ``param`` names it."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(f"{param}: {message}")
+        self.param = param
+
+
+class RunConfig(BaseModel):
+    """Every parameter of ``cluster-archive``; the CLI, config files and deployments all fill this."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    source: str = Field(description="Folder or fsspec URL (s3://bucket/prefix) holding the images.")
+    output: str = Field(description="Folder or fsspec URL the run writes to; must not lie inside source.")
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict, description="fsspec storage options (e.g. endpoint_url, key, secret, anon)."
+    )
+    image_size: tuple[int, int] | None = Field(
+        default=None, description="Height and width images are resized to; one number means square. "
+        "Default: the preset's own size.")
+    color: Literal["auto", "rgb", "gray"] = Field(
+        default="auto", description="Channels: rgb, gray, or auto (gray when every sampled image is grayscale).")
+    fit: Literal["crop", "pad"] = Field(
+        default="crop", description="crop: centre-crop to the target aspect; pad: letterbox on black.")
+    preset: str = Field(default="default", description="Model preset: " + ", ".join(PRESETS))
+    epochs: int | None = Field(default=None, ge=1, le=10_000, description="Training epochs (default: preset's).")
+    batch_size: int = Field(default=128, ge=1, le=65_536, description="Training and encoding batch size.")
+    learning_rate: float | None = Field(default=None, gt=0, lt=1, description="Adam learning rate (default: preset's).")
+    n_clusters: int | None = Field(
+        default=None, ge=2, le=100_000,
+        description="Number of clusters; default chooses k from the data (silhouette on a sample).")
+    seed: int = Field(default=0, ge=0, description="Fixes training and clustering.")
+    device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="Where the autoencoder trains.")
+    dask_address: str | None = Field(default=None, description="Dask scheduler address; default a local cluster.")
+    n_workers: int | None = Field(default=None, ge=1, le=1024, description="Local cluster worker processes.")
+    shard_size: int = Field(default=1024, ge=16, le=65_536, description="Images per Zarr chunk and per Dask task.")
+    overwrite: bool = Field(default=False, description="Replace a finished run in output.")
+
+    @field_validator("image_size", mode="before")
+    @classmethod
+    def _square(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            parts = v.lower().replace("x", ",").split(",")
+            v = [int(p) for p in parts if p.strip()]
+        if isinstance(v, int):
+            return (v, v)
+        if isinstance(v, (list, tuple)) and len(v) == 1:
+            return (v[0], v[0])
+        return v
+
+    @field_validator("image_size")
+    @classmethod
+    def _size_range(cls, v: tuple[int, int] | None) -> tuple[int, int] | None:
+        if v is not None and not all(8 <= s <= 2048 for s in v):
+            raise ValueError(f"each side must be between 8 and 2048 pixels, got {v[0]}x{v[1]}")
+        return v
+
+    @field_validator("preset")
+    @classmethod
+    def _known_preset(cls, v: str) -> str:
+        if v not in PRESETS:
+            raise ValueError(f"unknown preset {v!r}; choose one of {', '.join(PRESETS)}")
+        return v
+
+    @field_validator("source", "output")
+    @classmethod
+    def _not_empty(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must not be empty")
+        return v.strip()
+
+    @model_validator(mode="after")
+    def _output_outside_source(self) -> "RunConfig":
+        from imgclust.storage import normalise_url
+
+        src, out = normalise_url(self.source), normalise_url(self.output)
+        if out == src or out.startswith(src.rstrip("/") + "/"):
+            raise ValueError(f"output ({self.output}) must not be the source or lie inside it ({self.source})")
+        return self
+
+    # Resolved values: the preset decides what the user left open.
+    @property
+    def resolved_image_size(self) -> tuple[int, int]:
+        return self.image_size or PRESETS[self.preset].image_size
+
+    @property
+    def resolved_epochs(self) -> int:
+        return self.epochs or PRESETS[self.preset].epochs
+
+    @property
+    def resolved_learning_rate(self) -> float:
+        return self.learning_rate or PRESETS[self.preset].learning_rate
+
+    def public_dict(self) -> dict[str, Any]:
+        """The config as written to run.json: storage options are replaced by their key names."""
+        d = self.model_dump(mode="json")
+        d["storage_options"] = {k: "***" for k in self.storage_options}
+        return d
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Settings from a YAML, TOML or JSON file (keys as in RunConfig)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError("config", f"file not found: {p}")
+    text = p.read_text()
+    try:
+        if p.suffix.lower() == ".toml":
+            data = tomllib.loads(text)
+        elif p.suffix.lower() == ".json":
+            data = json.loads(text)
+        else:
+            data = yaml.safe_load(text)
+    except Exception as exc:  # the parser's own message is the useful part
+        raise ConfigError("config", f"cannot parse {p}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError("config", f"{p} must hold a mapping of settings")
+    data = {k.replace("-", "_"): v for k, v in data.items()}
+    return data

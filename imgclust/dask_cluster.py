@@ -1,0 +1,39 @@
+"""Where Dask work runs: a scheduler address when given, a local process cluster otherwise."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+
+from distributed import Client, LocalCluster, as_completed
+
+logger = logging.getLogger("imgclust")
+
+
+@contextlib.contextmanager
+def dask_client(address: str | None = None, n_workers: int | None = None) -> Iterator[Client]:
+    """A Client on ``address``, or on a fresh LocalCluster that is closed afterwards.
+
+    Local workers are processes with one thread each (torch and Pillow release the GIL only in
+    parts, and BLAS threads would fight each other), and ``n_workers`` defaults to the cores.
+    """
+    if address:
+        with Client(address, set_as_default=False) as client:
+            logger.info("using Dask scheduler %s", address)
+            yield client
+        return
+    n = n_workers or max(1, os.cpu_count() or 1)
+    env = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    with LocalCluster(
+        n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None,
+        host="127.0.0.1", env=env,
+    ) as cluster, Client(cluster, set_as_default=False) as client:
+        logger.info("started a local Dask cluster with %d worker processes", n)
+        yield client
+
+
+def completed(client: Client, futures: list) -> Iterator:
+    """Futures as they finish, on ``client`` (not the process-wide default client, which may be absent)."""
+    return as_completed(futures, loop=client.loop)

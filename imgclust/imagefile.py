@@ -1,0 +1,120 @@
+"""Decode any image Pillow can read into a fixed-size uint8 array, or say clearly why not."""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+GRAY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F", "La"}
+_ROTATED = {5, 6, 7, 8}  # EXIF orientations that swap width and height
+
+
+class ImageRejected(Exception):
+    """The file is not a usable image; ``str(exc)`` is the reason shown to users."""
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    pixels: np.ndarray  # (C, H, W) uint8
+    width: int
+    height: int
+    format: str
+
+
+def _flatten_alpha(im: Image.Image, background: int = 0) -> Image.Image:
+    rgba = im.convert("RGBA")
+    base = Image.new("RGBA", rgba.size, (background, background, background, 255))
+    return Image.alpha_composite(base, rgba).convert("RGB")
+
+
+def _to_mode(im: Image.Image, gray: bool) -> Image.Image:
+    """Every Pillow mode to L or RGB; 16/32-bit and float data are rescaled, not clipped."""
+    mode = im.mode
+    if mode.startswith("I") or mode == "F":
+        a = np.asarray(im, dtype=np.float64)
+        if mode.startswith("I;16"):
+            a = a / 257.0
+        else:
+            lo, hi = float(a.min()), float(a.max())
+            a = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
+        im = Image.fromarray(np.clip(a + 0.5, 0, 255).astype(np.uint8), "L")
+    elif mode in ("LA", "La", "RGBA", "RGBa", "PA") or (mode == "P" and "transparency" in im.info):
+        im = _flatten_alpha(im)
+    target = "L" if gray else "RGB"
+    return im if im.mode == target else im.convert(target)
+
+
+def decode_image(data: bytes, size: tuple[int, int], gray: bool, fit: str = "crop") -> DecodedImage:
+    """Decode ``data`` to (C, H, W) uint8 at ``size`` = (height, width).
+
+    EXIF orientation is applied; animated images give their first frame; JPEGs are decoded at a
+    reduced scale when that still covers the target (draft mode), which is much faster.
+    ``fit="crop"`` centre-crops to the target aspect, ``fit="pad"`` letterboxes on black.
+    Raises ``ImageRejected`` with a readable reason for anything that cannot be decoded.
+    """
+    if not data:
+        raise ImageRejected("empty file (0 bytes)")
+    th, tw = size
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as im:
+                fmt = im.format or "unknown"
+                width, height = im.size
+                if width < 1 or height < 1:
+                    raise ImageRejected(f"image has no pixels ({width}x{height})")
+                try:
+                    im.seek(0)
+                except EOFError:
+                    pass
+                orientation = im.getexif().get(0x0112, 1) if hasattr(im, "getexif") else 1
+                if fmt == "JPEG":
+                    w, h = (height, width) if orientation in _ROTATED else (width, height)
+                    scale = max(tw / w, th / h) if fit == "crop" else min(tw / w, th / h)
+                    need = (max(1, int(w * scale + 1)), max(1, int(h * scale + 1)))
+                    if orientation in _ROTATED:
+                        need = need[::-1]
+                    im.draft("L" if gray else "RGB", need)
+                im.load()
+                im = ImageOps.exif_transpose(im) or im
+                im = _to_mode(im, gray)
+                if fit == "pad":
+                    im = ImageOps.pad(im, (tw, th), method=Image.Resampling.BILINEAR, color=0)
+                else:
+                    im = ImageOps.fit(im, (tw, th), method=Image.Resampling.BILINEAR)
+                arr = np.asarray(im, dtype=np.uint8)
+    except ImageRejected:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageRejected(f"too large to decode safely (decompression-bomb limit): {exc}") from None
+    except UnidentifiedImageError:
+        raise ImageRejected("not a recognised image format") from None
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, KeyError, ZeroDivisionError) as exc:
+        msg = str(exc) or type(exc).__name__
+        if "truncated" in msg.lower():
+            raise ImageRejected(f"truncated image data: {msg}") from None
+        raise ImageRejected(f"corrupt or unsupported image data: {msg}") from None
+    except MemoryError:
+        raise ImageRejected("not enough memory to decode this image") from None
+    pixels = arr[None, :, :] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+    return DecodedImage(np.ascontiguousarray(pixels), width, height, fmt)
+
+
+def probe_is_gray(data: bytes) -> bool | None:
+    """Whether the image header says grayscale; None when unreadable. Reads only the header."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(data)) as im:
+                if im.mode == "P":
+                    pal = im.getpalette() or []
+                    rgb = np.asarray(pal[: 3 * 256]).reshape(-1, 3) if len(pal) >= 3 else None
+                    return bool(rgb is not None and (rgb == rgb[:, :1]).all())
+                return im.mode in GRAY_MODES
+    except Exception:
+        return None

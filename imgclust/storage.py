@@ -1,0 +1,92 @@
+"""Everything that touches a location goes through fsspec, so local folders and s3:// behave alike."""
+
+from __future__ import annotations
+
+import io
+import json
+import posixpath
+import uuid
+from typing import Any
+
+import fsspec
+import pandas as pd
+from fsspec.implementations.local import LocalFileSystem
+
+
+class StorageError(RuntimeError):
+    """A location could not be read or written; the message says which and why."""
+
+
+def open_fs(url: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """Filesystem and protocol-less root path for ``url``."""
+    fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    return fs, root.rstrip("/") if root != "/" else root
+
+
+def is_local(url: str) -> bool:
+    return isinstance(fsspec.core.url_to_fs(url)[0], LocalFileSystem)
+
+
+def join(url: str, *parts: str) -> str:
+    """Join path parts onto a URL with ``/``, keeping its protocol."""
+    return posixpath.join(url.rstrip("/"), *parts)
+
+
+def zarr_options(url: str, storage_options: dict[str, Any] | None) -> dict[str, Any] | None:
+    """zarr refuses storage options for plain local paths; pass them only to remote stores."""
+    if is_local(url) or not storage_options:
+        return None
+    return dict(storage_options)
+
+
+def normalise_url(url: str) -> str:
+    """Absolute local paths; remote URLs unchanged except trailing slashes."""
+    if "://" in url and not url.startswith("file://"):
+        return url.rstrip("/")
+    fs, root = open_fs(url)
+    return fs._strip_protocol(root).rstrip("/") or "/"
+
+
+def write_bytes_atomic(url: str, data: bytes, storage_options: dict[str, Any] | None = None) -> None:
+    """Write to a temporary name and move it into place, so readers never see half a file."""
+    fs, path = open_fs(url, storage_options)
+    parent = posixpath.dirname(path)
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    tmp = posixpath.join(parent, f".{posixpath.basename(path)}.{uuid.uuid4().hex}.tmp")
+    with fs.open(tmp, "wb") as fh:
+        fh.write(data)
+    fs.mv(tmp, path)
+
+
+def write_json(url: str, obj: Any, storage_options: dict[str, Any] | None = None) -> None:
+    write_bytes_atomic(url, json.dumps(obj, indent=2, default=str).encode(), storage_options)
+
+
+def read_json(url: str, storage_options: dict[str, Any] | None = None) -> Any:
+    fs, path = open_fs(url, storage_options)
+    with fs.open(path, "rb") as fh:
+        return json.loads(fh.read())
+
+
+def write_parquet(url: str, df: pd.DataFrame, storage_options: dict[str, Any] | None = None) -> None:
+    buf = io.BytesIO()
+    df.to_parquet(buf, index=False)
+    write_bytes_atomic(url, buf.getvalue(), storage_options)
+
+
+def read_parquet(url: str, storage_options: dict[str, Any] | None = None) -> pd.DataFrame:
+    fs, path = open_fs(url, storage_options)
+    with fs.open(path, "rb") as fh:
+        return pd.read_parquet(io.BytesIO(fh.read()))
+
+
+def exists(url: str, storage_options: dict[str, Any] | None = None) -> bool:
+    fs, path = open_fs(url, storage_options)
+    return fs.exists(path)
+
+
+def remove(url: str, storage_options: dict[str, Any] | None = None) -> None:
+    fs, path = open_fs(url, storage_options)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)

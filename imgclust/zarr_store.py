@@ -1,0 +1,33 @@
+"""Zarr 3 arrays of images and codes, local or over fsspec, with one place for codecs and chunking."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec
+
+from imgclust.storage import zarr_options
+
+
+def create_array(url: str, shape: tuple[int, ...], chunk_rows: int, dtype: str,
+                 storage_options: dict[str, Any] | None = None,
+                 attributes: dict[str, Any] | None = None) -> zarr.Array:
+    """A new array chunked along the first axis only; whole chunks are what tasks write."""
+    chunks = (max(1, min(chunk_rows, shape[0] or 1)), *shape[1:])
+    shuffle = "bitshuffle" if np.dtype(dtype).itemsize == 1 else "shuffle"
+    return zarr.create_array(
+        store=url, storage_options=zarr_options(url, storage_options), shape=shape, chunks=chunks,
+        dtype=dtype, compressors=BloscCodec(cname="zstd", clevel=3, shuffle=shuffle),
+        fill_value=0, overwrite=True, attributes=attributes or {},
+    )
+
+
+def open_array(url: str, storage_options: dict[str, Any] | None = None, mode: str = "r") -> zarr.Array:
+    return zarr.open_array(store=url, storage_options=zarr_options(url, storage_options), mode=mode)
+
+
+def chunk_spans(n: int, chunk_rows: int) -> list[tuple[int, int]]:
+    """(start, stop) of every chunk along the first axis."""
+    return [(s, min(s + chunk_rows, n)) for s in range(0, n, chunk_rows)]

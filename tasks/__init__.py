@@ -1,0 +1,1 @@
+"""Stages of a run: plain functions that do the work, and thin Prefect tasks over them."""

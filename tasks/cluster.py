@@ -1,0 +1,144 @@
+"""Stage 5: standardise the codes, optionally embed them with UMAP, and run dask-ml K-means."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import dask
+import dask.array as da
+import numpy as np
+from distributed import Client
+from prefect import task
+
+from imgclust.storage import join
+from imgclust.zarr_store import create_array, open_array
+from imgclust.zarr_store import chunk_spans
+
+logger = logging.getLogger("imgclust")
+UMAP_SAMPLE = 20_000
+K_SEARCH_SAMPLE = 4_000
+
+
+@dataclass(frozen=True)
+class Clustering:
+    labels_url: str  # zarr (N,) int32 cluster of each image
+    distances_url: str  # zarr (N,) float32 distance to its centre, in the clustered feature space
+    features_url: str  # zarr (N, d) the space K-means ran in
+    n_clusters: int
+    silhouette: float | None
+    k_curve: dict[int, float] = field(default_factory=dict)
+
+
+def standardise(codes: da.Array) -> da.Array:
+    """Zero mean, unit variance per dimension (constant dimensions are left at zero)."""
+    mu, sd = dask.compute(codes.mean(axis=0), codes.std(axis=0))
+    sd = np.where(sd > 1e-8, sd, 1.0)
+    return (codes - mu) / sd
+
+
+def sample_rows(n: int, size: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(n, size=min(n, size), replace=False))
+
+
+def umap_embed(x: da.Array, seed: int, n_components: int = 10) -> da.Array:
+    """UMAP fitted on a sample (at most UMAP_SAMPLE rows); the rest is placed with ``transform``."""
+    import umap
+
+    n = x.shape[0]
+    rows = sample_rows(n, UMAP_SAMPLE, seed)
+    sample = x[rows].compute().astype(np.float32)
+    reducer = umap.UMAP(n_neighbors=min(15, max(2, len(sample) - 1)), n_components=min(n_components, max(2, len(sample) - 2)),
+                        min_dist=0.0, metric="euclidean", random_state=seed, n_jobs=1)
+    emb = reducer.fit_transform(sample).astype(np.float32)
+    if len(rows) == n:
+        return da.from_array(emb, chunks=(x.chunks[0], emb.shape[1]))
+    return x.map_blocks(lambda b: reducer.transform(b.astype(np.float32)).astype(np.float32),
+                        chunks=(x.chunks[0], (emb.shape[1],)), dtype=np.float32)
+
+
+def choose_k(x: np.ndarray, seed: int, k_max: int = 20) -> tuple[int, dict[int, float]]:
+    """k with the best silhouette on a sample, and the whole curve for run.json."""
+    from sklearn.cluster import KMeans
+    from sklearn.metrics import silhouette_score
+
+    curve: dict[int, float] = {}
+    for k in range(2, min(k_max, len(x) - 1) + 1):
+        labels = KMeans(n_clusters=k, n_init=3, random_state=seed).fit_predict(x)
+        curve[k] = float(silhouette_score(x, labels, random_state=seed)) if len(set(labels)) > 1 else -1.0
+    best = max(curve, key=lambda k: curve[k])
+    return best, curve
+
+
+def _assign(block: np.ndarray, centres: np.ndarray) -> np.ndarray:
+    d2 = ((block[:, None, :] - centres[None, :, :]) ** 2).sum(-1)
+    lab = d2.argmin(1)
+    return np.stack([lab.astype(np.float64), np.sqrt(d2[np.arange(len(block)), lab])], axis=1)
+
+
+def cluster_codes(codes_url: str, output: str, storage_options: dict[str, Any], n_clusters: int | None,
+                  embedding: str, seed: int, client: Client) -> Clustering:
+    from dask_ml.cluster import KMeans
+
+    codes = open_array(codes_url, storage_options)
+    n, step = codes.shape[0], codes.chunks[0]
+    with dask.config.set(scheduler=client):
+        x = standardise(da.from_zarr(codes))
+        if embedding == "umap" and n > 20:
+            x = umap_embed(x, seed)
+        features_url = join(output, "_work", "features.zarr")
+        create_array(features_url, (n, x.shape[1]), step, "float32", storage_options)
+        da.store(x.rechunk((step, x.shape[1])).astype(np.float32), open_array(features_url, storage_options, "r+"),
+                 lock=False)
+        x = da.from_zarr(open_array(features_url, storage_options))
+        sample = x[sample_rows(n, K_SEARCH_SAMPLE, seed)].compute()
+        curve: dict[int, float] = {}
+        if n_clusters is None:
+            n_clusters, curve = choose_k(sample, seed)
+            logger.info("cluster: chose k=%d by silhouette (%s)", n_clusters,
+                        ", ".join(f"{k}: {v:.3f}" for k, v in curve.items()))
+        if n_clusters > n:
+            raise ValueError(f"n_clusters={n_clusters} is larger than the {n} images that could be read")
+        km = KMeans(n_clusters=n_clusters, init="k-means||", random_state=seed, max_iter=300)
+        km.fit(x)
+        centres = np.asarray(km.cluster_centers_, dtype=np.float64)
+        out = x.map_blocks(_assign, centres, chunks=(x.chunks[0], (2,)), dtype=np.float64).compute()
+    labels = out[:, 0].astype(np.int32)
+    labels = _relabel_by_size(labels, n_clusters)
+    found = int(labels.max()) + 1 if n else 0
+    if found < n_clusters:
+        logger.warning("cluster: only %d of %d clusters are non-empty", found, n_clusters)
+        n_clusters = found
+    dist = out[:, 1].astype(np.float32)
+    labels_url, distances_url = join(output, "_work", "labels.zarr"), join(output, "_work", "distances.zarr")
+    create_array(labels_url, (n,), step, "int32", storage_options)[:] = labels
+    create_array(distances_url, (n,), step, "float32", storage_options)[:] = dist
+    sil = _silhouette(sample, labels[sample_rows(n, K_SEARCH_SAMPLE, seed)], seed)
+    logger.info("cluster: %d clusters, silhouette on a sample %.3f", n_clusters, sil if sil is not None else float("nan"))
+    return Clustering(labels_url, distances_url, features_url, n_clusters, sil, curve)
+
+
+def _relabel_by_size(labels: np.ndarray, k: int) -> np.ndarray:
+    """Cluster 0 is the largest, ids are dense: stable, meaningful to read, and no empty cluster."""
+    counts = np.bincount(labels, minlength=k)
+    order = np.lexsort((np.arange(k), -counts))
+    remap = np.empty(k, dtype=np.int32)
+    remap[order] = np.arange(k, dtype=np.int32)
+    return remap[labels]
+
+
+def _silhouette(x: np.ndarray, labels: np.ndarray, seed: int) -> float | None:
+    from sklearn.metrics import silhouette_score
+
+    if len(set(labels.tolist())) < 2 or len(x) < 3:
+        return None
+    return float(silhouette_score(x, labels, random_state=seed))
+
+
+@task(name="cluster", retries=1, retry_delay_seconds=5)
+def cluster_task(codes_url: str, output: str, storage_options: dict[str, Any], n_clusters: int | None,
+                 embedding: str, seed: int, address: str) -> Clustering:
+    with Client(address, set_as_default=False) as client:
+        return cluster_codes(codes_url, output, storage_options, n_clusters, embedding, seed, client)

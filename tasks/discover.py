@@ -1,0 +1,109 @@
+"""Stage 1: list the image files of a source, hash their content, split off exact duplicates."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+import pandas as pd
+from distributed import Client
+from imgclust.dask_cluster import completed
+from prefect import task
+
+from imgclust.imagefile import IMAGE_EXTENSIONS, probe_is_gray
+from imgclust.progress import track
+from imgclust.storage import StorageError, join, open_fs, write_parquet
+
+logger = logging.getLogger("imgclust")
+HASH_BATCH = 256
+
+
+@dataclass(frozen=True)
+class Discovery:
+    """What discovery found; tables live in the output store, only counts travel."""
+
+    n_found: int
+    n_unique: int
+    n_duplicates: int
+    n_unreadable: int
+    gray: bool
+    unique_url: str
+    unreadable_url: str
+
+
+def list_images(source: str, storage_options: dict[str, Any] | None = None) -> list[str]:
+    """Image paths under ``source``, relative to it with ``/`` separators, sorted."""
+    try:
+        fs, root = open_fs(source, storage_options)
+        if not fs.exists(root):
+            raise StorageError(f"source not found: {source}")
+        if not fs.isdir(root):
+            raise StorageError(f"source is not a folder or prefix: {source}")
+        found = fs.find(root, withdirs=False)
+    except StorageError:
+        raise
+    except (PermissionError, OSError) as exc:
+        raise StorageError(f"cannot list source {source}: {exc}") from exc
+    prefix = root.rstrip("/") + "/"
+    rel = [p[len(prefix):] if p.startswith(prefix) else p for p in found]
+    return sorted(p for p in rel if p.lower().endswith(IMAGE_EXTENSIONS))
+
+
+def hash_batch(fs: fsspec.AbstractFileSystem, root: str, paths: list[str]) -> list[tuple[str, str | None, str | None, bool | None]]:
+    """(path, sha256, error, is_gray) per file; runs on a Dask worker, reads each file once."""
+    full = [f"{root.rstrip('/')}/{p}" for p in paths]
+    out: list[tuple[str, str | None, str | None, bool | None]] = []
+    blobs = fs.cat(full, on_error="return") if full else {}
+    for rel, path in zip(paths, full):
+        data = blobs.get(path)
+        if isinstance(data, BaseException) or data is None:
+            reason = f"unreadable: {type(data).__name__}: {data}" if data is not None else "unreadable: missing"
+            out.append((rel, None, reason, None))
+            continue
+        out.append((rel, hashlib.sha256(data).hexdigest(), None, probe_is_gray(data)))
+    return out
+
+
+def split_duplicates(hashed: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Unique files and duplicates: the first path in sorted order of each content is the original."""
+    hashed = hashed.sort_values("path", kind="stable").reset_index(drop=True)
+    first = hashed.groupby("sha256", sort=False)["path"].transform("first")
+    is_dup = hashed["path"] != first
+    dups = hashed.loc[is_dup, ["path", "sha256"]].assign(duplicate_of=first[is_dup]).reset_index(drop=True)
+    unique = hashed.loc[~is_dup].reset_index(drop=True)
+    return unique, dups
+
+
+def discover(source: str, output: str, storage_options: dict[str, Any], client: Client) -> Discovery:
+    """List, hash in parallel on the cluster, and write ``duplicates.parquet``."""
+    paths = list_images(source, storage_options)
+    fs, root = open_fs(source, storage_options)
+    batches = [paths[i:i + HASH_BATCH] for i in range(0, len(paths), HASH_BATCH)]
+    futures = [client.submit(hash_batch, fs, root, b, pure=False) for b in batches]
+    rows: list[tuple[str, str | None, str | None, bool | None]] = []
+    for fut in track(completed(client, futures), total=len(futures), desc="discover", unit="batch"):
+        rows.extend(fut.result())
+    table = pd.DataFrame(rows, columns=["path", "sha256", "reason", "gray"])
+    unreadable = table.loc[table["sha256"].isna(), ["path", "reason"]].reset_index(drop=True)
+    unique, dups = split_duplicates(table.loc[table["sha256"].notna(), ["path", "sha256", "gray"]])
+    probes = unique["gray"].dropna()
+    gray = bool(len(probes)) and bool(probes.all())
+    write_parquet(join(output, "duplicates.parquet"), dups, storage_options)
+    unique_url = join(output, "_work", "unique.parquet")
+    unreadable_url = join(output, "_work", "unreadable.parquet")
+    write_parquet(unique_url, unique[["path", "sha256"]], storage_options)
+    write_parquet(unreadable_url, unreadable, storage_options)
+    logger.info(
+        "discover: %d image files, %d unique, %d duplicates, %d unreadable",
+        len(paths), len(unique), len(dups), len(unreadable),
+    )
+    return Discovery(len(paths), len(unique), len(dups), len(unreadable), gray, unique_url, unreadable_url)
+
+
+@task(name="discover", retries=2, retry_delay_seconds=5)
+def discover_task(source: str, output: str, storage_options: dict[str, Any], address: str) -> Discovery:
+    with Client(address, set_as_default=False) as client:
+        return discover(source, output, storage_options, client)

@@ -1,0 +1,83 @@
+"""Stage 4: batched inference over the Zarr chunks, one Dask task per chunk, into codes.zarr."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from distributed import Client
+from imgclust.dask_cluster import completed
+from prefect import task
+
+from imgclust.progress import track
+from imgclust.storage import join
+from imgclust.zarr_store import chunk_spans, create_array, open_array
+from tasks.train import load_model
+
+logger = logging.getLogger("imgclust")
+_MODELS: dict[str, torch.nn.Module] = {}
+
+
+@dataclass(frozen=True)
+class Encoded:
+    codes_url: str
+    code_dim: int
+    reconstruction_mse: float
+
+
+def _cached_model(model_url: str, token: str, storage_options: dict[str, Any] | None) -> torch.nn.Module:
+    """One model per worker process and weights version: tasks share it instead of reloading."""
+    key = f"{model_url}#{token}"
+    if key not in _MODELS:
+        _MODELS.clear()
+        _MODELS[key] = load_model(model_url, storage_options)
+    return _MODELS[key]
+
+
+def encode_array(model: torch.nn.Module, pixels: np.ndarray, batch_size: int) -> tuple[np.ndarray, float]:
+    """Codes (N, D) float32 of uint8 images (N, C, H, W), and their summed reconstruction MSE."""
+    codes, sq = [], 0.0
+    with torch.inference_mode():
+        for s in range(0, len(pixels), batch_size):
+            x = torch.from_numpy(pixels[s:s + batch_size]).float().div_(255.0)
+            z = model.encode(x)
+            sq += float(((model.decode(z) - x) ** 2).mean(dim=(1, 2, 3)).sum())
+            codes.append(z.numpy().astype(np.float32))
+    return (np.concatenate(codes) if codes else np.zeros((0, 0), np.float32)), sq
+
+
+def encode_chunk(images_url: str, codes_url: str, model_url: str, token: str,
+                 storage_options: dict[str, Any] | None, start: int, stop: int, batch_size: int) -> float:
+    """Encode rows [start, stop) on a worker and write them into codes.zarr; returns summed MSE."""
+    torch.set_num_threads(1)
+    model = _cached_model(model_url, token, storage_options)
+    pixels = open_array(images_url, storage_options)[start:stop]
+    codes, sq = encode_array(model, pixels, batch_size)
+    open_array(codes_url, storage_options, mode="r+")[start:stop] = codes
+    return sq
+
+
+def encode(images_url: str, output: str, storage_options: dict[str, Any], model_url: str, token: str,
+           code_dim: int, batch_size: int, client: Client) -> Encoded:
+    images = open_array(images_url, storage_options)
+    n, step = images.shape[0], images.chunks[0]
+    codes_url = join(output, "codes.zarr")
+    create_array(codes_url, (n, code_dim), step, "float32", storage_options)
+    futures = [client.submit(encode_chunk, images_url, codes_url, model_url, token, storage_options, a, b,
+                             batch_size, pure=False) for a, b in chunk_spans(n, step)]
+    total = 0.0
+    for fut in track(completed(client, futures), total=len(futures), desc="encode", unit="chunk"):
+        total += fut.result()
+    mse = total / max(n, 1)
+    logger.info("encode: %d codes of %d dimensions, reconstruction MSE %.5f", n, code_dim, mse)
+    return Encoded(codes_url, code_dim, mse)
+
+
+@task(name="encode", retries=1, retry_delay_seconds=5)
+def encode_task(images_url: str, output: str, storage_options: dict[str, Any], model_url: str, token: str,
+                code_dim: int, batch_size: int, address: str) -> Encoded:
+    with Client(address, set_as_default=False) as client:
+        return encode(images_url, output, storage_options, model_url, token, code_dim, batch_size, client)

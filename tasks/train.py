@@ -1,0 +1,143 @@
+"""Stage 3: train the preset's autoencoder on batches streamed from images.zarr."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from prefect import task
+
+from imgclust.batches import iter_batches
+from imgclust.models import Autoencoder, build_model
+from imgclust.presets import PRESETS
+from imgclust.progress import track
+from imgclust.storage import join, open_fs, write_bytes_atomic, write_json
+from imgclust.zarr_store import open_array
+
+logger = logging.getLogger("imgclust")
+
+
+@dataclass(frozen=True)
+class Trained:
+    model_url: str
+    model_token: str  # sha256 of the weights: workers cache the model under it
+    losses: list[float]
+    device: str
+    code_dim: int
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device=cuda was asked for but CUDA is not available on this machine")
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def random_shift(x: torch.Tensor, max_shift: int, gen: torch.Generator) -> torch.Tensor:
+    """Translate each image by up to ``max_shift`` pixels (zero fill): cheap invariance to framing."""
+    if max_shift <= 0:
+        return x
+    b, _, h, w = x.shape
+    padded = F.pad(x, (max_shift,) * 4)
+    dx = torch.randint(0, 2 * max_shift + 1, (b,), generator=gen)
+    dy = torch.randint(0, 2 * max_shift + 1, (b,), generator=gen)
+    rows = (dy[:, None] + torch.arange(h)[None, :]).to(x.device)
+    cols = (dx[:, None] + torch.arange(w)[None, :]).to(x.device)
+    idx_b = torch.arange(b, device=x.device)[:, None, None]
+    return padded.permute(0, 2, 3, 1)[idx_b, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+
+
+def reconstruction_loss(model: Autoencoder, x: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
+    logits = model.decode_logits(model.encode(x))
+    if kind == "bce":
+        return F.binary_cross_entropy_with_logits(logits, target)
+    return F.mse_loss(torch.sigmoid(logits), target)
+
+
+def save_model(model: Autoencoder, spec: dict[str, Any], model_dir: str, storage_options: dict[str, Any]) -> str:
+    buf = io.BytesIO()
+    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buf)
+    data = buf.getvalue()
+    write_bytes_atomic(join(model_dir, "weights.pt"), data, storage_options)
+    write_json(join(model_dir, "spec.json"), spec, storage_options)
+    return hashlib.sha256(data).hexdigest()
+
+
+def load_model(model_dir: str, storage_options: dict[str, Any] | None = None,
+               device: torch.device | str = "cpu") -> Autoencoder:
+    """Rebuild a trained model from ``model/spec.json`` and ``model/weights.pt``."""
+    fs, root = open_fs(model_dir, storage_options)
+    spec = json.loads(fs.cat(f"{root}/spec.json"))
+    model = build_model(spec)
+    state = torch.load(io.BytesIO(fs.cat(f"{root}/weights.pt")), map_location=device, weights_only=True)
+    model.load_state_dict(state)
+    return model.to(device).eval()
+
+
+def to_float(batch: np.ndarray, device: torch.device) -> torch.Tensor:
+    t = torch.from_numpy(batch)
+    if device.type == "cuda":
+        t = t.pin_memory().to(device, non_blocking=True)
+    return t.float().div_(255.0)
+
+
+def train_autoencoder(images_url: str, output: str, storage_options: dict[str, Any], preset: str,
+                      epochs: int, batch_size: int, learning_rate: float, seed: int, device: str) -> Trained:
+    """Train, log the loss per epoch, and save weights plus the spec needed to rebuild the model."""
+    p = PRESETS[preset]
+    images = open_array(images_url, storage_options)
+    n, channels, h, w = images.shape
+    dev = resolve_device(device)
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    gen = torch.Generator().manual_seed(seed)
+    spec = {"architecture": p.architecture, "channels": channels, "image_size": [h, w],
+            "code_dim": p.code_dim, "preset": preset, "loss": p.loss}
+    model = build_model(spec).to(dev)
+    if dev.type == "cpu":
+        model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.Adam(model.parameters(), lr=learning_rate)
+    use_amp = dev.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    shift = max(1, round(min(h, w) / 14)) if p.augment else 0
+    losses: list[float] = []
+    logger.info("train: %s on %d images of %dx%dx%d, %d epochs, device %s", preset, n, channels, h, w, epochs, dev)
+    model.train()
+    for epoch in track(range(epochs), total=epochs, desc="train", unit="epoch"):
+        t0, total, seen = time.perf_counter(), 0.0, 0
+        for batch in iter_batches(images, batch_size, rng):
+            target = to_float(batch, dev)
+            x = random_shift(target, shift, gen) if shift else target
+            if shift:
+                target = x
+            with torch.autocast(device_type=dev.type, dtype=torch.float16, enabled=use_amp):
+                loss = reconstruction_loss(model, x, target, p.loss)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            total += float(loss.detach()) * len(batch)
+            seen += len(batch)
+        losses.append(total / max(seen, 1))
+        logger.info("train: epoch %d/%d loss %.5f (%.1f s)", epoch + 1, epochs, losses[-1], time.perf_counter() - t0)
+    model = model.to(memory_format=torch.contiguous_format).cpu().eval()
+    spec["losses"] = losses
+    token = save_model(model, spec, join(output, "model"), storage_options)
+    code_dim = int(np.prod(model.code_shape))
+    return Trained(join(output, "model"), token, losses, str(dev), code_dim)
+
+
+@task(name="train", retries=1, retry_delay_seconds=5)
+def train_task(images_url: str, output: str, storage_options: dict[str, Any], preset: str, epochs: int,
+               batch_size: int, learning_rate: float, seed: int, device: str) -> Trained:
+    return train_autoencoder(images_url, output, storage_options, preset, epochs, batch_size, learning_rate,
+                             seed, device)
