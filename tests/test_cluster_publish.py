@@ -1,0 +1,58 @@
+import json
+
+import numpy as np
+
+from imgclust.storage import read_parquet, write_parquet
+from imgclust.zarr_store import create_array
+from tasks.cluster import _relabel_by_size, choose_k, cluster_codes
+from tasks.publish import publish, size_balance
+
+
+def blobs(n_per=60, k=4, d=8, seed=0):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(0, 10, (k, d))
+    x = np.concatenate([c + rng.normal(0, 1, (n_per, d)) for c in centres]).astype(np.float32)
+    return x, np.repeat(np.arange(k), n_per)
+
+
+def test_kmeans_on_codes_recovers_separated_groups(tmp_path, client):
+    x, truth = blobs()
+    url = str(tmp_path / "codes.zarr")
+    create_array(url, x.shape, 64, "float32")[:] = x
+    res = cluster_codes(url, str(tmp_path), {}, 4, "none", 0, client)
+    from imgclust.zarr_store import open_array
+    labels = open_array(res.labels_url)[:]
+    assert res.n_clusters == 4 and len(labels) == len(x)
+    from sklearn.metrics import adjusted_rand_score
+    assert adjusted_rand_score(truth, labels) > 0.99
+    again = cluster_codes(url, str(tmp_path / "again"), {}, 4, "none", 0, client)
+    assert (open_array(again.labels_url)[:] == labels).all()
+
+
+def test_k_is_chosen_from_the_data_when_not_given():
+    x, _ = blobs(k=5)
+    k, curve = choose_k(x, 0, k_max=9)
+    assert k == 5 and set(curve) == set(range(2, 10))
+
+
+def test_relabel_orders_by_size_and_removes_gaps():
+    labels = np.array([3, 3, 3, 1, 1, 0])
+    assert _relabel_by_size(labels, 4).tolist() == [0, 0, 0, 1, 1, 2]
+
+
+def test_publish_tables(tmp_path):
+    out = str(tmp_path)
+    n = 30
+    write_parquet(f"{out}/manifest.parquet", __import__("pandas").DataFrame({
+        "index": range(n), "path": [f"p{i:02d}.png" for i in range(n)], "sha256": [str(i) for i in range(n)],
+        "width": 1, "height": 1, "format": "PNG"}))
+    create_array(f"{out}/l.zarr", (n,), 8, "int32")[:] = np.arange(n) % 3
+    create_array(f"{out}/d.zarr", (n,), 8, "float32")[:] = np.arange(n, dtype=np.float32)
+    q = publish(out, {}, f"{out}/l.zarr", f"{out}/d.zarr")
+    a = read_parquet(f"{out}/assignments.parquet")
+    assert list(a.columns) == ["path", "sha256", "cluster", "distance"] and len(a) == n
+    assert a["cluster"].dtype == np.int64
+    clusters = json.loads((tmp_path / "clusters.json").read_text())
+    assert [c["size"] for c in clusters] == [10, 10, 10]
+    assert clusters[1]["nearest"][:2] == ["p01.png", "p04.png"] and len(clusters[1]["nearest"]) == 9
+    assert q["size_balance"] == __import__("pytest").approx(1.0) and size_balance(np.array([99.0, 1.0])) < 0.1

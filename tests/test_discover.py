@@ -1,0 +1,44 @@
+import pandas as pd
+import pytest
+
+from imgclust.storage import StorageError, read_parquet
+from tasks.discover import discover, list_images, split_duplicates
+
+
+def test_list_images_by_extension_any_case_relative_sorted(corpus):
+    root, counts = corpus
+    paths = list_images(str(root))
+    assert len(paths) == counts["found"]
+    assert paths == sorted(paths)
+    assert "readme.txt" not in paths
+    assert any(p.endswith(".JPEG") for p in paths)
+    assert all(not p.startswith("/") and "\\" not in p for p in paths)
+    assert any("img 005é" in p for p in paths)  # not URL-encoded
+
+
+def test_missing_source_is_a_clear_error(tmp_path):
+    with pytest.raises(StorageError, match="source not found"):
+        list_images(str(tmp_path / "nope"))
+
+
+def test_first_sorted_path_is_the_original():
+    table = pd.DataFrame({"path": ["b.png", "a.png", "c.png", "d.png"], "sha256": ["x", "x", "y", "x"],
+                          "gray": [True] * 4})
+    unique, dups = split_duplicates(table)
+    assert unique["path"].tolist() == ["a.png", "c.png"]
+    assert dups.to_dict("records") == [{"path": "b.png", "sha256": "x", "duplicate_of": "a.png"},
+                                       {"path": "d.png", "sha256": "x", "duplicate_of": "a.png"}]
+
+
+def test_discover_writes_duplicates(corpus, client, tmp_path):
+    root, counts = corpus
+    found = discover(str(root), str(tmp_path), {}, client)
+    assert found.n_found == counts["found"]
+    assert found.n_duplicates == counts["duplicates"]
+    assert found.gray is False  # a quarter of the corpus was saved as RGB
+    dups = read_parquet(str(tmp_path / "duplicates.parquet"))
+    assert set(dups.columns) == {"path", "sha256", "duplicate_of"}
+    assert sorted(dups["path"]) == ["x-copies/copy-a.png", "x-copies/copy-b.png", "x-copies/copy-c.jpg"]
+    unique = read_parquet(found.unique_url)
+    assert not set(dups["path"]) & set(unique["path"])
+    assert set(dups["duplicate_of"]) <= set(unique["path"])

@@ -1,0 +1,36 @@
+import numpy as np
+
+from imgclust.storage import read_parquet
+from imgclust.zarr_store import open_array
+from tasks.discover import discover
+from tasks.ingest import ingest
+
+
+def test_ingest_accounts_for_every_file(corpus, client, tmp_path):
+    root, counts = corpus
+    out = str(tmp_path)
+    found = discover(str(root), out, {}, client)
+    ing = ingest(str(root), out, {}, found.unique_url, found.unreadable_url, (20, 20), False, "crop", 16, client)
+    manifest = read_parquet(f"{out}/manifest.parquet")
+    rejected = read_parquet(f"{out}/rejected.parquet")
+    dups = read_parquet(f"{out}/duplicates.parquet")
+    assert ing.n_accepted == counts["accepted"] == len(manifest)
+    assert len(rejected) == counts["rejected"]
+    assert len(manifest) + len(rejected) + len(dups) == counts["found"]
+    all_paths = set(manifest["path"]) | set(rejected["path"]) | set(dups["path"])
+    assert len(all_paths) == counts["found"]
+    assert manifest["index"].tolist() == list(range(len(manifest)))
+    assert set(manifest.columns) == {"index", "path", "sha256", "width", "height", "format"}
+    reasons = dict(zip(rejected["path"], rejected["reason"]))
+    assert reasons["broken/deeper/empty.png"] == "empty file (0 bytes)"
+    assert reasons["broken/deeper/notes.jpg"] == "not a recognised image format"
+    assert "decompression-bomb" in reasons["broken/deeper/huge.png"]
+    assert "decompression-bomb" in reasons["broken/deeper/warn-range.png"]
+    assert "truncated" in reasons["broken/deeper/truncated.jpg"]
+    images = open_array(ing.images_url)
+    assert images.shape == (counts["accepted"], 3, 20, 20) and images.dtype == np.uint8
+    assert images.chunks[0] == 16
+    # Rows follow the manifest: every stored image has content (digits are never all black).
+    px = images[:]
+    assert (px.reshape(len(px), -1).max(axis=1) > 0).all()
+    assert set(manifest["format"]) >= {"PNG", "JPEG", "BMP", "GIF", "WEBP", "TIFF"}

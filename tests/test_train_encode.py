@@ -1,0 +1,52 @@
+import numpy as np
+import torch
+
+from imgclust.batches import iter_batches
+from imgclust.zarr_store import create_array, open_array
+from tasks.encode import encode
+from tasks.train import load_model, random_shift, train_autoencoder
+
+
+def make_images(url: str, n: int = 100, chunk: int = 32) -> None:
+    rng = np.random.default_rng(0)
+    arr = create_array(url, (n, 1, 16, 16), chunk, "uint8")
+    base = np.zeros((n, 1, 16, 16), np.uint8)
+    for i in range(n):
+        r = i % 4
+        base[i, 0, r * 4:(r + 1) * 4, :] = 255
+    arr[:] = np.clip(base.astype(int) + rng.integers(0, 20, base.shape), 0, 255).astype(np.uint8)
+
+
+def test_batches_cover_each_image_once_per_epoch(tmp_path):
+    url = str(tmp_path / "im.zarr")
+    arr = create_array(url, (103, 1, 2, 2), 10, "uint8")
+    arr[:] = (np.arange(103)[:, None, None, None] % 256).astype(np.uint8) * np.ones((1, 1, 2, 2), np.uint8)
+    seen = np.concatenate([b[:, 0, 0, 0] for b in iter_batches(open_array(url), 16, np.random.default_rng(0))])
+    assert sorted(seen.tolist()) == list(range(103))
+    assert seen.tolist() != list(range(103))  # shuffled
+
+
+def test_random_shift_moves_content():
+    x = torch.zeros(4, 1, 8, 8)
+    x[:, :, 3:5, 3:5] = 1
+    y = random_shift(x, 2, torch.Generator().manual_seed(0))
+    assert y.shape == x.shape and torch.allclose(y.sum(dim=(1, 2, 3)), x.sum(dim=(1, 2, 3)))
+    assert not torch.equal(x, y)
+
+
+def test_train_is_reproducible_and_loss_falls(tmp_path, client):
+    url = str(tmp_path / "images.zarr")
+    make_images(url)
+    a = train_autoencoder(url, str(tmp_path / "a"), {}, "default", 4, 16, 1e-3, 7, "cpu")
+    b = train_autoencoder(url, str(tmp_path / "b"), {}, "default", 4, 16, 1e-3, 7, "cpu")
+    assert a.model_token == b.model_token
+    assert a.losses[-1] < a.losses[0]
+    model = load_model(a.model_url)
+    assert model.encode(torch.rand(3, 1, 16, 16)).shape == (3, a.code_dim)
+
+    enc = encode(url, str(tmp_path / "a"), {}, a.model_url, a.model_token, a.code_dim, 16, client)
+    codes = open_array(enc.codes_url)[:]
+    assert codes.shape == (100, 32) and np.isfinite(codes).all()
+    direct = model.encode(torch.from_numpy(open_array(url)[:5]).float() / 255).detach().numpy()
+    np.testing.assert_allclose(codes[:5], direct, rtol=1e-4, atol=1e-4)
+    assert 0 < enc.reconstruction_mse < 0.2
