@@ -36,3 +36,12 @@ def corpus(tmp_path_factory) -> tuple[Path, dict[str, int]]:
     root = tmp_path_factory.mktemp("corpus")
     counts = make_corpus(root)
     return root, counts
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """Flows run in-process against a temporary Prefect server that is stopped cleanly."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
