@@ -38,15 +38,19 @@ def list_images(source: str, storage_options: dict[str, Any] | None = None) -> l
     """Image paths under ``source``, relative to it with ``/`` separators, sorted."""
     try:
         fs, root = open_fs(source, storage_options)
-        if not fs.exists(root):
-            raise StorageError(f"source not found: {source}")
-        if not fs.isdir(root):
+        try:
+            info = fs.info(root)  # unlike exists(), this lets network and permission errors through
+        except FileNotFoundError:
+            raise StorageError(f"source not found: {source}") from None
+        if info.get("type") != "directory":
             raise StorageError(f"source is not a folder or prefix: {source}")
         found = fs.find(root, withdirs=False)
     except StorageError:
         raise
-    except (PermissionError, OSError) as exc:
-        raise StorageError(f"cannot list source {source}: {exc}") from exc
+    except PermissionError as exc:
+        raise StorageError(f"no permission to list source {source}: {exc}") from exc
+    except Exception as exc:  # endpoint unreachable, bad credentials, ...: the library's words help most
+        raise StorageError(f"cannot list source {source}: {type(exc).__name__}: {exc}") from exc
     prefix = root.rstrip("/") + "/"
     rel = [p[len(prefix):] if p.startswith(prefix) else p for p in found]
     return sorted(p for p in rel if p.lower().endswith(IMAGE_EXTENSIONS))
