@@ -1,0 +1,57 @@
+"""Deploy cluster-archive from Python: the same deployments as ``deployments/prefect.yaml``.
+
+Why a second way: ``prefect deploy`` needs the YAML file and the CLI, and (Prefect 3.8) ignores
+``--pool`` when it deploys several deployments at once. From code, the pool is an argument and
+deployments can be generated (one per archive, say) without templating YAML.
+
+    python deployments/deploy.py --pool imgclust                 # both deployments
+    python deployments/deploy.py --pool gpu-pool --name on-demand
+
+Workers load the flow from this checkout (``IMGCLUST_HOME`` overrides the path they see), with the
+package installed in their Python. ``tests/test_deployments.py`` checks both ways give the same result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+ENTRYPOINT = "flows/cluster_archive.py:cluster_archive"
+PLACEHOLDERS = {"source": "/path/to/images", "output": "/path/to/output", "n_clusters": 10}
+JOB_VARIABLES = {"env": {"PREFECT_LOGGING_EXTRA_LOGGERS": "imgclust", "DO_NOT_TRACK": "1",
+                         "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}}
+# nightly re-clusters everything with overwrite; a later issue replaces it with an incremental flow.
+DEPLOYMENTS = {
+    "on-demand": dict(parameters={"config": PLACEHOLDERS}, tags=["imgclust"],
+                      description="Cluster an archive when asked; override `config` with --params."),
+    "nightly": dict(parameters={"config": {**PLACEHOLDERS, "overwrite": True}}, tags=["imgclust", "scheduled"],
+                    description="Re-cluster the whole archive every night at 02:00 UTC, replacing the previous run.",
+                    schedules=[("0 2 * * *", "UTC")], concurrency_limit=1),
+}
+
+
+def main(argv: list[str] | None = None) -> list:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--pool", default="imgclust", help="process work pool (default: imgclust)")
+    p.add_argument("--name", action="append", choices=sorted(DEPLOYMENTS),
+                   help="deployment to create or update; repeatable (default: all)")
+    args = p.parse_args(argv)
+
+    from prefect import deploy
+    from prefect.flows import Flow
+    from prefect.schedules import Cron
+
+    root = os.environ.get("IMGCLUST_HOME") or str(Path(__file__).resolve().parents[1])
+    flow = Flow.from_source(source=root, entrypoint=ENTRYPOINT)  # pull step: set_working_directory(root)
+    deployments = []
+    for name in args.name or DEPLOYMENTS:
+        kw = dict(DEPLOYMENTS[name])
+        schedules = [Cron(cron, timezone=tz) for cron, tz in kw.pop("schedules", [])]
+        deployments.append(flow.to_deployment(name=name, work_pool_name=args.pool, job_variables=JOB_VARIABLES,
+                                              schedules=schedules or None, **kw))
+    return deploy(*deployments, work_pool_name=args.pool, build=False, push=False, print_next_steps_message=False)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,181 @@
+"""The deployments, for real: a local Prefect server, process work pools, a worker, a flow run.
+
+Everything runs in subprocesses against a throw-away server (SQLite in a temporary PREFECT_HOME),
+exactly as a user would type it; the user's profile is never read or written.
+Deselect with ``-m "not deployment"``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.corpus import make_corpus
+
+pytestmark = [pytest.mark.deployment, pytest.mark.timeout(300)]
+
+ROOT = Path(__file__).resolve().parents[1]
+PREFECT = str(Path(sys.executable).with_name("prefect"))
+YAML = "deployments/prefect.yaml"
+SETTINGS = {"image_size": [16, 16], "epochs": 1, "n_clusters": 3, "shard_size": 16, "batch_size": 16, "seed": 0}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start(args: list[str], env: dict[str, str], log: Path, cwd: Path) -> subprocess.Popen:
+    """A process in its own process group (so that it and its children can be stopped together)."""
+    with open(log, "wb") as fh:
+        return subprocess.Popen(args, env=env, cwd=cwd, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _stop(proc: subprocess.Popen, grace: float = 20) -> None:
+    """SIGINT to the process group, then SIGKILL to whatever is left of it."""
+    for sig, wait in ((signal.SIGINT, grace), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(wait)
+        except subprocess.TimeoutExpired:
+            continue
+        if sig is signal.SIGINT:  # the leader is gone; its children must not outlive it
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        return
+
+
+def _tail(path: Path, n: int = 4000) -> str:
+    return path.read_text(errors="replace")[-n:] if path.exists() else ""
+
+
+def prefect(env: dict[str, str], *args: str, timeout: float = 120, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    r = subprocess.run([PREFECT, "--no-prompt", *args], env=env, cwd=cwd, capture_output=True, text=True,
+                       timeout=timeout)
+    assert r.returncode == 0, f"prefect {' '.join(args)} -> {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    return r
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """A real ``prefect server start`` on a free port; yields (env for subprocesses, API URL)."""
+    home = tmp_path_factory.mktemp("prefect-home")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_") and k != "IMGCLUST_HOME"}
+    env.update(PREFECT_HOME=str(home), PREFECT_PROFILES_PATH=str(home / "profiles.toml"), DO_NOT_TRACK="1",
+               PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_UI_ENABLED="false", OMP_NUM_THREADS="1",
+               OPENBLAS_NUM_THREADS="1", PREFECT_WORKER_QUERY_SECONDS="1", PREFECT_CLI_WRAP_LINES="false")
+    port = _free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    log = home / "server.log"
+    proc = _start([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env, log, home)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, f"prefect server exited with {proc.returncode}:\n{_tail(log)}"
+            assert time.monotonic() < deadline, f"prefect server not healthy after 120 s:\n{_tail(log)}"
+            try:
+                if httpx.get(f"{api}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        yield {**env, "PREFECT_API_URL": api}, api
+    finally:
+        _stop(proc)
+
+
+def _deployment(api: str, name: str) -> dict:
+    r = httpx.get(f"{api}/deployments/name/{name}", timeout=10)
+    assert r.status_code == 200, f"{name}: {r.status_code} {r.text}"
+    return r.json()
+
+
+def test_yaml_deployments_run_on_a_process_worker(server, tmp_path):
+    env, api = server
+    for pool in ("imgclust", "imgclust-test"):
+        prefect(env, "work-pool", "create", pool, "--type", "process")
+    # As documented: every deployment, to the `imgclust` pool named in the file ...
+    prefect(env, "deploy", "--all", "--prefect-file", YAML)
+    # ... then on-demand again onto the test pool (`--pool` is ignored together with `--all`).
+    prefect(env, "deploy", "--prefect-file", YAML, "--name", "on-demand", "--pool", "imgclust-test")
+
+    nightly = _deployment(api, "cluster-archive/nightly")
+    assert [s["schedule"]["cron"] for s in nightly["schedules"]] == ["0 2 * * *"]
+    assert nightly["schedules"][0]["schedule"]["timezone"] == "UTC" and nightly["schedules"][0]["active"]
+    assert nightly["parameters"]["config"]["overwrite"] is True
+    assert nightly["work_pool_name"] == "imgclust"  # no worker there: its schedule never fires in this test
+    on_demand = _deployment(api, "cluster-archive/on-demand")
+    assert on_demand["schedules"] == [] and on_demand["work_pool_name"] == "imgclust-test"
+    assert on_demand["entrypoint"] == "flows/cluster_archive.py:cluster_archive"
+    assert on_demand["pull_steps"] == [{"prefect.deployments.steps.set_working_directory": {"directory": str(ROOT)}}]
+    assert on_demand["job_variables"]["env"] == {"PREFECT_LOGGING_EXTRA_LOGGERS": "imgclust", "DO_NOT_TRACK": "1",
+                                                 "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    inspect = prefect(env, "deployment", "inspect", "cluster-archive/nightly").stdout
+    assert "0 2 * * *" in inspect
+
+    source, output = tmp_path / "corpus", tmp_path / "out"
+    counts = make_corpus(source)
+    worker_dir = tmp_path / "worker"  # not the project: the pull step must find the code
+    worker_dir.mkdir()
+    worker_log = tmp_path / "worker.log"
+    worker = _start([PREFECT, "worker", "start", "--pool", "imgclust-test", "--type", "process", "--limit", "1"],
+                    env, worker_log, worker_dir)
+    try:
+        params = {"config": {"source": str(source), "output": str(output), **SETTINGS}}
+        r = subprocess.run([PREFECT, "--no-prompt", "deployment", "run", "cluster-archive/on-demand",
+                            "--params", json.dumps(params), "--watch", "--watch-timeout", "240"],
+                           env=env, cwd=tmp_path, capture_output=True, text=True, timeout=270)
+        assert r.returncode == 0, f"{r.stdout[-3000:]}\n{r.stderr[-2000:]}\n--- worker ---\n{_tail(worker_log, 6000)}"
+    finally:
+        _stop(worker)  # SIGINT: the worker deregisters cleanly, before the server goes
+
+    runs = httpx.post(f"{api}/flow_runs/filter", timeout=10,
+                      json={"deployments": {"id": {"any_": [on_demand["id"]]}}}).json()
+    assert [run["state_type"] for run in runs] == ["COMPLETED"]
+    assert (output / "assignments.parquet").is_file()
+    record = json.loads((output / "run.json").read_text())
+    assert record["counts"]["accepted"] == counts["accepted"] and record["counts"]["clusters"] == 3
+    logs = httpx.post(f"{api}/logs/filter", timeout=10,
+                      json={"logs": {"flow_run_id": {"any_": [runs[0]["id"]]}}, "limit": 200}).json()
+    assert any("cluster-archive:" in entry["message"] for entry in logs)  # imgclust's logger reached the run logs
+
+
+def test_deploy_py_gives_the_same_deployments_as_the_yaml(server):
+    env, api = server
+    prefect(env, "work-pool", "create", "imgclust-py", "--type", "process")
+    keys = ("parameters", "description", "tags", "entrypoint", "job_variables", "pull_steps", "concurrency_limit",
+            "work_pool_name")
+
+    def snapshot() -> dict:
+        out = {}
+        for name in ("on-demand", "nightly"):
+            d = _deployment(api, f"cluster-archive/{name}")
+            out[name] = {k: d[k] for k in keys}
+            out[name]["schedules"] = [(s["schedule"]["cron"], s["schedule"]["timezone"], s["active"])
+                                      for s in d["schedules"]]
+        return out
+
+    prefect(env, "deploy", "--prefect-file", YAML, "--name", "on-demand", "--pool", "imgclust-py")
+    prefect(env, "deploy", "--prefect-file", YAML, "--name", "nightly", "--pool", "imgclust-py")
+    from_yaml = snapshot()
+    r = subprocess.run([sys.executable, "deployments/deploy.py", "--pool", "imgclust-py"], env=env, cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    from_code = snapshot()
+    assert from_code == from_yaml
+    assert from_code["nightly"]["schedules"] == [("0 2 * * *", "UTC", True)]
