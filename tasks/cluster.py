@@ -19,6 +19,7 @@ from imgclust.zarr_store import chunk_spans
 logger = logging.getLogger("imgclust")
 UMAP_SAMPLE = 20_000
 K_SEARCH_SAMPLE = 4_000
+INIT_SAMPLE = 50_000
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,18 @@ def choose_k(x: np.ndarray, seed: int, k_max: int = 20) -> tuple[int, dict[int, 
     return best, curve
 
 
+def initial_centres(x: da.Array, k: int, seed: int) -> np.ndarray:
+    """Centres of the best of 10 k-means++ runs on a sample; dask-ml then refines them on all rows.
+
+    dask-ml's single k-means|| start lands in poor local minima now and then (digits: 0.79 vs 0.86
+    accuracy for one seed in three); restarts are cheap on a sample of the low-dimensional features.
+    """
+    from sklearn.cluster import KMeans as SkKMeans
+
+    sample = x[sample_rows(x.shape[0], INIT_SAMPLE, seed)].compute()
+    return SkKMeans(n_clusters=k, n_init=10, random_state=seed).fit(sample).cluster_centers_
+
+
 def _assign(block: np.ndarray, centres: np.ndarray) -> np.ndarray:
     d2 = ((block[:, None, :] - centres[None, :, :]) ** 2).sum(-1)
     lab = d2.argmin(1)
@@ -101,7 +114,8 @@ def cluster_codes(codes_url: str, output: str, storage_options: dict[str, Any], 
                         ", ".join(f"{k}: {v:.3f}" for k, v in curve.items()))
         if n_clusters > n:
             raise ValueError(f"n_clusters={n_clusters} is larger than the {n} images that could be read")
-        km = KMeans(n_clusters=n_clusters, init="k-means||", random_state=seed, max_iter=300)
+        km = KMeans(n_clusters=n_clusters, init=initial_centres(x, n_clusters, seed), random_state=seed,
+                    max_iter=300)
         km.fit(x)
         centres = np.asarray(km.cluster_centers_, dtype=np.float64)
         out = x.map_blocks(_assign, centres, chunks=(x.chunks[0], (2,)), dtype=np.float64).compute()
