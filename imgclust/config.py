@@ -49,7 +49,7 @@ class RunConfig(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="Where the autoencoder trains.")
     dask_address: str | None = Field(default=None, description="Dask scheduler address; default a local cluster.")
     n_workers: int | None = Field(default=None, ge=1, le=1024, description="Local cluster worker processes.")
-    shard_size: int = Field(default=1024, ge=16, le=65_536, description="Images per Zarr chunk and per Dask task.")
+    shard_size: int = Field(default=1024, ge=1, le=65_536, description="Images per Zarr chunk and per Dask task.")
     overwrite: bool = Field(default=False, description="Replace a finished run in output.")
 
     @field_validator("image_size", mode="before")

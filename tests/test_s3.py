@@ -2,24 +2,10 @@
 
 import io
 import json
-import logging
-
 import pandas as pd
 import pytest
 
 from tests.test_cli import imgclust
-
-
-@pytest.fixture(scope="module")
-def s3():
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield {"endpoint_url": f"http://{host}:{port}", "key": "testing", "secret": "s3cr3t-value"}
-    server.stop()
 
 
 @pytest.fixture(scope="module")
