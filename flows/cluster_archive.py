@@ -58,7 +58,7 @@ def cluster_archive(config: RunConfig) -> dict[str, Any]:
                               f"only {ing.n_accepted} images could be decoded; see {out}/rejected.parquet")
         with _timed(sec, "train"):
             model = train_task(ing.images_url, out, so, config.preset, config.resolved_epochs, config.batch_size,
-                               config.resolved_learning_rate, config.seed, config.device)
+                               config.resolved_learning_rate, config.seed, config.device, address)
         with _timed(sec, "encode"):
             enc = encode_task(ing.images_url, out, so, model.model_url, model.model_token, model.code_dim,
                               config.batch_size, address)

@@ -37,3 +37,22 @@ def dask_client(address: str | None = None, n_workers: int | None = None) -> Ite
 def completed(client: Client, futures: list) -> Iterator:
     """Futures as they finish, on ``client`` (not the process-wide default client, which may be absent)."""
     return as_completed(futures, loop=client.loop)
+
+
+def torch_threads_by_worker(client: Client) -> dict[str, int]:
+    """Torch threads each worker's tasks may use so that, per host, tasks x threads <= cores."""
+    def probe(dask_worker) -> tuple[str, int, int]:  # noqa: ANN001 (dask injects the worker)
+        return dask_worker.ip if hasattr(dask_worker, "ip") else dask_worker.address, os.cpu_count() or 1, \
+            dask_worker.state.nthreads
+
+    info = client.run(probe)
+    slots: dict[str, int] = {}
+    for host, _, nthreads in info.values():
+        slots[host] = slots.get(host, 0) + nthreads
+    return {addr: max(1, cores // slots[host]) for addr, (host, cores, _) in info.items()}
+
+
+def gpu_workers(client: Client) -> list[str]:
+    """Workers that declare a ``GPU`` resource (``dask worker --resources GPU=1``)."""
+    workers = client.scheduler_info(n_workers=-1)["workers"]
+    return sorted(a for a, w in workers.items() if w.get("resources", {}).get("GPU", 0) > 0)

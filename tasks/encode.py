@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 from distributed import Client
-from imgclust.dask_cluster import completed
+from imgclust.dask_cluster import completed, torch_threads_by_worker
 from prefect import task
 
 from imgclust.progress import track
@@ -37,25 +37,38 @@ def _cached_model(model_url: str, token: str, storage_options: dict[str, Any] | 
     return _MODELS[key]
 
 
-def encode_array(model: torch.nn.Module, pixels: np.ndarray, batch_size: int) -> tuple[np.ndarray, float]:
+def encode_array(model: torch.nn.Module, pixels: np.ndarray, batch_size: int,
+                 device: torch.device | str = "cpu") -> tuple[np.ndarray, float]:
     """Codes (N, D) float32 of uint8 images (N, C, H, W), and their summed reconstruction MSE."""
     codes, sq = [], 0.0
     with torch.inference_mode():
         for s in range(0, len(pixels), batch_size):
-            x = torch.from_numpy(pixels[s:s + batch_size]).float().div_(255.0)
+            x = torch.from_numpy(pixels[s:s + batch_size]).to(device).float().div_(255.0)
             z = model.encode(x)
             sq += float(((model.decode(z) - x) ** 2).mean(dim=(1, 2, 3)).sum())
-            codes.append(z.numpy().astype(np.float32))
+            codes.append(z.float().cpu().numpy())
     return (np.concatenate(codes) if codes else np.zeros((0, 0), np.float32)), sq
 
 
 def encode_chunk(images_url: str, codes_url: str, model_url: str, token: str,
-                 storage_options: dict[str, Any] | None, start: int, stop: int, batch_size: int) -> float:
-    """Encode rows [start, stop) on a worker and write them into codes.zarr; returns summed MSE."""
-    torch.set_num_threads(1)
-    model = _cached_model(model_url, token, storage_options)
+                 storage_options: dict[str, Any] | None, start: int, stop: int, batch_size: int,
+                 threads: dict[str, int] | None = None) -> float:
+    """Encode rows [start, stop) on a worker and write them into codes.zarr; returns summed MSE.
+
+    Workers with CUDA encode on their GPU; the others on CPU with the thread budget ``threads``
+    gives their address, so that tasks x torch threads never exceed a host's cores.
+    """
+    from distributed import get_worker
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu":
+        try:
+            torch.set_num_threads((threads or {}).get(get_worker().address, 1))
+        except ValueError:  # not on a worker (direct call)
+            torch.set_num_threads(1)
+    model = _cached_model(model_url, token, storage_options).to(device)
     pixels = open_array(images_url, storage_options)[start:stop]
-    codes, sq = encode_array(model, pixels, batch_size)
+    codes, sq = encode_array(model, pixels, batch_size, device)
     open_array(codes_url, storage_options, mode="r+")[start:stop] = codes
     return sq
 
@@ -66,8 +79,9 @@ def encode(images_url: str, output: str, storage_options: dict[str, Any], model_
     n, step = images.shape[0], images.chunks[0]
     codes_url = join(output, "codes.zarr")
     create_array(codes_url, (n, code_dim), step, "float32", storage_options)
+    threads = torch_threads_by_worker(client)
     futures = [client.submit(encode_chunk, images_url, codes_url, model_url, token, storage_options, a, b,
-                             batch_size, pure=False) for a, b in chunk_spans(n, step)]
+                             batch_size, threads, pure=False) for a, b in chunk_spans(n, step)]
     total = 0.0
     for fut in track(completed(client, futures), total=len(futures), desc="encode", unit="chunk"):
         total += fut.result()

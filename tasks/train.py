@@ -13,7 +13,10 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from distributed import Client
 from prefect import task
+
+from imgclust.dask_cluster import gpu_workers
 
 from imgclust.batches import iter_batches
 from imgclust.models import Autoencoder, build_model
@@ -136,8 +139,22 @@ def train_autoencoder(images_url: str, output: str, storage_options: dict[str, A
     return Trained(join(output, "model"), token, losses, str(dev), code_dim)
 
 
+def train_where_best(client: Client, *args: Any) -> Trained:
+    """Train on a worker that declares a GPU resource when the cluster has one, here otherwise.
+
+    Training is one sequential job: on a GPU worker it gets the accelerator; without one it runs in
+    the flow's process, which avoids shipping the loop to a worker that is no faster.
+    """
+    gpus = gpu_workers(client)
+    if gpus:
+        logger.info("train: pinned to a GPU worker (%s)", ", ".join(gpus))
+        return client.submit(train_autoencoder, *args, resources={"GPU": 1}, pure=False).result()
+    return train_autoencoder(*args)
+
+
 @task(name="train", retries=1, retry_delay_seconds=5)
 def train_task(images_url: str, output: str, storage_options: dict[str, Any], preset: str, epochs: int,
-               batch_size: int, learning_rate: float, seed: int, device: str) -> Trained:
-    return train_autoencoder(images_url, output, storage_options, preset, epochs, batch_size, learning_rate,
-                             seed, device)
+               batch_size: int, learning_rate: float, seed: int, device: str, address: str) -> Trained:
+    with Client(address, set_as_default=False) as client:
+        return train_where_best(client, images_url, output, storage_options, preset, epochs, batch_size,
+                                learning_rate, seed, device)

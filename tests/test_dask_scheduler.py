@@ -36,8 +36,10 @@ def scheduler(tmp_path_factory):
     for i in range(2):
         # Each worker runs in its own empty folder: nothing may depend on the client's paths.
         wdir = tmp_path_factory.mktemp(f"worker{i}")
+        # Worker w1 declares a (fake) GPU: training must be pinned to it, encoding spread over both.
+        gpu = ["--resources", "GPU=1"] if i == 1 else []
         procs.append(subprocess.Popen([str(BIN / "dask"), "worker", address, "--nthreads", "1", "--nworkers", "1",
-                                       "--name", f"w{i}", "--no-dashboard", "--local-directory", str(wdir)],
+                                       "--name", f"w{i}", "--no-dashboard", "--local-directory", str(wdir), *gpu],
                                       stdout=open(logs / f"worker{i}.log", "w"), stderr=subprocess.STDOUT,
                                       env=env, cwd=wdir, start_new_session=True))
     try:
@@ -55,7 +57,7 @@ def scheduler(tmp_path_factory):
                 os.killpg(p.pid, signal.SIGKILL)
 
 
-def test_run_on_external_scheduler_spreads_ingest_and_encode(scheduler, s3, corpus):
+def test_run_on_external_scheduler_spreads_work_and_pins_training_to_gpu_worker(scheduler, s3, corpus):
     import s3fs
 
     root, counts = corpus
@@ -70,10 +72,13 @@ def test_run_on_external_scheduler_spreads_ingest_and_encode(scheduler, s3, corp
     assert r.returncode == 0, r.stderr[-3000:]
     with Client(scheduler) as c:
         stream = c.get_task_stream(start=0)  # the scheduler's record: which worker ran which task
+        names = {a: w["name"] for a, w in c.scheduler_info(n_workers=-1)["workers"].items()}
     by_worker: dict[str, set[str]] = {}
     for rec in stream:
         by_worker.setdefault(rec["worker"], set()).add(str(rec["key"]).split("-")[0])
     assert len(by_worker) == 2, by_worker
     for worker, kinds in by_worker.items():
         assert {"ingest_shard", "encode_chunk"} <= kinds, (worker, kinds)
+    trained_on = [names[w] for w, kinds in by_worker.items() if "train_autoencoder" in kinds]
+    assert trained_on == ["w1"]
     assert fs.exists("cluster-src-out/r1/assignments.parquet")
