@@ -54,8 +54,8 @@ def _add_run_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, help="fixes training and clustering (default 0)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where to train (default auto: CUDA when "
                    "present)")
-    p.add_argument("--dask-address", help="scheduler address, e.g. tcp://10.0.0.5:8786 (default: a local "
-                   "cluster)")
+    p.add_argument("--dask-address", help="scheduler address, e.g. tcp://10.0.0.5:8786 (default: "
+                   "$IMGCLUST_DASK_ADDRESS, else a local cluster)")
     p.add_argument("--n-workers", type=int, help="worker processes of the local cluster (default: cores)")
     p.add_argument("--shard-size", type=int, help="images per Zarr chunk and Dask task (default 1024)")
     p.add_argument("--storage-options", help='fsspec options as JSON, e.g. \'{"endpoint_url": '

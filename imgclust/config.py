@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -47,7 +48,9 @@ class RunConfig(BaseModel):
         description="Number of clusters; default chooses k from the data (silhouette on a sample).")
     seed: int = Field(default=0, ge=0, description="Fixes training and clustering.")
     device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="Where the autoencoder trains.")
-    dask_address: str | None = Field(default=None, description="Dask scheduler address; default a local cluster.")
+    dask_address: str | None = Field(
+        default_factory=lambda: os.environ.get("IMGCLUST_DASK_ADDRESS") or None,
+        description="Dask scheduler address; default $IMGCLUST_DASK_ADDRESS, else a local cluster.")
     n_workers: int | None = Field(default=None, ge=1, le=1024, description="Local cluster worker processes.")
     shard_size: int = Field(default=1024, ge=1, le=65_536, description="Images per Zarr chunk and per Dask task.")
     overwrite: bool = Field(default=False, description="Replace a finished run in output.")
