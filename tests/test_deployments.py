@@ -29,7 +29,7 @@ YAML = "deployments/prefect.yaml"
 # image_size as a pair: the deployment's parameter schema rejects the bare-number shorthand RunConfig accepts.
 # seed-mnist clusters without UMAP, whose JIT compilation alone costs ~25 s in a fresh process here.
 SETTINGS = {"image_size": [16, 16], "epochs": 1, "n_clusters": 3, "shard_size": 16, "batch_size": 16, "seed": 0,
-            "preset": "seed-mnist"}
+            "preset": "seed-mnist", "n_workers": 1}
 
 
 def _free_port() -> int:
@@ -78,10 +78,13 @@ def prefect(env: dict[str, str], *args: str, timeout: float = 120, cwd: Path = R
 def server(tmp_path_factory):
     """A real ``prefect server start`` on a free port; yields (env for subprocesses, API URL)."""
     home = tmp_path_factory.mktemp("prefect-home")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_") and k != "IMGCLUST_HOME"}
+    # Nothing of the user's Prefect set-up (profile, API URL, API key) or imgclust settings reaches the processes.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "IMGCLUST_"))}
     env.update(PREFECT_HOME=str(home), PREFECT_PROFILES_PATH=str(home / "profiles.toml"), DO_NOT_TRACK="1",
-               PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_UI_ENABLED="false", OMP_NUM_THREADS="1",
-               OPENBLAS_NUM_THREADS="1", PREFECT_WORKER_QUERY_SECONDS="1", PREFECT_CLI_WRAP_LINES="false")
+               PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_UI_ENABLED="false", IMGCLUST_PROGRESS="0",
+               OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", PREFECT_WORKER_QUERY_SECONDS="1",
+               PREFECT_CLI_WRAP_LINES="false",
+               PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED="false")  # nightly never gets a run here
     port = _free_port()
     api = f"http://127.0.0.1:{port}/api"
     log = home / "server.log"
@@ -103,33 +106,48 @@ def server(tmp_path_factory):
 
 
 def _deployment(api: str, name: str) -> dict:
-    r = httpx.get(f"{api}/deployments/name/{name}", timeout=10)
+    r = httpx.get(f"{api}/deployments/name/cluster-archive/{name}", timeout=10)
     assert r.status_code == 200, f"{name}: {r.status_code} {r.text}"
     return r.json()
 
 
-def test_yaml_deployments_run_on_a_process_worker(server, tmp_path):
+KEYS = ("parameters", "description", "tags", "entrypoint", "job_variables", "pull_steps", "concurrency_limit",
+        "work_pool_name")
+
+
+def _snapshot(api: str) -> dict[str, dict]:
+    """What a deployment is, per name: the fields both ways of deploying set, and its schedules."""
+    out = {}
+    for name in ("on-demand", "nightly"):
+        d = _deployment(api, name)
+        out[name] = {k: d[k] for k in KEYS} | {"id": d["id"], "schedules": [
+            (s["schedule"]["cron"], s["schedule"]["timezone"], s["active"]) for s in d["schedules"]]}
+    return out
+
+
+@pytest.fixture(scope="module")
+def yaml_deployed(server) -> dict[str, dict]:
+    """deployments/prefect.yaml deployed as documented, with on-demand moved onto the test pool."""
     env, api = server
     for pool in ("imgclust", "imgclust-test"):
         prefect(env, "work-pool", "create", pool, "--type", "process")
-    # As documented: every deployment, to the `imgclust` pool named in the file ...
-    prefect(env, "deploy", "--all", "--prefect-file", YAML)
-    # ... then on-demand again onto the test pool (`--pool` is ignored together with `--all`).
+    prefect(env, "deploy", "--all", "--prefect-file", YAML)  # every deployment, to the pool the file names
+    # `--pool` is ignored together with `--all`: move on-demand by deploying it alone.
     prefect(env, "deploy", "--prefect-file", YAML, "--name", "on-demand", "--pool", "imgclust-test")
+    return _snapshot(api)
 
-    nightly = _deployment(api, "cluster-archive/nightly")
-    assert [s["schedule"]["cron"] for s in nightly["schedules"]] == ["0 2 * * *"]
-    assert nightly["schedules"][0]["schedule"]["timezone"] == "UTC" and nightly["schedules"][0]["active"]
+
+def test_yaml_deployments_run_on_a_process_worker(server, yaml_deployed, tmp_path):
+    env, api = server
+    nightly, on_demand = yaml_deployed["nightly"], yaml_deployed["on-demand"]
+    assert nightly["schedules"] == [("0 2 * * *", "UTC", True)]
     assert nightly["parameters"]["config"]["overwrite"] is True
-    assert nightly["work_pool_name"] == "imgclust"  # no worker there: its schedule never fires in this test
-    on_demand = _deployment(api, "cluster-archive/on-demand")
+    assert nightly["work_pool_name"] == "imgclust"  # no worker polls it here (and the scheduler is off)
     assert on_demand["schedules"] == [] and on_demand["work_pool_name"] == "imgclust-test"
     assert on_demand["entrypoint"] == "flows/cluster_archive.py:cluster_archive"
     assert on_demand["pull_steps"] == [{"prefect.deployments.steps.set_working_directory": {"directory": str(ROOT)}}]
     assert on_demand["job_variables"]["env"] == {"PREFECT_LOGGING_EXTRA_LOGGERS": "imgclust", "DO_NOT_TRACK": "1",
                                                  "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    inspect = prefect(env, "deployment", "inspect", "cluster-archive/nightly").stdout
-    assert "0 2 * * *" in inspect
 
     source, output = tmp_path / "corpus", tmp_path / "out"
     counts = make_corpus(source)
@@ -159,27 +177,11 @@ def test_yaml_deployments_run_on_a_process_worker(server, tmp_path):
     assert any("cluster-archive:" in entry["message"] for entry in logs)  # imgclust's logger reached the run logs
 
 
-def test_deploy_py_gives_the_same_deployments_as_the_yaml(server):
+def test_deploy_py_gives_the_same_deployments_as_the_yaml(server, yaml_deployed):
     env, api = server
-    prefect(env, "work-pool", "create", "imgclust-py", "--type", "process")
-    keys = ("parameters", "description", "tags", "entrypoint", "job_variables", "pull_steps", "concurrency_limit",
-            "work_pool_name")
-
-    def snapshot() -> dict:
-        out = {}
-        for name in ("on-demand", "nightly"):
-            d = _deployment(api, f"cluster-archive/{name}")
-            out[name] = {k: d[k] for k in keys}
-            out[name]["schedules"] = [(s["schedule"]["cron"], s["schedule"]["timezone"], s["active"])
-                                      for s in d["schedules"]]
-        return out
-
-    prefect(env, "deploy", "--prefect-file", YAML, "--name", "on-demand", "--pool", "imgclust-py")
-    prefect(env, "deploy", "--prefect-file", YAML, "--name", "nightly", "--pool", "imgclust-py")
-    from_yaml = snapshot()
-    r = subprocess.run([sys.executable, "deployments/deploy.py", "--pool", "imgclust-py"], env=env, cwd=ROOT,
+    r = subprocess.run([sys.executable, "deployments/deploy.py", "--pool", "imgclust"], env=env, cwd=ROOT,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    from_code = snapshot()
-    assert from_code == from_yaml
-    assert from_code["nightly"]["schedules"] == [("0 2 * * *", "UTC", True)]
+    from_code = _snapshot(api)
+    expected = {name: d | {"work_pool_name": "imgclust"} for name, d in yaml_deployed.items()}
+    assert from_code == expected  # same ids too: deploy.py updated the YAML's deployments in place
