@@ -32,9 +32,9 @@ class RunConfig(BaseModel):
     storage_options: dict[str, Any] = Field(
         default_factory=dict, description="fsspec storage options (e.g. endpoint_url, key, secret, anon)."
     )
-    image_size: tuple[int, int] | None = Field(
-        default=None, description="Height and width images are resized to; one number means square. "
-        "Default: the preset's own size.")
+    image_size: tuple[int, int] | int | str | None = Field(
+        default=None, description="Height and width images are resized to: [h, w], 'HxW', or one number "
+        "for square. Default: the preset's own size.")
     color: Literal["auto", "rgb", "gray"] = Field(
         default="auto", description="Channels: rgb, gray, or auto (gray when every sampled image is grayscale).")
     fit: Literal["crop", "pad"] = Field(
@@ -59,8 +59,11 @@ class RunConfig(BaseModel):
     @classmethod
     def _square(cls, v: Any) -> Any:
         if isinstance(v, str):
-            parts = v.lower().replace("x", ",").split(",")
-            v = [int(p) for p in parts if p.strip()]
+            parts = [p for p in v.lower().replace("x", ",").split(",") if p.strip()]
+            try:
+                v = [int(p) for p in parts]
+            except ValueError:
+                raise ValueError(f"expected HxW or one number, got {v!r}") from None
         if isinstance(v, int):
             return (v, v)
         if isinstance(v, (list, tuple)) and len(v) == 1:
@@ -69,8 +72,12 @@ class RunConfig(BaseModel):
 
     @field_validator("image_size")
     @classmethod
-    def _size_range(cls, v: tuple[int, int] | None) -> tuple[int, int] | None:
-        if v is not None and not all(8 <= s <= 2048 for s in v):
+    def _size_range(cls, v: tuple[int, int] | int | str | None) -> tuple[int, int] | None:
+        if v is None:
+            return None
+        if not isinstance(v, tuple) or len(v) != 2:
+            raise ValueError(f"expected HxW or one number, got {v!r}")
+        if not all(8 <= s <= 2048 for s in v):
             raise ValueError(f"each side must be between 8 and 2048 pixels, got {v[0]}x{v[1]}")
         return v
 
@@ -100,7 +107,7 @@ class RunConfig(BaseModel):
     # Resolved values: the preset decides what the user left open.
     @property
     def resolved_image_size(self) -> tuple[int, int]:
-        return self.image_size or PRESETS[self.preset].image_size
+        return self.image_size if isinstance(self.image_size, tuple) else PRESETS[self.preset].image_size
 
     @property
     def resolved_epochs(self) -> int:

@@ -1,0 +1,58 @@
+import pytest
+from pydantic import ValidationError
+
+from imgclust.config import RunConfig, load_config_file
+
+
+def cfg(**kw):
+    return RunConfig(source="/data/in", output="/data/out", **kw)
+
+
+@pytest.mark.parametrize("given, expected", [(16, (16, 16)), ("24x32", (24, 32)), ([20, 30], (20, 30)),
+                                             ("40", (40, 40)), (None, (32, 32))])
+def test_image_size_forms(given, expected):
+    assert cfg(image_size=given).resolved_image_size == expected
+
+
+def test_preset_fixes_its_own_size():
+    assert cfg(preset="seed-house").resolved_image_size == (240, 320)
+    assert cfg(preset="seed-mnist").resolved_epochs == 10
+
+
+@pytest.mark.parametrize("kw, field", [({"image_size": "big"}, "image_size"), ({"image_size": 4}, "image_size"),
+                                       ({"preset": "x"}, "preset"), ({"n_clusters": 1}, "n_clusters"),
+                                       ({"seed": -1}, "seed"), ({"colour": "rgb"}, "colour")])
+def test_invalid_values_name_the_field(kw, field):
+    with pytest.raises(ValidationError) as err:
+        cfg(**kw)
+    assert field in str(err.value)
+
+
+def test_output_inside_source_refused():
+    with pytest.raises(ValidationError, match="must not be the source or lie inside it"):
+        RunConfig(source="/data/in", output="/data/in/out")
+    RunConfig(source="/data/in", output="/data/input-results")  # a sibling with a common prefix is fine
+
+
+def test_schema_accepts_shorthand_sizes_for_deployments():
+    schema = RunConfig.model_json_schema()["properties"]["image_size"]
+    kinds = {t.get("type") for t in schema["anyOf"]}
+    assert {"array", "integer", "string"} <= kinds
+
+
+def test_secrets_are_masked():
+    c = cfg(storage_options={"key": "AKIA", "secret": "shh"})
+    assert c.public_dict()["storage_options"] == {"key": "***", "secret": "***"}
+
+
+def test_dask_address_from_environment(monkeypatch):
+    monkeypatch.setenv("IMGCLUST_DASK_ADDRESS", "tcp://10.1.2.3:8786")
+    assert cfg().dask_address == "tcp://10.1.2.3:8786"
+
+
+def test_config_files(tmp_path):
+    (tmp_path / "a.toml").write_text('n-clusters = 4\nimage_size = "28x28"\n')
+    assert load_config_file(tmp_path / "a.toml") == {"n_clusters": 4, "image_size": "28x28"}
+    (tmp_path / "b.yaml").write_text("- not a mapping\n")
+    with pytest.raises(ValueError, match="mapping"):
+        load_config_file(tmp_path / "b.yaml")
