@@ -13,7 +13,7 @@ from prefect import flow, get_run_logger
 from imgclust.config import ConfigError, RunConfig
 from imgclust.dask_cluster import dask_client
 from imgclust.preflight import clear_previous_run, preflight
-from imgclust.presets import PRESETS
+from imgclust.presets import PRESETS, auto_epochs
 from tasks.cluster import cluster_task
 from tasks.discover import discover_task
 from tasks.encode import encode_task
@@ -56,8 +56,9 @@ def cluster_archive(config: RunConfig) -> dict[str, Any]:
         if ing.n_accepted < max(2, config.n_clusters or 2):
             raise ConfigError("n_clusters" if config.n_clusters else "source",
                               f"only {ing.n_accepted} images could be decoded; see {out}/rejected.parquet")
+        epochs = config.epochs or auto_epochs(config.preset, ing.n_accepted, config.batch_size)
         with _timed(sec, "train"):
-            model = train_task(ing.images_url, out, so, config.preset, config.resolved_epochs, config.batch_size,
+            model = train_task(ing.images_url, out, so, config.preset, epochs, config.batch_size,
                                config.resolved_learning_rate, config.seed, config.device, address)
         with _timed(sec, "encode"):
             enc = encode_task(ing.images_url, out, so, model.model_url, model.model_token, model.code_dim,
@@ -70,7 +71,7 @@ def cluster_archive(config: RunConfig) -> dict[str, Any]:
               "accepted": ing.n_accepted, "clusters": clu.n_clusters}
     record = {
         "config": config.public_dict(),
-        "resolved": {"image_size": list(size), "color": "gray" if gray else "rgb", "epochs": config.resolved_epochs,
+        "resolved": {"image_size": list(size), "color": "gray" if gray else "rgb", "epochs": epochs,
                      "learning_rate": config.resolved_learning_rate, "embedding": preset.embedding,
                      "code_dim": model.code_dim, "device": model.device, "n_clusters": clu.n_clusters},
         "counts": counts,

@@ -40,8 +40,9 @@ class RunConfig(BaseModel):
     fit: Literal["crop", "pad"] = Field(
         default="crop", description="crop: centre-crop to the target aspect; pad: letterbox on black.")
     preset: str = Field(default="default", description="Model preset: " + ", ".join(PRESETS))
-    epochs: int | None = Field(default=None, ge=1, le=10_000, description="Training epochs (default: preset's).")
-    batch_size: int = Field(default=128, ge=1, le=65_536, description="Training and encoding batch size.")
+    epochs: int | None = Field(default=None, ge=1, le=10_000, description="Training epochs (default: the preset's; for default, a budget of "
+                                  "500-1,500 steps that grows with the corpus).")
+    batch_size: int = Field(default=256, ge=1, le=65_536, description="Training and encoding batch size.")
     learning_rate: float | None = Field(default=None, gt=0, lt=1, description="Adam learning rate (default: preset's).")
     n_clusters: int | None = Field(
         default=None, ge=2, le=100_000,
@@ -108,10 +109,6 @@ class RunConfig(BaseModel):
     @property
     def resolved_image_size(self) -> tuple[int, int]:
         return self.image_size if isinstance(self.image_size, tuple) else PRESETS[self.preset].image_size
-
-    @property
-    def resolved_epochs(self) -> int:
-        return self.epochs or PRESETS[self.preset].epochs
 
     @property
     def resolved_learning_rate(self) -> float:

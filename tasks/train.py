@@ -109,6 +109,10 @@ def train_autoencoder(images_url: str, output: str, storage_options: dict[str, A
     if dev.type == "cpu":
         model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.Adam(model.parameters(), lr=learning_rate)
+    steps_per_epoch = max(1, -(-n // batch_size))
+    # One-cycle: warm up, then anneal. Faster, steadier convergence than a constant rate (measured).
+    sched = (torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=learning_rate, total_steps=epochs * steps_per_epoch,
+                                                 pct_start=0.1) if p.name == "default" else None)
     use_amp = dev.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     shift = max(1, round(min(h, w) / 14)) if p.augment else 0
@@ -128,6 +132,8 @@ def train_autoencoder(images_url: str, output: str, storage_options: dict[str, A
             scaler.scale(loss).backward()
             scaler.step(opt)
             scaler.update()
+            if sched is not None:
+                sched.step()
             total += float(loss.detach()) * len(batch)
             seen += len(batch)
         losses.append(total / max(seen, 1))

@@ -16,7 +16,9 @@ def test_image_size_forms(given, expected):
 
 def test_preset_fixes_its_own_size():
     assert cfg(preset="seed-house").resolved_image_size == (240, 320)
-    assert cfg(preset="seed-mnist").resolved_epochs == 10
+    from imgclust.presets import auto_epochs
+    assert auto_epochs("seed-mnist", 50_000, 256) == 10
+    assert auto_epochs("default", 1797, 256) == 63 and auto_epochs("default", 70_000, 256) == 6
 
 
 @pytest.mark.parametrize("kw, field", [({"image_size": "big"}, "image_size"), ({"image_size": 4}, "image_size"),
