@@ -25,7 +25,7 @@ def dask_client(address: str | None = None, n_workers: int | None = None) -> Ite
             yield client
         return
     n = n_workers or max(1, os.cpu_count() or 1)
-    env = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    env = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
     with LocalCluster(
         n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None,
         host="127.0.0.1", env=env,
