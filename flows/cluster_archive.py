@@ -19,6 +19,7 @@ from tasks.discover import discover_task
 from tasks.encode import encode_task
 from tasks.ingest import ingest_task
 from tasks.publish import publish_task, write_run_record
+from tasks.report import report_task
 from tasks.train import train_task
 
 if logging.getLogger("imgclust").level == logging.NOTSET:
@@ -81,6 +82,10 @@ def cluster_archive(config: RunConfig) -> dict[str, Any]:
         "train_loss": model.losses,
     }
     write_run_record(out, so, record)
+    with _timed(sec, "report"):
+        report_url = report_task(out, so, config.seed)
+    write_run_record(out, so, record)  # again, with the report's seconds
+    log.info("report: %s", report_url)
     log.info("cluster-archive: %d images -> %d clusters; results in %s", ing.n_accepted, clu.n_clusters, out)
     return record
 

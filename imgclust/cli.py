@@ -78,6 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("run_dir", help="output folder/URL of a finished run")
     ev.add_argument("--labels", required=True, help="CSV/Parquet with columns path,label, or 'parent-folder'")
     ev.add_argument("--storage-options", help="fsspec options as JSON")
+    rp = sub.add_parser("report", help="(re)write RUN_DIR/report/index.html from a finished run",
+                        description="Cluster sizes, sample grids, prototypes, attention maps, reconstructions, "
+                        "loss curve and a 2-D map, as a self-contained folder of HTML and PNGs.")
+    rp.add_argument("run_dir", help="output folder/URL of a finished run")
+    rp.add_argument("--storage-options", help="fsspec options as JSON")
     sa = sub.add_parser("sample", help="write scikit-learn's digits as PNG files into a folder (one folder per "
                         "digit) for a first run")
     sa.add_argument("folder")
@@ -143,7 +148,8 @@ def cmd_run(ns: argparse.Namespace) -> int:
     c = record["counts"]
     print(f"done: {c['accepted']} images in {c['clusters']} clusters, {c['rejected']} rejected, "
           f"{c['duplicates']} duplicates; results in {config.output}")
-    for name in ("assignments.parquet", "clusters.json", "manifest.parquet", "rejected.parquet", "run.json"):
+    for name in ("report/index.html", "assignments.parquet", "clusters.json", "manifest.parquet",
+                 "rejected.parquet", "run.json"):
         print(f"  {config.output.rstrip('/')}/{name}")
     return 0
 
@@ -160,6 +166,17 @@ def cmd_evaluate(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(ns: argparse.Namespace) -> int:
+    from imgclust.storage import exists, join
+    from tasks.report import write_report
+
+    so = json.loads(ns.storage_options) if ns.storage_options else {}
+    if not exists(join(ns.run_dir, "run.json"), so):
+        return _fail(f"run_dir: {ns.run_dir} holds no finished run (run.json missing)")
+    print(write_report(ns.run_dir, so))
+    return 0
+
+
 def cmd_sample(ns: argparse.Namespace) -> int:
     from imgclust.sample import write_digits
 
@@ -171,7 +188,7 @@ def cmd_sample(ns: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     _quiet_prefect_env()
     ns = build_parser().parse_args(argv)
-    return {"run": cmd_run, "evaluate": cmd_evaluate, "sample": cmd_sample}[ns.command](ns)
+    return {"run": cmd_run, "evaluate": cmd_evaluate, "report": cmd_report, "sample": cmd_sample}[ns.command](ns)
 
 
 if __name__ == "__main__":

@@ -39,6 +39,10 @@ def evaluate_run(run_dir: str, labels: str, storage_options: dict[str, Any] | No
     metrics["unlabelled"] = int((~known).sum())
     metrics["labels"] = labels
     write_json(join(run_dir, "metrics.json"), metrics, storage_options)
+    if exists(join(run_dir, "report", "index.html"), storage_options):
+        from tasks.report import render_index
+
+        render_index(run_dir, storage_options)
     return metrics
 
 

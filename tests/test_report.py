@@ -1,0 +1,53 @@
+"""The report of a finished run: self-contained, one section per cluster, no broken pictures."""
+
+from html.parser import HTMLParser
+
+import numpy as np
+from PIL import Image
+
+from tasks.report import grid, to_rgb_thumbs
+from tests.test_end_to_end import finished_run  # noqa: F401 (shared module fixture)
+
+
+class Collect(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.imgs, self.ids, self.scripts, self.links = [], [], 0, []
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "img":
+            self.imgs.append(a)
+        if tag == "section" and "id" in a:
+            self.ids.append(a["id"])
+        if tag == "script":
+            self.scripts += 1
+        if tag == "link":
+            self.links.append(a)
+
+
+def test_report_is_self_contained_with_a_section_per_cluster(finished_run):  # noqa: F811
+    _, out, _, _ = finished_run
+    report = out / "report"
+    page = Collect()
+    page.feed((report / "index.html").read_text())
+    assert page.ids == ["cluster-0", "cluster-1", "cluster-2"]
+    assert page.scripts == 0 and not page.links  # no external scripts, fonts or styles
+    for img in page.imgs:
+        assert img.get("alt"), img
+        src = img["src"]
+        assert not src.startswith(("http:", "https:", "/")), src
+        with Image.open(report / src) as im:  # every picture exists and decodes
+            im.load()
+    srcs = {i["src"] for i in page.imgs}
+    assert {"sizes.png", "loss.png", "map.png", "reconstructions.png", "cluster-0.png",
+            "cluster-0-prototype.png"} <= srcs
+    # Thumbnails are packed: files grow with clusters, never with images.
+    assert len(list(report.iterdir())) == 4 + 1 + 2 * 3
+
+
+def test_thumbnail_grid_packs_rows():
+    thumbs = to_rgb_thumbs(np.full((10, 1, 8, 8), 200, np.uint8), size=16)
+    sheet = grid(thumbs, cols=4, pad=2)
+    assert sheet.size == (4 * 18 + 2, 3 * 18 + 2)
+    assert np.asarray(sheet)[3, 3].tolist() == [200, 200, 200]
