@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 SAMPLE_DIR ?= sample-digits
 SAMPLE_OUT ?= sample-output
 
-.PHONY: install sample test clean
+.PHONY: install browser sample test clean
 
 $(BIN)/imgclust: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -23,7 +23,13 @@ sample: install
 	$(BIN)/imgclust run $(SAMPLE_DIR) $(SAMPLE_OUT) --n-clusters 10 --seed 0 --overwrite
 	$(BIN)/imgclust evaluate $(SAMPLE_OUT) --labels parent-folder
 
-test: install
+# The report test drives Debian's headless chromium; installed here when we may (root + apt).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+	  echo "chromium is not installed: the browser test will be skipped"
+
+test: install browser
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
 
 clean:
