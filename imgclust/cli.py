@@ -83,6 +83,24 @@ def build_parser() -> argparse.ArgumentParser:
                         "loss curve and a 2-D map, as a self-contained folder of HTML and PNGs.")
     rp.add_argument("run_dir", help="output folder/URL of a finished run")
     rp.add_argument("--storage-options", help="fsspec options as JSON")
+    nb = sub.add_parser("neighbors", help="the k images nearest to IMAGE by code distance",
+                        description="IMAGE is a path of the run (relative to its source) or any image file, which "
+                        "is then decoded and encoded with the run's model. Prints paths and distances and writes a "
+                        "PNG strip (query + neighbours) to RUN_DIR/neighbors/.")
+    nb.add_argument("run_dir")
+    nb.add_argument("image")
+    nb.add_argument("-k", type=int, default=5, help="how many neighbours (default 5)")
+    nb.add_argument("--out", help="where to write the PNG strip")
+    nb.add_argument("--storage-options", help="fsspec options as JSON")
+    rc = sub.add_parser("recluster", help="split one cluster of a run into sub-clusters (flow recluster)",
+                        description="Writes RUN_DIR/recluster/cluster-<c>/ (assignments.parquet with a subcluster "
+                        "column, clusters.json) and RUN_DIR/report/recluster-<c>.html.")
+    rc.add_argument("run_dir")
+    rc.add_argument("cluster", type=int)
+    rc.add_argument("-k", "--n-clusters", type=int, dest="n_clusters", help="sub-clusters (default: by silhouette)")
+    rc.add_argument("--seed", type=int, default=0)
+    rc.add_argument("--dask-address", help="Dask scheduler (default: a local cluster)")
+    rc.add_argument("--storage-options", help="fsspec options as JSON")
     sa = sub.add_parser("sample", help="write scikit-learn's digits as PNG files into a folder (one folder per "
                         "digit) for a first run")
     sa.add_argument("folder")
@@ -177,6 +195,48 @@ def cmd_report(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_neighbors(ns: argparse.Namespace) -> int:
+    from imgclust.storage import exists, join
+    from tasks.explore import nearest_neighbours
+
+    so = json.loads(ns.storage_options) if ns.storage_options else {}
+    if ns.k < 1:
+        return _fail("k: must be at least 1")
+    if not exists(join(ns.run_dir, "codes.zarr"), so):
+        return _fail(f"run_dir: {ns.run_dir} holds no finished run (codes.zarr missing)")
+    try:
+        found = nearest_neighbours(ns.run_dir, ns.image, ns.k, so, ns.out)
+    except (FileNotFoundError, ValueError) as exc:
+        return _fail(f"image: {exc}")
+    for n in found:
+        print(f"{n.distance:10.4f}  {n.path}")
+    return 0
+
+
+def cmd_recluster(ns: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from flows.recluster import ReclusterConfig, recluster_flow
+
+    so = json.loads(ns.storage_options) if ns.storage_options else {}
+    try:
+        cfg = ReclusterConfig(run_dir=ns.run_dir, cluster=ns.cluster, n_clusters=ns.n_clusters, seed=ns.seed,
+                              storage_options=so, dask_address=ns.dask_address)
+    except ValidationError as exc:
+        return _fail(_validation_message(exc))
+    from imgclust.storage import exists, join
+
+    if not exists(join(ns.run_dir, "run.json"), so):
+        return _fail(f"run_dir: {ns.run_dir} holds no finished run (run.json missing)")
+    try:
+        res = recluster_flow(cfg)
+    except ValueError as exc:
+        return _fail(str(exc))
+    print(f"cluster {ns.cluster} -> {len(res['sizes'])} subclusters of sizes {res['sizes']}")
+    print(f"  {res['directory']}/assignments.parquet\n  {res['report']}")
+    return 0
+
+
 def cmd_sample(ns: argparse.Namespace) -> int:
     from imgclust.sample import write_digits
 
@@ -188,7 +248,8 @@ def cmd_sample(ns: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     _quiet_prefect_env()
     ns = build_parser().parse_args(argv)
-    return {"run": cmd_run, "evaluate": cmd_evaluate, "report": cmd_report, "sample": cmd_sample}[ns.command](ns)
+    return {"run": cmd_run, "evaluate": cmd_evaluate, "report": cmd_report, "neighbors": cmd_neighbors,
+            "recluster": cmd_recluster, "sample": cmd_sample}[ns.command](ns)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ from imgclust.storage import StorageError, exists, join, open_fs, remove
 from tasks.discover import list_images
 
 OUTPUTS = ("run.json", "images.zarr", "codes.zarr", "model", "_work", "manifest.parquet", "rejected.parquet",
-           "duplicates.parquet", "assignments.parquet", "clusters.json", "report")
+           "duplicates.parquet", "assignments.parquet", "clusters.json", "report", "metrics.json", "neighbors",
+           "recluster")
 
 
 def preflight(config: RunConfig) -> int:

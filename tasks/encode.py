@@ -43,7 +43,7 @@ def encode_array(model: torch.nn.Module, pixels: np.ndarray, batch_size: int,
     codes, sq = [], 0.0
     with torch.inference_mode():
         for s in range(0, len(pixels), batch_size):
-            x = torch.from_numpy(pixels[s:s + batch_size]).to(device).float().div_(255.0)
+            x = torch.from_numpy(np.array(pixels[s:s + batch_size])).to(device).float().div_(255.0)
             z = model.encode(x)
             sq += float(((model.decode(z) - x) ** 2).mean(dim=(1, 2, 3)).sum())
             codes.append(z.float().cpu().numpy())

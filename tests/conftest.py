@@ -60,3 +60,20 @@ def s3():
     host, port = server.get_host_and_port()
     yield {"endpoint_url": f"http://{host}:{port}", "key": "testing", "secret": "s3cr3t-value"}
     server.stop()
+
+
+SETTINGS = ["--image-size", "16", "--epochs", "2", "-k", "3", "--seed", "0", "--no-progress", "--shard-size", "16"]
+
+
+@pytest.fixture(scope="session")
+def finished_run(corpus, tmp_path_factory):
+    """One real CLI run on the corpus, shared by the tests that inspect a finished run."""
+    from tests.test_cli import imgclust
+
+    root, counts = corpus
+    out = tmp_path_factory.mktemp("run") / "out"
+    cfg = tmp_path_factory.mktemp("cfg") / "settings.yaml"
+    cfg.write_text("batch_size: 16\ncolor: gray\n")
+    r = imgclust("run", str(root), str(out), "--config", str(cfg), *SETTINGS)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return root, out, counts, r

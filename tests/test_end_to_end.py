@@ -4,24 +4,9 @@ import json
 
 import numpy as np
 import pandas as pd
-import pytest
 
 from imgclust.config import RunConfig
 from imgclust.zarr_store import open_array
-from tests.test_cli import imgclust
-
-SETTINGS = ["--image-size", "16", "--epochs", "2", "-k", "3", "--seed", "0", "--no-progress", "--shard-size", "16"]
-
-
-@pytest.fixture(scope="module")
-def finished_run(corpus, tmp_path_factory):
-    root, counts = corpus
-    out = tmp_path_factory.mktemp("run") / "out"
-    cfg = tmp_path_factory.mktemp("cfg") / "settings.yaml"
-    cfg.write_text("batch_size: 16\ncolor: gray\n")
-    r = imgclust("run", str(root), str(out), "--config", str(cfg), *SETTINGS)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return root, out, counts, r
 
 
 def test_outputs_exist_and_counts_add_up(finished_run):
@@ -70,13 +55,18 @@ def test_rejected_reasons_are_readable(finished_run):
     assert all(len(r) > 10 and "Traceback" not in r for r in reasons.values())
 
 
-def test_same_seed_gives_same_assignments_and_overwrite_replaces(finished_run, prefect_harness):
+def test_same_seed_gives_same_assignments_and_overwrite_replaces(finished_run, prefect_harness, tmp_path):
     from flows.cluster_archive import cluster_archive
 
     root, out, _, _ = finished_run
     before = pd.read_parquet(out / "assignments.parquet")
-    cfg = RunConfig(source=str(root), output=str(out), image_size=16, epochs=2, n_clusters=3, seed=0,
+    again = tmp_path / "again"
+    again.mkdir()
+    (again / "run.json").write_text("{}")  # an earlier finished run ...
+    (again / "notes.txt").write_text("mine")  # ... and a file of the user's, which must survive
+    cfg = RunConfig(source=str(root), output=str(again), image_size=16, epochs=2, n_clusters=3, seed=0,
                     shard_size=16, batch_size=16, color="gray", overwrite=True)
     cluster_archive(cfg)
-    after = pd.read_parquet(out / "assignments.parquet")
-    pd.testing.assert_frame_equal(before, after)
+    pd.testing.assert_frame_equal(before, pd.read_parquet(again / "assignments.parquet"))
+    assert (again / "notes.txt").read_text() == "mine"
+    assert json.loads((again / "run.json").read_text())["counts"]["clusters"] == 3

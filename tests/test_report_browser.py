@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_end_to_end import finished_run  # noqa: F401 (shared module fixture)
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
@@ -41,7 +40,7 @@ f.addEventListener('load', () => {
 
 
 @pytest.fixture
-def served_report(finished_run, tmp_path):  # noqa: F811
+def served_report(finished_run, tmp_path):
     _, out, _, _ = finished_run
     root = tmp_path / "site"
     shutil.copytree(out / "report", root / "report")
