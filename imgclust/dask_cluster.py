@@ -27,7 +27,7 @@ def dask_client(address: str | None = None, n_workers: int | None = None) -> Ite
     n = n_workers or max(1, os.cpu_count() or 1)
     env = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
     with LocalCluster(
-        n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None,
+        n_workers=n, threads_per_worker=1, processes=True, dashboard_address=":0",
         host="127.0.0.1", env=env,
     ) as cluster, Client(cluster, set_as_default=False) as client:
         logger.info("started a local Dask cluster with %d worker processes", n)
