@@ -1,4 +1,4 @@
-"""Deploy cluster-archive from Python: the same deployments as ``deployments/prefect.yaml``.
+"""Deploy the flows from Python: the same deployments as ``deployments/prefect.yaml``.
 
 Why a second way: ``prefect deploy`` needs the YAML file and the CLI, and (Prefect 3.8) ignores
 ``--pool`` when it deploys several deployments at once. From code, the pool is an argument and
@@ -17,17 +17,17 @@ import argparse
 import os
 from pathlib import Path
 
-ENTRYPOINT = "flows/cluster_archive.py:cluster_archive"
 PLACEHOLDERS = {"source": "/path/to/images", "output": "/path/to/output", "n_clusters": 10}
 JOB_VARIABLES = {"env": {"PREFECT_LOGGING_EXTRA_LOGGERS": "imgclust", "DO_NOT_TRACK": "1",
                          "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}}
-# nightly re-clusters everything with overwrite; a later issue replaces it with an incremental flow.
 DEPLOYMENTS = {
-    "on-demand": dict(parameters={"config": PLACEHOLDERS}, tags=["imgclust"],
-                      description="Cluster an archive when asked; override `config` with --params."),
-    "nightly": dict(parameters={"config": {**PLACEHOLDERS, "overwrite": True}}, tags=["imgclust", "scheduled"],
-                    description="Re-cluster the whole archive every night at 02:00 UTC, replacing the previous run.",
-                    schedules=[("0 2 * * *", "UTC")], concurrency_limit=1),
+    "on-demand": dict(entrypoint="flows/cluster_archive.py:cluster_archive", parameters={"config": PLACEHOLDERS},
+                      tags=["imgclust"], description="Cluster an archive when asked; override `config` with --params."),
+    "nightly": dict(entrypoint="flows/assign_new.py:assign_new_flow",
+                    parameters={"config": {"run_dir": "/path/to/output", "source": "/path/to/images"}},
+                    tags=["imgclust", "scheduled"],
+                    description="Every night at 02:00 UTC, add the images new to the archive to an existing run's "
+                    "clusters.", schedules=[("0 2 * * *", "UTC")], concurrency_limit=1),
 }
 
 
@@ -43,10 +43,10 @@ def main(argv: list[str] | None = None) -> list:
     from prefect.schedules import Cron
 
     root = os.environ.get("IMGCLUST_HOME") or str(Path(__file__).resolve().parents[1])
-    flow = Flow.from_source(source=root, entrypoint=ENTRYPOINT)  # pull step: set_working_directory(root)
     deployments = []
     for name in args.name or DEPLOYMENTS:
         kw = dict(DEPLOYMENTS[name])
+        flow = Flow.from_source(source=root, entrypoint=kw.pop("entrypoint"))  # pull: set_working_directory(root)
         schedules = [Cron(cron, timezone=tz) for cron, tz in kw.pop("schedules", [])]
         deployments.append(flow.to_deployment(name=name, work_pool_name=args.pool, job_variables=JOB_VARIABLES,
                                               schedules=schedules or None, **kw))

@@ -101,6 +101,14 @@ def build_parser() -> argparse.ArgumentParser:
     rc.add_argument("--seed", type=int, default=0)
     rc.add_argument("--dask-address", help="Dask scheduler (default: a local cluster)")
     rc.add_argument("--storage-options", help="fsspec options as JSON")
+    asg = sub.add_parser("assign", help="add images new to a finished run to its clusters (flow assign-new)",
+                         description="Hashes every image under SOURCE; files whose content the run has never seen "
+                         "are ingested, encoded with the run's model and assigned to the existing cluster centres; "
+                         "manifest, assignments, rejected and duplicates are extended. Nothing new: nothing done.")
+    asg.add_argument("run_dir")
+    asg.add_argument("source")
+    asg.add_argument("--dask-address", help="Dask scheduler (default: a local cluster)")
+    asg.add_argument("--storage-options", help="fsspec options as JSON")
     sa = sub.add_parser("sample", help="write scikit-learn's digits as PNG files into a folder (one folder per "
                         "digit) for a first run")
     sa.add_argument("folder")
@@ -237,6 +245,31 @@ def cmd_recluster(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_assign(ns: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from flows.assign_new import AssignConfig, assign_new_flow
+    from imgclust.storage import exists, join
+
+    so = json.loads(ns.storage_options) if ns.storage_options else {}
+    try:
+        cfg = AssignConfig(run_dir=ns.run_dir, source=ns.source, storage_options=so, dask_address=ns.dask_address)
+    except ValidationError as exc:
+        return _fail(_validation_message(exc))
+    if not exists(join(ns.run_dir, "model", "clusterer.pkl"), so):
+        return _fail(f"run_dir: {ns.run_dir} holds no finished run of this version (model/clusterer.pkl missing)")
+    from tasks.discover import list_images
+
+    try:
+        list_images(ns.source, so)
+    except Exception as exc:
+        return _fail(f"source: {exc}")
+    s = assign_new_flow(cfg)
+    print(f"{s['new']} new files of {s['files']}: {s['accepted']} assigned, {s['rejected']} rejected, "
+          f"{s['duplicates']} duplicates ({s['seconds']:.1f} s)")
+    return 0
+
+
 def cmd_sample(ns: argparse.Namespace) -> int:
     from imgclust.sample import write_digits
 
@@ -249,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_prefect_env()
     ns = build_parser().parse_args(argv)
     return {"run": cmd_run, "evaluate": cmd_evaluate, "report": cmd_report, "neighbors": cmd_neighbors,
-            "recluster": cmd_recluster, "sample": cmd_sample}[ns.command](ns)
+            "recluster": cmd_recluster, "assign": cmd_assign, "sample": cmd_sample}[ns.command](ns)
 
 
 if __name__ == "__main__":

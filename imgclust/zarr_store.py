@@ -31,3 +31,14 @@ def open_array(url: str, storage_options: dict[str, Any] | None = None, mode: st
 def chunk_spans(n: int, chunk_rows: int) -> list[tuple[int, int]]:
     """(start, stop) of every chunk along the first axis."""
     return [(s, min(s + chunk_rows, n)) for s in range(0, n, chunk_rows)]
+
+
+def aligned_spans(start: int, stop: int, chunk_rows: int) -> list[tuple[int, int]]:
+    """Spans covering [start, stop) that never cross a chunk boundary, so that parallel writers never
+    share a chunk (appends start mid-chunk)."""
+    spans, a = [], start
+    while a < stop:
+        b = min(stop, (a // chunk_rows + 1) * chunk_rows)
+        spans.append((a, b))
+        a = b
+    return spans

@@ -12,7 +12,7 @@ import numpy as np
 from distributed import Client
 from prefect import task
 
-from imgclust.storage import join
+from imgclust.storage import join, open_fs, write_bytes_atomic
 from imgclust.zarr_store import create_array, open_array
 from imgclust.zarr_store import chunk_spans
 
@@ -32,11 +32,51 @@ class Clustering:
     k_curve: dict[int, float] = field(default_factory=dict)
 
 
-def standardise(codes: da.Array) -> da.Array:
-    """Zero mean, unit variance per dimension (constant dimensions are left at zero)."""
+def standardise(codes: da.Array) -> tuple[da.Array, np.ndarray, np.ndarray]:
+    """Zero mean, unit variance per dimension (constant dimensions are left at zero); also mean, std."""
     mu, sd = dask.compute(codes.mean(axis=0), codes.std(axis=0))
     sd = np.where(sd > 1e-8, sd, 1.0)
-    return (codes - mu) / sd
+    return (codes - mu) / sd, np.asarray(mu, np.float64), np.asarray(sd, np.float64)
+
+
+@dataclass
+class ClusterModel:
+    """Everything needed to place a new code in the run's clusters (saved as model/clusterer.pkl).
+
+    ``centres[i]`` is the centre of final cluster ``i`` in the feature space: standardised codes,
+    then ``reducer.transform`` when the preset embeds with UMAP.
+    """
+
+    mean: np.ndarray
+    std: np.ndarray
+    reducer: Any
+    centres: np.ndarray
+
+    def features(self, codes: np.ndarray) -> np.ndarray:
+        x = (codes.astype(np.float64) - self.mean) / self.std
+        if self.reducer is not None:
+            x = self.reducer.transform(x.astype(np.float32))
+        return np.asarray(x, np.float64)
+
+    def assign(self, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Cluster (int64) and distance to its centre for codes (N, D)."""
+        if len(codes) == 0:
+            return np.zeros(0, np.int64), np.zeros(0)
+        out = _assign(self.features(codes), self.centres)
+        return out[:, 0].astype(np.int64), out[:, 1]
+
+
+def save_cluster_model(model: ClusterModel, url: str, storage_options: dict[str, Any] | None) -> None:
+    import pickle
+
+    write_bytes_atomic(url, pickle.dumps(model), storage_options)
+
+
+def load_cluster_model(url: str, storage_options: dict[str, Any] | None) -> ClusterModel:
+    import pickle
+
+    fs, path = open_fs(url, storage_options)
+    return pickle.loads(fs.cat(path))
 
 
 def sample_rows(n: int, size: int, seed: int) -> np.ndarray:
@@ -44,7 +84,7 @@ def sample_rows(n: int, size: int, seed: int) -> np.ndarray:
     return np.sort(rng.choice(n, size=min(n, size), replace=False))
 
 
-def umap_embed(x: da.Array, seed: int, n_components: int = 10) -> da.Array:
+def umap_embed(x: da.Array, seed: int, n_components: int = 10) -> tuple[da.Array, Any]:
     """UMAP fitted on a sample (at most UMAP_SAMPLE rows); the rest is placed with ``transform``."""
     import umap
 
@@ -55,9 +95,9 @@ def umap_embed(x: da.Array, seed: int, n_components: int = 10) -> da.Array:
                         min_dist=0.0, metric="euclidean", random_state=seed, n_jobs=1)
     emb = reducer.fit_transform(sample).astype(np.float32)
     if len(rows) == n:
-        return da.from_array(emb, chunks=(x.chunks[0], emb.shape[1]))
+        return da.from_array(emb, chunks=(x.chunks[0], emb.shape[1])), reducer
     return x.map_blocks(lambda b: reducer.transform(b.astype(np.float32)).astype(np.float32),
-                        chunks=(x.chunks[0], (emb.shape[1],)), dtype=np.float32)
+                        chunks=(x.chunks[0], (emb.shape[1],)), dtype=np.float32), reducer
 
 
 def choose_k(x: np.ndarray, seed: int, k_max: int = 20) -> tuple[int, dict[int, float]]:
@@ -98,9 +138,10 @@ def cluster_codes(codes_url: str, output: str, storage_options: dict[str, Any], 
     codes = open_array(codes_url, storage_options)
     n, step = codes.shape[0], codes.chunks[0]
     with dask.config.set(scheduler=client):
-        x = standardise(da.from_zarr(codes))
+        x, mu, sd = standardise(da.from_zarr(codes))
+        reducer = None
         if embedding == "umap" and n > 20:
-            x = umap_embed(x, seed)
+            x, reducer = umap_embed(x, seed)
         features_url = join(output, "_work", "features.zarr")
         create_array(features_url, (n, x.shape[1]), step, "float32", storage_options)
         da.store(x.rechunk((step, x.shape[1])).astype(np.float32), open_array(features_url, storage_options, "r+"),
@@ -119,9 +160,12 @@ def cluster_codes(codes_url: str, output: str, storage_options: dict[str, Any], 
         km.fit(x)
         centres = np.asarray(km.cluster_centers_, dtype=np.float64)
         out = x.map_blocks(_assign, centres, chunks=(x.chunks[0], (2,)), dtype=np.float64).compute()
-    labels = out[:, 0].astype(np.int32)
-    labels = _relabel_by_size(labels, n_clusters)
+    labels, remap = _relabel_by_size(out[:, 0].astype(np.int32), n_clusters)
     found = int(labels.max()) + 1 if n else 0
+    ordered = np.empty_like(centres)
+    ordered[remap] = centres
+    save_cluster_model(ClusterModel(mu, sd, reducer, ordered[:found]), join(output, "model", "clusterer.pkl"),
+                       storage_options)
     if found < n_clusters:
         logger.warning("cluster: only %d of %d clusters are non-empty", found, n_clusters)
         n_clusters = found
@@ -134,13 +178,16 @@ def cluster_codes(codes_url: str, output: str, storage_options: dict[str, Any], 
     return Clustering(labels_url, distances_url, features_url, n_clusters, sil, curve)
 
 
-def _relabel_by_size(labels: np.ndarray, k: int) -> np.ndarray:
-    """Cluster 0 is the largest, ids are dense: stable, meaningful to read, and no empty cluster."""
+def _relabel_by_size(labels: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Cluster 0 is the largest, ids are dense: stable, meaningful to read, and no empty cluster.
+
+    Returns the new labels and ``remap`` (old id -> new id).
+    """
     counts = np.bincount(labels, minlength=k)
     order = np.lexsort((np.arange(k), -counts))
     remap = np.empty(k, dtype=np.int32)
     remap[order] = np.arange(k, dtype=np.int32)
-    return remap[labels]
+    return remap[labels], remap
 
 
 def _silhouette(x: np.ndarray, labels: np.ndarray, seed: int) -> float | None:

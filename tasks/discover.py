@@ -71,6 +71,16 @@ def hash_batch(fs: fsspec.AbstractFileSystem, root: str, paths: list[str]) -> li
     return out
 
 
+def hash_files(fs: fsspec.AbstractFileSystem, root: str, paths: list[str], client: Client) -> pd.DataFrame:
+    """(path, sha256, reason, gray) of every path, hashed in parallel batches on the cluster."""
+    batches = [paths[i:i + HASH_BATCH] for i in range(0, len(paths), HASH_BATCH)]
+    futures = [client.submit(hash_batch, fs, root, b, pure=False) for b in batches]
+    rows: list[tuple[str, str | None, str | None, bool | None]] = []
+    for fut in track(completed(client, futures), total=len(futures), desc="discover", unit="batch"):
+        rows.extend(fut.result())
+    return pd.DataFrame(rows, columns=["path", "sha256", "reason", "gray"]).sort_values("path").reset_index(drop=True)
+
+
 def split_duplicates(hashed: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Unique files and duplicates: the first path in sorted order of each content is the original."""
     hashed = hashed.sort_values("path", kind="stable").reset_index(drop=True)
@@ -85,12 +95,7 @@ def discover(source: str, output: str, storage_options: dict[str, Any], client: 
     """List, hash in parallel on the cluster, and write ``duplicates.parquet``."""
     paths = list_images(source, storage_options)
     fs, root = open_fs(source, storage_options)
-    batches = [paths[i:i + HASH_BATCH] for i in range(0, len(paths), HASH_BATCH)]
-    futures = [client.submit(hash_batch, fs, root, b, pure=False) for b in batches]
-    rows: list[tuple[str, str | None, str | None, bool | None]] = []
-    for fut in track(completed(client, futures), total=len(futures), desc="discover", unit="batch"):
-        rows.extend(fut.result())
-    table = pd.DataFrame(rows, columns=["path", "sha256", "reason", "gray"])
+    table = hash_files(fs, root, paths, client)
     unreadable = table.loc[table["sha256"].isna(), ["path", "reason"]].reset_index(drop=True)
     unique, dups = split_duplicates(table.loc[table["sha256"].notna(), ["path", "sha256", "gray"]])
     probes = unique["gray"].dropna()

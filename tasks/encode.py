@@ -14,7 +14,7 @@ from prefect import task
 
 from imgclust.progress import track
 from imgclust.storage import join
-from imgclust.zarr_store import chunk_spans, create_array, open_array
+from imgclust.zarr_store import aligned_spans, create_array, open_array
 from tasks.train import load_model
 
 logger = logging.getLogger("imgclust")
@@ -74,19 +74,23 @@ def encode_chunk(images_url: str, codes_url: str, model_url: str, token: str,
 
 
 def encode(images_url: str, output: str, storage_options: dict[str, Any], model_url: str, token: str,
-           code_dim: int, batch_size: int, client: Client) -> Encoded:
+           code_dim: int, batch_size: int, client: Client, start: int = 0) -> Encoded:
+    """Encode ``images[start:]`` into codes.zarr (created when ``start`` is 0, extended otherwise)."""
     images = open_array(images_url, storage_options)
     n, step = images.shape[0], images.chunks[0]
     codes_url = join(output, "codes.zarr")
-    create_array(codes_url, (n, code_dim), step, "float32", storage_options)
+    if start == 0:
+        create_array(codes_url, (n, code_dim), step, "float32", storage_options)
+    else:
+        open_array(codes_url, storage_options, mode="r+").resize((n, code_dim))
     threads = torch_threads_by_worker(client)
     futures = [client.submit(encode_chunk, images_url, codes_url, model_url, token, storage_options, a, b,
-                             batch_size, threads, pure=False) for a, b in chunk_spans(n, step)]
+                             batch_size, threads, pure=False) for a, b in aligned_spans(start, n, step)]
     total = 0.0
     for fut in track(completed(client, futures), total=len(futures), desc="encode", unit="chunk"):
         total += fut.result()
-    mse = total / max(n, 1)
-    logger.info("encode: %d codes of %d dimensions, reconstruction MSE %.5f", n, code_dim, mse)
+    mse = total / max(n - start, 1)
+    logger.info("encode: %d codes of %d dimensions, reconstruction MSE %.5f", n - start, code_dim, mse)
     return Encoded(codes_url, code_dim, mse)
 
 

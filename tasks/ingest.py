@@ -16,7 +16,7 @@ from prefect import task
 from imgclust.imagefile import ImageRejected, decode_image
 from imgclust.progress import track
 from imgclust.storage import join, open_fs, read_parquet, remove, write_parquet
-from imgclust.zarr_store import chunk_spans, create_array, open_array
+from imgclust.zarr_store import aligned_spans, chunk_spans, create_array, open_array
 
 logger = logging.getLogger("imgclust")
 
@@ -64,20 +64,12 @@ def compact_chunk(staging_url: str, images_url: str, storage_options: dict[str, 
     return len(source_rows)
 
 
-def ingest(source: str, output: str, storage_options: dict[str, Any], unique_url: str, unreadable_url: str,
-           size: tuple[int, int], gray: bool, fit: str, shard_size: int, client: Client) -> Ingest:
-    """Write ``images.zarr``, ``manifest.parquet`` and ``rejected.parquet``.
-
-    Shards are decoded into a staging array first (rejected files leave holes), then compacted so
-    that ``manifest.index`` is a dense 0..N-1 index into ``images.zarr``.
-    """
-    unique = read_parquet(unique_url, storage_options)
-    n = len(unique)
-    channels = 1 if gray else 3
+def decode_into_staging(source: str, storage_options: dict[str, Any], paths: list[str], staging_url: str,
+                        size: tuple[int, int], gray: bool, fit: str, shard_size: int, client: Client) -> pd.DataFrame:
+    """Decode ``paths`` in parallel, one task per shard; (ok, width, height, format, reason) per path."""
     fs, root = open_fs(source, storage_options)
-    staging_url = join(output, "_work", "staging.zarr")
-    create_array(staging_url, (n, channels, *size), shard_size, "uint8", storage_options)
-    paths = unique["path"].tolist()
+    n = len(paths)
+    create_array(staging_url, (n, 1 if gray else 3, *size), shard_size, "uint8", storage_options)
     futures = {
         client.submit(ingest_shard, fs, root, paths[a:b], staging_url, storage_options, a, size, gray, fit,
                       pure=False): a
@@ -87,37 +79,62 @@ def ingest(source: str, output: str, storage_options: dict[str, Any], unique_url
     for fut in track(completed(client, futures), total=len(futures), desc="ingest", unit="shard"):
         meta[futures[fut]] = fut.result()
     rows = [m for a in sorted(meta) for m in meta[a]]
-    info = pd.DataFrame(rows, columns=["ok", "width", "height", "format", "reason"])
+    return pd.DataFrame(rows, columns=["ok", "width", "height", "format", "reason"])
+
+
+def compact_into(staging_url: str, images_url: str, storage_options: dict[str, Any], accepted_rows: np.ndarray,
+                 start: int, client: Client) -> None:
+    """Copy accepted staging rows to ``images[start:]``, one task per destination chunk."""
+    step = open_array(images_url, storage_options).chunks[0]
+    futs = [client.submit(compact_chunk, staging_url, images_url, storage_options, accepted_rows[a - start:b - start],
+                          a, pure=False) for a, b in aligned_spans(start, start + len(accepted_rows), step)]
+    client.gather(futs)
+
+
+def manifest_rows(unique: pd.DataFrame, info: pd.DataFrame, start: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Manifest rows (indices from ``start``) and rejected rows of one decoded batch."""
     ok = info["ok"].to_numpy(bool)
-    accepted_rows = np.flatnonzero(ok)
-    n_acc = len(accepted_rows)
-
-    images_url = join(output, "images.zarr")
-    attrs = {"color": "gray" if gray else "rgb", "height": size[0], "width": size[1], "fit": fit}
-    create_array(images_url, (n_acc, channels, *size), shard_size, "uint8", storage_options, attrs)
-    if n_acc:
-        futs = [client.submit(compact_chunk, staging_url, images_url, storage_options, accepted_rows[a:b], a,
-                              pure=False) for a, b in chunk_spans(n_acc, shard_size)]
-        client.gather(futs)
-    remove(staging_url, storage_options)
-
     manifest = pd.DataFrame({
-        "index": np.arange(n_acc, dtype=np.int64),
+        "index": np.arange(start, start + int(ok.sum()), dtype=np.int64),
         "path": unique["path"].to_numpy()[ok],
         "sha256": unique["sha256"].to_numpy()[ok],
         "width": info.loc[ok, "width"].to_numpy(np.int64),
         "height": info.loc[ok, "height"].to_numpy(np.int64),
         "format": info.loc[ok, "format"].to_numpy(),
     })
-    decode_rejects = pd.DataFrame({"path": unique["path"].to_numpy()[~ok], "reason": info.loc[~ok, "reason"].to_numpy()})
-    rejected = pd.concat([read_parquet(unreadable_url, storage_options), decode_rejects], ignore_index=True)
+    rejected = pd.DataFrame({"path": unique["path"].to_numpy()[~ok], "reason": info.loc[~ok, "reason"].to_numpy(),
+                             "sha256": unique["sha256"].to_numpy()[~ok]})
+    return manifest, rejected
+
+
+def ingest(source: str, output: str, storage_options: dict[str, Any], unique_url: str, unreadable_url: str,
+           size: tuple[int, int], gray: bool, fit: str, shard_size: int, client: Client) -> Ingest:
+    """Write ``images.zarr``, ``manifest.parquet`` and ``rejected.parquet``.
+
+    Shards are decoded into a staging array first (rejected files leave holes), then compacted so
+    that ``manifest.index`` is a dense 0..N-1 index into ``images.zarr``.
+    """
+    unique = read_parquet(unique_url, storage_options)
+    channels = 1 if gray else 3
+    staging_url = join(output, "_work", "staging.zarr")
+    info = decode_into_staging(source, storage_options, unique["path"].tolist(), staging_url, size, gray, fit,
+                               shard_size, client)
+    accepted_rows = np.flatnonzero(info["ok"].to_numpy(bool))
+    images_url = join(output, "images.zarr")
+    attrs = {"color": "gray" if gray else "rgb", "height": size[0], "width": size[1], "fit": fit}
+    create_array(images_url, (len(accepted_rows), channels, *size), shard_size, "uint8", storage_options, attrs)
+    compact_into(staging_url, images_url, storage_options, accepted_rows, 0, client)
+    remove(staging_url, storage_options)
+    manifest, decode_rejects = manifest_rows(unique, info, 0)
+    unreadable = read_parquet(unreadable_url, storage_options).assign(sha256=None)
+    rejected = pd.concat([unreadable, decode_rejects], ignore_index=True)[["path", "reason", "sha256"]]
     rejected = rejected.sort_values("path", kind="stable").reset_index(drop=True)
     write_parquet(join(output, "manifest.parquet"), manifest, storage_options)
     write_parquet(join(output, "rejected.parquet"), rejected, storage_options)
-    logger.info("ingest: %d images accepted, %d rejected", n_acc, len(rejected))
-    for path, reason in rejected.head(20).itertuples(index=False):
+    logger.info("ingest: %d images accepted, %d rejected", len(manifest), len(rejected))
+    for path, reason in rejected[["path", "reason"]].head(20).itertuples(index=False):
         logger.warning("rejected %s: %s", path, reason)
-    return Ingest(n_acc, len(rejected), images_url, channels)
+    return Ingest(len(manifest), len(rejected), images_url, channels)
 
 
 @task(name="ingest", retries=1, retry_delay_seconds=5)

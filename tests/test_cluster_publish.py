@@ -27,6 +27,12 @@ def test_kmeans_on_codes_recovers_separated_groups(tmp_path, client):
     assert adjusted_rand_score(truth, labels) > 0.99
     again = cluster_codes(url, str(tmp_path / "again"), {}, 4, "none", 0, client)
     assert (open_array(again.labels_url)[:] == labels).all()
+    # The saved clusterer places codes exactly where the run put them.
+    from tasks.cluster import load_cluster_model
+    model = load_cluster_model(str(tmp_path / "model" / "clusterer.pkl"), {})
+    lab, dist = model.assign(x)
+    assert (lab == labels).all()
+    np.testing.assert_allclose(dist, open_array(res.distances_url)[:], rtol=1e-4, atol=1e-4)
 
 
 def test_k_is_chosen_from_the_data_when_not_given():
@@ -37,7 +43,8 @@ def test_k_is_chosen_from_the_data_when_not_given():
 
 def test_relabel_orders_by_size_and_removes_gaps():
     labels = np.array([3, 3, 3, 1, 1, 0])
-    assert _relabel_by_size(labels, 4).tolist() == [0, 0, 0, 1, 1, 2]
+    new, remap = _relabel_by_size(labels, 4)
+    assert new.tolist() == [0, 0, 0, 1, 1, 2] and remap.tolist() == [2, 1, 3, 0]
 
 
 def test_publish_tables(tmp_path):

@@ -105,8 +105,11 @@ def server(tmp_path_factory):
         _stop(proc)
 
 
+FLOWS = {"on-demand": "cluster-archive", "nightly": "assign-new"}
+
+
 def _deployment(api: str, name: str) -> dict:
-    r = httpx.get(f"{api}/deployments/name/cluster-archive/{name}", timeout=10)
+    r = httpx.get(f"{api}/deployments/name/{FLOWS[name]}/{name}", timeout=10)
     assert r.status_code == 200, f"{name}: {r.status_code} {r.text}"
     return r.json()
 
@@ -141,7 +144,8 @@ def test_yaml_deployments_run_on_a_process_worker(server, yaml_deployed, tmp_pat
     env, api = server
     nightly, on_demand = yaml_deployed["nightly"], yaml_deployed["on-demand"]
     assert nightly["schedules"] == [("0 2 * * *", "UTC", True)]
-    assert nightly["parameters"]["config"]["overwrite"] is True
+    assert nightly["entrypoint"] == "flows/assign_new.py:assign_new_flow"
+    assert set(nightly["parameters"]["config"]) == {"run_dir", "source"}
     assert nightly["work_pool_name"] == "imgclust"  # no worker polls it here (and the scheduler is off)
     assert on_demand["schedules"] == [] and on_demand["work_pool_name"] == "imgclust-test"
     assert on_demand["entrypoint"] == "flows/cluster_archive.py:cluster_archive"

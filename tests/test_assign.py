@@ -1,0 +1,58 @@
+"""Incremental runs: only new content is ingested, encoded and assigned; a second call does nothing."""
+
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from imgclust.zarr_store import open_array
+from tests.test_cli import imgclust
+
+
+def test_assign_new_images_to_a_finished_run(finished_run, tmp_path):
+    root, out, counts, _ = finished_run
+    run = tmp_path / "run"
+    shutil.copytree(out, run)  # the shared run stays as it was for other tests
+    before = pd.read_parquet(run / "assignments.parquet")
+    new = tmp_path / "incoming"
+    (new / "day2").mkdir(parents=True)
+    first = before["path"].iloc[0]
+    shutil.copy(root / first, new / "day2" / "already-known.png")  # content the run has
+    for i in range(4):
+        img = np.zeros((28, 28), np.uint8)
+        img[4 + i:12 + i, 6:22] = 255
+        Image.fromarray(img).save(new / "day2" / f"bar{i}.png")
+    shutil.copy(new / "day2" / "bar0.png", new / "day2" / "zcopy.png")  # duplicate within the batch
+    (new / "day2" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really")
+
+    r = imgclust("assign", str(run), str(new))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "7 new files of 7" not in r.stdout and "6 new files of 7: 4 assigned, 1 rejected, 1 duplicates" in r.stdout
+    manifest = pd.read_parquet(run / "manifest.parquet")
+    after = pd.read_parquet(run / "assignments.parquet")
+    n_old = counts["accepted"]
+    assert len(manifest) == len(after) == n_old + 4
+    assert manifest["index"].tolist() == list(range(n_old + 4))
+    pd.testing.assert_frame_equal(after.iloc[:n_old], before)  # old rows untouched
+    assert sorted(after["path"].iloc[n_old:]) == [f"day2/bar{i}.png" for i in range(4)]
+    assert set(after["cluster"].iloc[n_old:]) <= set(before["cluster"])
+    assert open_array(str(run / "images.zarr")).shape[0] == open_array(str(run / "codes.zarr")).shape[0] == n_old + 4
+    dups = pd.read_parquet(run / "duplicates.parquet")
+    assert dups.iloc[-1].to_dict() == {"path": "day2/zcopy.png", "sha256": manifest["sha256"].iloc[n_old],
+                                       "duplicate_of": "day2/bar0.png"}
+    rejected = pd.read_parquet(run / "rejected.parquet")
+    assert "day2/broken.jpg" in set(rejected["path"])
+    clusters = json.loads((run / "clusters.json").read_text())
+    assert sum(c["size"] for c in clusters) == n_old + 4
+    assert json.loads((run / "run.json").read_text())["assign_runs"][-1]["accepted"] == 4
+
+    again = imgclust("assign", str(run), str(new))
+    assert again.returncode == 0 and "0 new files of 7" in again.stdout
+    assert len(pd.read_parquet(run / "manifest.parquet")) == n_old + 4
+
+
+def test_assign_refuses_a_folder_without_a_run(tmp_path):
+    r = imgclust("assign", str(tmp_path), str(tmp_path))
+    assert r.returncode == 2 and "run_dir" in r.stderr
