@@ -117,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run_settings(ns: argparse.Namespace) -> dict[str, Any]:
-    from imgclust.config import ConfigError, load_config_file
+    from imgclust.config import load_config_file
 
     args = vars(ns).copy()
     settings: dict[str, Any] = {}
@@ -125,14 +125,6 @@ def _run_settings(ns: argparse.Namespace) -> dict[str, Any]:
         settings.update(load_config_file(args.pop("config")))
     for key in ("command", "no_progress"):
         args.pop(key, None)
-    if "storage_options" in args:
-        try:
-            so = json.loads(args["storage_options"])
-        except json.JSONDecodeError as exc:
-            raise ConfigError("storage_options", f"not valid JSON: {exc}") from None
-        if not isinstance(so, dict):
-            raise ConfigError("storage_options", "must be a JSON object")
-        args["storage_options"] = so
     settings.update(args)
     return settings
 
@@ -183,7 +175,7 @@ def cmd_run(ns: argparse.Namespace) -> int:
 def cmd_evaluate(ns: argparse.Namespace) -> int:
     from imgclust.evaluate import evaluate_run, format_metrics
 
-    so = json.loads(ns.storage_options) if ns.storage_options else {}
+    so = ns.storage_options or {}
     try:
         metrics = evaluate_run(ns.run_dir, ns.labels, so)
     except (FileNotFoundError, ValueError) as exc:
@@ -196,7 +188,7 @@ def cmd_report(ns: argparse.Namespace) -> int:
     from imgclust.storage import exists, join
     from tasks.report import write_report
 
-    so = json.loads(ns.storage_options) if ns.storage_options else {}
+    so = ns.storage_options or {}
     if not exists(join(ns.run_dir, "run.json"), so):
         return _fail(f"run_dir: {ns.run_dir} holds no finished run (run.json missing)")
     print(write_report(ns.run_dir, so))
@@ -207,7 +199,7 @@ def cmd_neighbors(ns: argparse.Namespace) -> int:
     from imgclust.storage import exists, join
     from tasks.explore import nearest_neighbours
 
-    so = json.loads(ns.storage_options) if ns.storage_options else {}
+    so = ns.storage_options or {}
     if ns.k < 1:
         return _fail("k: must be at least 1")
     if not exists(join(ns.run_dir, "codes.zarr"), so):
@@ -226,7 +218,7 @@ def cmd_recluster(ns: argparse.Namespace) -> int:
 
     from flows.recluster import ReclusterConfig, recluster_flow
 
-    so = json.loads(ns.storage_options) if ns.storage_options else {}
+    so = ns.storage_options or {}
     try:
         cfg = ReclusterConfig(run_dir=ns.run_dir, cluster=ns.cluster, n_clusters=ns.n_clusters, seed=ns.seed,
                               storage_options=so, dask_address=ns.dask_address)
@@ -251,7 +243,7 @@ def cmd_assign(ns: argparse.Namespace) -> int:
     from flows.assign_new import AssignConfig, assign_new_flow
     from imgclust.storage import exists, join
 
-    so = json.loads(ns.storage_options) if ns.storage_options else {}
+    so = ns.storage_options or {}
     try:
         cfg = AssignConfig(run_dir=ns.run_dir, source=ns.source, storage_options=so, dask_address=ns.dask_address)
     except ValidationError as exc:
@@ -278,9 +270,29 @@ def cmd_sample(ns: argparse.Namespace) -> int:
     return 0
 
 
+def parse_storage_options(text: str) -> dict[str, Any]:
+    """--storage-options JSON of every command, checked once with a clear message."""
+    from imgclust.config import ConfigError
+
+    try:
+        so = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError("storage_options", f"not valid JSON: {exc}") from None
+    if not isinstance(so, dict):
+        raise ConfigError("storage_options", "must be a JSON object")
+    return so
+
+
 def main(argv: list[str] | None = None) -> int:
+    from imgclust.config import ConfigError
+
     _quiet_prefect_env()
     ns = build_parser().parse_args(argv)
+    if isinstance(getattr(ns, "storage_options", None), str):
+        try:
+            ns.storage_options = parse_storage_options(ns.storage_options)
+        except ConfigError as exc:
+            return _fail(str(exc))
     return {"run": cmd_run, "evaluate": cmd_evaluate, "report": cmd_report, "neighbors": cmd_neighbors,
             "recluster": cmd_recluster, "assign": cmd_assign, "sample": cmd_sample}[ns.command](ns)
 
