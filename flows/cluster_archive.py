@@ -43,7 +43,8 @@ def cluster_archive(config: RunConfig) -> dict[str, Any]:
     so, out, preset = config.storage_options, config.output, PRESETS[config.preset]
     size = config.resolved_image_size
     sec: dict[str, float] = {}
-    with dask_client(config.dask_address, config.n_workers) as client:
+    with dask_client(config.dask_address, config.n_workers, config.dask_cluster_class,
+                     config.dask_cluster_kwargs) as client:
         address = client.scheduler.address
         with _timed(sec, "discover"):
             found = discover_task(config.source, out, so, address)

@@ -59,6 +59,10 @@ def _add_run_parser(sub: argparse._SubParsersAction) -> None:
                    "present)")
     p.add_argument("--dask-address", help="scheduler address, e.g. tcp://10.0.0.5:8786 (default: "
                    "$IMGCLUST_DASK_ADDRESS, else a local cluster)")
+    p.add_argument("--dask-cluster-class", help="dotted path of a cluster class to start instead, e.g. "
+                   "dask_jobqueue.SLURMCluster or dask_kubernetes.operator.KubeCluster")
+    p.add_argument("--dask-cluster-kwargs", type=json.loads, help="JSON keyword arguments of that class, e.g. "
+                   "'{\"cores\": 8, \"memory\": \"32GB\"}'")
     p.add_argument("--n-workers", type=int, help="worker processes of the local cluster (default: cores)")
     p.add_argument("--shard-size", type=int, help="images per Zarr chunk and Dask task (default 1024)")
     p.add_argument("--storage-options", help='fsspec options as JSON, e.g. \'{"endpoint_url": '

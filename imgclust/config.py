@@ -53,6 +53,10 @@ class RunConfig(BaseModel):
         default_factory=lambda: os.environ.get("IMGCLUST_DASK_ADDRESS") or None,
         description="Dask scheduler address; default $IMGCLUST_DASK_ADDRESS, else a local cluster.")
     n_workers: int | None = Field(default=None, ge=1, le=1024, description="Local cluster worker processes.")
+    dask_cluster_class: str | None = Field(
+        default=None, description="Dotted path of a Dask cluster class to start instead of a local cluster, e.g. "
+        "dask_kubernetes.operator.KubeCluster or dask_jobqueue.SLURMCluster.")
+    dask_cluster_kwargs: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments of that class.")
     shard_size: int = Field(default=1024, ge=1, le=65_536, description="Images per Zarr chunk and per Dask task.")
     overwrite: bool = Field(default=False, description="Replace a finished run in output.")
 
@@ -95,6 +99,15 @@ class RunConfig(BaseModel):
         if not v.strip():
             raise ValueError("must not be empty")
         return v.strip()
+
+    @field_validator("dask_cluster_class")
+    @classmethod
+    def _importable_class(cls, v: str | None) -> str | None:
+        if v is not None:
+            from imgclust.dask_cluster import import_class
+
+            import_class(v)
+        return v
 
     @model_validator(mode="after")
     def _output_outside_source(self) -> "RunConfig":

@@ -12,13 +12,34 @@ from distributed import Client, LocalCluster, as_completed
 logger = logging.getLogger("imgclust")
 
 
+def import_class(dotted: str) -> type:
+    """``package.module.Class`` -> the class, with a message that says what is missing."""
+    import importlib
+
+    module, _, name = dotted.rpartition(".")
+    if not module:
+        raise ValueError(f"{dotted!r} is not a dotted path such as dask_jobqueue.SLURMCluster")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"cannot import {dotted}: {exc} (is its package installed?)") from None
+
+
 @contextlib.contextmanager
-def dask_client(address: str | None = None, n_workers: int | None = None) -> Iterator[Client]:
-    """A Client on ``address``, or on a fresh LocalCluster that is closed afterwards.
+def dask_client(address: str | None = None, n_workers: int | None = None, cluster_class: str | None = None,
+                cluster_kwargs: dict | None = None) -> Iterator[Client]:
+    """A Client on ``address``, on a cluster of ``cluster_class(**cluster_kwargs)``, or on a fresh
+    LocalCluster; clusters started here are closed afterwards.
 
     Local workers are processes with one thread each (torch and Pillow release the GIL only in
     parts, and BLAS threads would fight each other), and ``n_workers`` defaults to the cores.
     """
+    if cluster_class:
+        with import_class(cluster_class)(**(cluster_kwargs or {})) as cluster, \
+                Client(cluster, set_as_default=False) as client:
+            logger.info("started a %s cluster", cluster_class)
+            yield client
+        return
     if address:
         with Client(address, set_as_default=False) as client:
             logger.info("using Dask scheduler %s", address)

@@ -58,3 +58,18 @@ def test_config_files(tmp_path):
     (tmp_path / "b.yaml").write_text("- not a mapping\n")
     with pytest.raises(ValueError, match="mapping"):
         load_config_file(tmp_path / "b.yaml")
+
+
+def test_cluster_class_must_be_importable():
+    assert cfg(dask_cluster_class="distributed.LocalCluster").dask_cluster_class == "distributed.LocalCluster"
+    with pytest.raises(ValidationError, match="cannot import dask_jobqueue_missing.SLURMCluster"):
+        cfg(dask_cluster_class="dask_jobqueue_missing.SLURMCluster")
+
+
+def test_cluster_class_starts_the_named_cluster():
+    from imgclust.dask_cluster import dask_client
+
+    with dask_client(cluster_class="distributed.LocalCluster",
+                     cluster_kwargs={"n_workers": 1, "processes": False, "dashboard_address": ":0"}) as client:
+        assert client.submit(lambda: 41 + 1).result() == 42
+        assert len(client.scheduler_info()["workers"]) == 1

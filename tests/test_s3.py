@@ -49,3 +49,53 @@ def test_credentials_never_written(s3_run, s3):
 def test_missing_bucket_is_a_clear_error(s3, tmp_path):
     r = imgclust("run", "s3://no-such-bucket/images", str(tmp_path / "out"), "--storage-options", json.dumps(s3))
     assert r.returncode == 2 and "source not found: s3://no-such-bucket/images" in r.stderr
+
+
+def _env_without_aws() -> dict:
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(AWS_CONFIG_FILE="/nonexistent", AWS_SHARED_CREDENTIALS_FILE="/nonexistent")
+    return env
+
+
+def test_wrong_endpoint_and_missing_credentials_are_clear_errors(s3, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    import s3fs
+
+    fs = s3fs.S3FileSystem(**s3)
+    fs.mkdir("errs")
+    fs.pipe("errs/a/x.png", b"123")
+    cases = [({**s3, "endpoint_url": "http://127.0.0.1:9"}, "EndpointConnectionError"),
+             ({"endpoint_url": s3["endpoint_url"]}, "NoCredentialsError: Unable to locate credentials")]
+    for options, message in cases:
+        r = subprocess.run([sys.executable, "-m", "imgclust.cli", "run", "s3://errs/a", str(tmp_path / "out"),
+                            "--storage-options", json.dumps(options)], capture_output=True, text=True,
+                           env=_env_without_aws(), timeout=300, cwd=os.getcwd())
+        assert r.returncode == 2, r.stderr[-2000:]
+        assert "source: cannot list source s3://errs/a" in r.stderr and message in r.stderr
+        assert "Traceback" not in r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_standard_aws_environment_variables_are_honoured(s3, corpus, tmp_path):
+    """No --storage-options at all: endpoint and credentials from AWS_* variables, as users set them."""
+    import s3fs
+
+    root, _ = corpus
+    fs = s3fs.S3FileSystem(**s3)
+    fs.mkdir("envsrc")
+    fs.put(str(root / "set0") + "/", "envsrc/set0/", recursive=True)
+    env = _env_without_aws() | {"AWS_ENDPOINT_URL": s3["endpoint_url"], "AWS_ACCESS_KEY_ID": s3["key"],
+                                "AWS_SECRET_ACCESS_KEY": s3["secret"]}
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "imgclust.cli", "run", "s3://envsrc/set0", "s3://envsrc-out/r",
+                        "--preset", "seed-mnist", "--epochs", "1", "-k", "2", "--no-progress"],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert fs.exists("envsrc-out/r/assignments.parquet") and s3["secret"] not in fs.cat("envsrc-out/r/run.json").decode()
