@@ -99,3 +99,44 @@ def test_standard_aws_environment_variables_are_honoured(s3, corpus, tmp_path):
                        capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert fs.exists("envsrc-out/r/assignments.parquet") and s3["secret"] not in fs.cat("envsrc-out/r/run.json").decode()
+
+
+def test_no_permission_is_a_clear_error(tmp_path):
+    """A separate moto server with IAM enforced: a user without policies may not list the bucket."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import boto3
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # The first 4 requests (bucket, object, user, key) are allowed; everything after is authorised.
+    server = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "moto_server"), "-H", "127.0.0.1",
+                               "-p", str(port)], env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "4"},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        endpoint = f"http://127.0.0.1:{port}"
+        for _ in range(100):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        kw = dict(endpoint_url=endpoint, aws_access_key_id="x", aws_secret_access_key="x", region_name="us-east-1")
+        boto3.client("s3", **kw).create_bucket(Bucket="locked")
+        boto3.client("s3", **kw).put_object(Bucket="locked", Key="a/x.png", Body=b"1")
+        boto3.client("iam", **kw).create_user(UserName="nobody")
+        key = boto3.client("iam", **kw).create_access_key(UserName="nobody")["AccessKey"]
+        so = {"endpoint_url": endpoint, "key": key["AccessKeyId"], "secret": key["SecretAccessKey"]}
+        r = subprocess.run([sys.executable, "-m", "imgclust.cli", "run", "s3://locked/a", str(tmp_path / "out"),
+                            "--storage-options", json.dumps(so)], capture_output=True, text=True, timeout=300,
+                           env=_env_without_aws())
+        assert r.returncode == 2 and "no permission to list source s3://locked/a" in r.stderr, r.stderr[-2000:]
+        assert key["SecretAccessKey"] not in r.stderr + r.stdout
+    finally:
+        server.terminate()
+        server.wait(timeout=20)
