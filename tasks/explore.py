@@ -165,6 +165,9 @@ def _recluster_report(run_dir: str, cluster: int, sub: pd.DataFrame, members: np
             f'back to cluster {cluster}</a></p>{"".join(parts)}</body></html>')
     url = join(run_dir, "report", f"recluster-{cluster}.html")
     write_bytes_atomic(url, page.encode(), so)
+    from tasks.report import render_index
+
+    render_index(run_dir, so)  # the cluster's section now links to its split
     return url
 
 

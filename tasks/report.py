@@ -16,7 +16,7 @@ import pandas as pd
 from PIL import Image
 from prefect import task
 
-from imgclust.storage import join, read_json, read_parquet, write_bytes_atomic
+from imgclust.storage import join, open_fs, read_json, read_parquet, write_bytes_atomic
 from imgclust.zarr_store import open_array
 
 logger = logging.getLogger("imgclust")
@@ -162,7 +162,8 @@ def _img(src: str, alt: str, cls: str = "") -> str:
     return f'<img src="{html.escape(src)}" alt="{html.escape(alt)}"{f" class={cls!r}" if cls else ""}>'
 
 
-def render_html(run: dict[str, Any], clusters: list[dict[str, Any]], metrics: dict[str, Any] | None) -> str:
+def render_html(run: dict[str, Any], clusters: list[dict[str, Any]], metrics: dict[str, Any] | None,
+                reclustered: list[int] | None = None) -> str:
     q = run.get("quality", {})
     counts = run.get("counts", {})
     signals = [("images", counts.get("accepted")), ("clusters", counts.get("clusters")),
@@ -179,8 +180,10 @@ def render_html(run: dict[str, Any], clusters: list[dict[str, Any]], metrics: di
     for c in clusters:
         cid = c["id"]
         near = "".join(f"<li>{html.escape(p)}</li>" for p in c["nearest"][:9])
+        sub = (f'<p><a href="recluster-{cid}.html">Cluster {cid} re-clustered</a></p>'
+               if cid in (reclustered or []) else "")
         sections.append(
-            f'<section id="cluster-{cid}"><h2>Cluster {cid} <small>{c["size"]} images</small></h2>'
+            f'<section id="cluster-{cid}"><h2>Cluster {cid} <small>{c["size"]} images</small></h2>{sub}'
             f'<p>Top rows: the {NEAREST_IN_GRID} images closest to the centre; last row: random members.</p>'
             f'{_img(f"cluster-{cid}.png", f"sample images of cluster {cid}", "grid")}'
             f'<p>Prototype (the cluster\'s mean code, decoded), then members with their attention maps.</p>'
@@ -249,8 +252,11 @@ def render_index(output: str, storage_options: dict[str, Any] | None = None) -> 
         metrics = read_json(join(output, "metrics.json"), so)
     except FileNotFoundError:
         metrics = None
+    fs, root = open_fs(join(output, "report"), so)
+    pages = fs.glob(f"{root}/recluster-*.html") if fs.exists(root) else []
+    reclustered = sorted(int(p.rsplit("-", 1)[1].split(".")[0]) for p in pages)
     url = join(output, "report", "index.html")
-    write_bytes_atomic(url, render_html(run, clusters, metrics).encode(), so)
+    write_bytes_atomic(url, render_html(run, clusters, metrics, reclustered).encode(), so)
     logger.info("report: %s", url)
     return url
 

@@ -58,5 +58,6 @@ def test_recluster_one_cluster(finished_run):
     page = (out / "report" / "recluster-0.html").read_text()
     assert 'id="subcluster-0"' in page and 'id="subcluster-1"' in page
     assert (out / "report" / "recluster-0-1.png").exists()
+    assert 'href="recluster-0.html"' in (out / "report" / "index.html").read_text()
     r = imgclust("recluster", str(out), "17")
     assert r.returncode == 2 and "does not exist" in r.stderr
