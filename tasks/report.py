@@ -16,6 +16,7 @@ import pandas as pd
 from PIL import Image
 from prefect import task
 
+from imgclust.progress import track
 from imgclust.storage import join, open_fs, read_json, read_parquet, write_bytes_atomic
 from imgclust.zarr_store import open_array
 
@@ -224,7 +225,7 @@ def write_report(output: str, storage_options: dict[str, Any] | None = None, see
     codes = open_array(join(output, "codes.zarr"), so)
     model = load_model(join(output, "model"), so)
     rep = join(output, "report")
-    for c in clusters:
+    for c in track(clusters, total=len(clusters), desc="report", unit="cluster"):
         near, rand = cluster_members(assignments, c["id"], seed)
         idx = np.concatenate([near, rand]).astype(int)
         write_bytes_atomic(join(rep, f"cluster-{c['id']}.png"), _png(grid(to_rgb_thumbs(_rows(images, idx)))), so)
