@@ -188,26 +188,33 @@ def cmd_evaluate(ns: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_report(ns: argparse.Namespace) -> int:
+def _finished_run_missing(run_dir: str, so: dict[str, Any], marker: str = "run.json") -> str | None:
+    """The usage error when ``run_dir`` lacks ``marker`` (a file every finished run of this version has)."""
     from imgclust.storage import exists, join
+
+    if exists(join(run_dir, marker), so):
+        return None
+    return f"run_dir: {run_dir} holds no finished run of this version ({marker} missing)"
+
+
+def cmd_report(ns: argparse.Namespace) -> int:
     from tasks.report import write_report
 
     so = ns.storage_options or {}
-    if not exists(join(ns.run_dir, "run.json"), so):
-        return _fail(f"run_dir: {ns.run_dir} holds no finished run (run.json missing)")
+    if missing := _finished_run_missing(ns.run_dir, so):
+        return _fail(missing)
     print(write_report(ns.run_dir, so))
     return 0
 
 
 def cmd_neighbors(ns: argparse.Namespace) -> int:
-    from imgclust.storage import exists, join
     from tasks.explore import nearest_neighbours
 
     so = ns.storage_options or {}
     if ns.k < 1:
         return _fail("k: must be at least 1")
-    if not exists(join(ns.run_dir, "codes.zarr"), so):
-        return _fail(f"run_dir: {ns.run_dir} holds no finished run (codes.zarr missing)")
+    if missing := _finished_run_missing(ns.run_dir, so, "model/clusterer.pkl"):
+        return _fail(missing)
     try:
         found = nearest_neighbours(ns.run_dir, ns.image, ns.k, so, ns.out)
     except (FileNotFoundError, ValueError) as exc:
@@ -228,10 +235,9 @@ def cmd_recluster(ns: argparse.Namespace) -> int:
                               storage_options=so, dask_address=ns.dask_address)
     except ValidationError as exc:
         return _fail(_validation_message(exc))
-    from imgclust.storage import exists, join
 
-    if not exists(join(ns.run_dir, "run.json"), so):
-        return _fail(f"run_dir: {ns.run_dir} holds no finished run (run.json missing)")
+    if missing := _finished_run_missing(ns.run_dir, so):
+        return _fail(missing)
     try:
         res = recluster_flow(cfg)
     except ValueError as exc:
@@ -245,15 +251,14 @@ def cmd_assign(ns: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from flows.assign_new import AssignConfig, assign_new_flow
-    from imgclust.storage import exists, join
 
     so = ns.storage_options or {}
     try:
         cfg = AssignConfig(run_dir=ns.run_dir, source=ns.source, storage_options=so, dask_address=ns.dask_address)
     except ValidationError as exc:
         return _fail(_validation_message(exc))
-    if not exists(join(ns.run_dir, "model", "clusterer.pkl"), so):
-        return _fail(f"run_dir: {ns.run_dir} holds no finished run of this version (model/clusterer.pkl missing)")
+    if missing := _finished_run_missing(ns.run_dir, so, "model/clusterer.pkl"):
+        return _fail(missing)
     from tasks.discover import list_images
 
     try:

@@ -22,6 +22,7 @@ class Preset:
     loss: Literal["bce", "mse"]
     embedding: Literal["none", "umap"]
     augment: bool
+    one_cycle: bool  # one-cycle learning rate (warm up, then anneal) instead of a constant one
     code_dim: int | None
     description: str
 
@@ -38,6 +39,7 @@ PRESETS: dict[str, Preset] = {
             loss="mse",
             embedding="umap",
             augment=False,
+            one_cycle=True,
             code_dim=32,
             description="Conv 32-64-128 (stride 2, BatchNorm) -> dense 32-d code, one-cycle learning rate "
             "over 500-1,500 steps; standardised codes -> UMAP (10-d) -> K-means.",
@@ -51,6 +53,7 @@ PRESETS: dict[str, Preset] = {
             loss="bce",
             embedding="none",
             augment=False,
+            one_cycle=False,
             code_dim=None,
             description="Conv16-Pool-Conv2-Pool (7x7x2 = 98-d code at 28x28), upsampling decoder, "
             "sigmoid + binary cross-entropy; K-means on the codes.",
@@ -64,6 +67,7 @@ PRESETS: dict[str, Preset] = {
             loss="bce",
             embedding="none",
             augment=False,
+            one_cycle=False,
             code_dim=None,
             description="Conv32-Pool-Conv16-Pool-Conv8-Pool on 240x320 RGB house photos "
             "(30x40x8 code); K-means (k=20 in the write-up).",
@@ -77,6 +81,7 @@ PRESETS: dict[str, Preset] = {
             loss="bce",
             embedding="none",
             augment=False,
+            one_cycle=False,
             code_dim=None,
             description="Same three blocks on 152x152 face crops (19x19x8 code); K-means (k=25).",
         ),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from datetime import datetime, timezone
@@ -20,6 +19,7 @@ from tasks.discover import hash_files, list_images, split_duplicates
 from tasks.encode import encode
 from tasks.ingest import compact_into, decode_into_staging, manifest_rows
 from tasks.publish import cluster_summaries
+from tasks.train import weights_token
 
 logger = logging.getLogger("imgclust")
 
@@ -68,7 +68,7 @@ def assign_new(run_dir: str, source: str, storage_options: dict[str, Any], clien
 
     model_url = join(run_dir, "model")
     mfs, mroot = open_fs(model_url, so)
-    token = hashlib.sha256(mfs.cat(f"{mroot}/weights.pt")).hexdigest()
+    token = weights_token(mfs.cat(f"{mroot}/weights.pt"))
     code_dim = open_array(join(run_dir, "codes.zarr"), so).shape[1]
     batch_size = int(run.get("config", {}).get("batch_size", 256))
     enc = encode(images_url, run_dir, so, model_url, token, code_dim, batch_size, client, start=n_old)

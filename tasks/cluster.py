@@ -14,7 +14,6 @@ from prefect import task
 
 from imgclust.storage import join, open_fs, write_bytes_atomic
 from imgclust.zarr_store import create_array, open_array
-from imgclust.zarr_store import chunk_spans
 
 logger = logging.getLogger("imgclust")
 UMAP_SAMPLE = 20_000

@@ -16,7 +16,7 @@ from imgclust.imagefile import ImageRejected, decode_image
 from imgclust.progress import track
 from imgclust.storage import join, open_fs, read_json, read_parquet, write_bytes_atomic, write_json, write_parquet
 from imgclust.zarr_store import chunk_spans, create_array, open_array
-from tasks.cluster import cluster_codes
+from tasks.cluster import cluster_codes, load_cluster_model
 from tasks.publish import cluster_summaries
 from tasks.report import _png, _rows, cluster_members, grid, to_rgb_thumbs
 
@@ -27,19 +27,6 @@ logger = logging.getLogger("imgclust")
 class Neighbour:
     path: str
     distance: float
-
-
-def _code_stats(codes: Any) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and std of the codes, streamed chunk by chunk (the same standardisation as clustering)."""
-    n, d = codes.shape
-    s, sq = np.zeros(d), np.zeros(d)
-    for a, b in chunk_spans(n, codes.chunks[0]):
-        block = codes[a:b].astype(np.float64)
-        s += block.sum(0)
-        sq += (block ** 2).sum(0)
-    mu = s / n
-    sd = np.sqrt(np.maximum(sq / n - mu ** 2, 0))
-    return mu, np.where(sd > 1e-8, sd, 1.0)
 
 
 def query_code(run_dir: str, image: str, storage_options: dict[str, Any] | None = None) -> tuple[np.ndarray, np.ndarray, int | None]:
@@ -76,13 +63,15 @@ def nearest_neighbours(run_dir: str, image: str, k: int = 5, storage_options: di
                        strip_url: str | None = None) -> list[Neighbour]:
     """The ``k`` images of the run closest to ``image`` by Euclidean distance of standardised codes.
 
-    Streams the codes chunk by chunk, so it works on runs far larger than memory. Writes a PNG strip
+    The standardisation is the clustering's own (saved in model/clusterer.pkl). Streams the codes
+    chunk by chunk, so it works on runs far larger than memory. Writes a PNG strip
     (query, then neighbours) to ``strip_url`` (default ``RUN_DIR/neighbors/<name>.png``).
     """
     so = storage_options or {}
     codes = open_array(join(run_dir, "codes.zarr"), so)
     manifest = read_parquet(join(run_dir, "manifest.parquet"), so)
-    mu, sd = _code_stats(codes)
+    clusterer = load_cluster_model(join(run_dir, "model", "clusterer.pkl"), so)
+    mu, sd = clusterer.mean, clusterer.std
     q, qpix, self_index = query_code(run_dir, image, so)
     q = (q - mu) / sd
     best_d, best_i = np.full(0, np.inf), np.zeros(0, dtype=np.int64)

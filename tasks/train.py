@@ -66,13 +66,18 @@ def reconstruction_loss(model: Autoencoder, x: torch.Tensor, target: torch.Tenso
     return F.mse_loss(torch.sigmoid(logits), target)
 
 
+def weights_token(weights: bytes) -> str:
+    """Identity of a set of weights: workers cache the loaded model under it."""
+    return hashlib.sha256(weights).hexdigest()
+
+
 def save_model(model: Autoencoder, spec: dict[str, Any], model_dir: str, storage_options: dict[str, Any]) -> str:
     buf = io.BytesIO()
     torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buf)
     data = buf.getvalue()
     write_bytes_atomic(join(model_dir, "weights.pt"), data, storage_options)
     write_json(join(model_dir, "spec.json"), spec, storage_options)
-    return hashlib.sha256(data).hexdigest()
+    return weights_token(data)
 
 
 def load_model(model_dir: str, storage_options: dict[str, Any] | None = None,
@@ -112,7 +117,7 @@ def train_autoencoder(images_url: str, output: str, storage_options: dict[str, A
     steps_per_epoch = max(1, -(-n // batch_size))
     # One-cycle: warm up, then anneal. Faster, steadier convergence than a constant rate (measured).
     sched = (torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=learning_rate, total_steps=epochs * steps_per_epoch,
-                                                 pct_start=0.1) if p.name == "default" else None)
+                                                 pct_start=0.1) if p.one_cycle else None)
     use_amp = dev.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     shift = max(1, round(min(h, w) / 14)) if p.augment else 0
