@@ -8,6 +8,7 @@ from prefect import flow, get_run_logger
 from pydantic import BaseModel, ConfigDict, Field
 
 from imgclust.dask_cluster import dask_client
+from imgclust.lease import acquire_lease
 from tasks.assign import assign_task
 
 
@@ -21,11 +22,14 @@ class AssignConfig(BaseModel):
     storage_options: dict[str, Any] = Field(default_factory=dict)
     dask_address: str | None = None
     n_workers: int | None = Field(default=None, ge=1)
+    lease_seconds: float = Field(default=120.0, ge=1, le=86_400, description="Lease on run_dir; see RunConfig.")
+    force_unlock: bool = Field(default=False, description="Take run_dir's lease even if another run holds it.")
 
 
 @flow(name="assign-new", validate_parameters=True)
 def assign_new_flow(config: AssignConfig) -> dict[str, Any]:
-    with dask_client(config.dask_address, config.n_workers) as client:
+    with acquire_lease(config.run_dir, config.storage_options, "assign-new", config.lease_seconds,
+                       config.force_unlock), dask_client(config.dask_address, config.n_workers) as client:
         summary = assign_task(config.run_dir, config.source, config.storage_options, client.scheduler.address)
     get_run_logger().info("assign-new: %d new files (%d accepted) in %s", summary["new"], summary["accepted"],
                           config.run_dir)

@@ -12,8 +12,11 @@ from prefect import flow, get_run_logger
 
 from imgclust.config import ConfigError, RunConfig
 from imgclust.dask_cluster import dask_client
+from imgclust.lease import Lease, acquire_lease
 from imgclust.preflight import clear_previous_run, preflight
 from imgclust.presets import PRESETS, auto_epochs
+from imgclust.resume import resume_url
+from imgclust.storage import remove
 from tasks.cluster import cluster_task
 from tasks.discover import discover_task
 from tasks.encode import encode_task
@@ -35,11 +38,25 @@ def _timed(seconds: dict[str, float], stage: str) -> Iterator[None]:
 
 @flow(name="cluster-archive", validate_parameters=True)
 def cluster_archive(config: RunConfig) -> dict[str, Any]:
-    """Cluster every image under ``config.source`` and write the results to ``config.output``."""
+    """Cluster every image under ``config.source`` and write the results to ``config.output``.
+
+    An unfinished run in ``output`` (killed, crashed) is resumed: finished shards, training
+    checkpoints and encoded chunks recorded under the same content and settings are reused.
+    """
     log = get_run_logger()
     preflight(config)
-    if config.overwrite:
-        clear_previous_run(config)
+    so, out = config.storage_options, config.output
+    with acquire_lease(out, so, "cluster-archive", config.lease_seconds, config.force_unlock) as lease:
+        if config.overwrite:
+            clear_previous_run(config)
+        record = _stages(config, lease)
+    log.info("report: %s", record["report"])
+    log.info("cluster-archive: %d images -> %d clusters; results in %s", record["counts"]["accepted"],
+             record["counts"]["clusters"], out)
+    return record
+
+
+def _stages(config: RunConfig, lease: Lease) -> dict[str, Any]:
     so, out, preset = config.storage_options, config.output, PRESETS[config.preset]
     size = config.resolved_image_size
     sec: dict[str, float] = {}
@@ -52,21 +69,28 @@ def cluster_archive(config: RunConfig) -> dict[str, Any]:
             raise ConfigError("n_clusters", f"{config.n_clusters} clusters asked for but only {found.n_unique} "
                               "distinct images were found")
         gray = found.gray if config.color == "auto" else config.color == "gray"
+        lease.check()
         with _timed(sec, "ingest"):
             ing = ingest_task(config.source, out, so, found.unique_url, found.unreadable_url, size, gray, config.fit,
                               config.shard_size, address)
         if ing.n_accepted < max(2, config.n_clusters or 2):
             raise ConfigError("n_clusters" if config.n_clusters else "source",
                               f"only {ing.n_accepted} images could be decoded; see {out}/rejected.parquet")
-        epochs = config.epochs or auto_epochs(config.preset, ing.n_accepted, config.batch_size)
+        n_train = min(ing.n_accepted, config.train_sample or ing.n_accepted)
+        epochs = config.epochs or auto_epochs(config.preset, n_train, config.batch_size)
+        lease.check()
         with _timed(sec, "train"):
             model = train_task(ing.images_url, out, so, config.preset, epochs, config.batch_size,
-                               config.resolved_learning_rate, config.seed, config.device, address)
+                               config.resolved_learning_rate, config.seed, config.device, address, ing.key,
+                               config.train_sample)
+        lease.check()
         with _timed(sec, "encode"):
             enc = encode_task(ing.images_url, out, so, model.model_url, model.model_token, model.code_dim,
-                              config.batch_size, address)
+                              config.batch_size, address, ing.key)
+        lease.check()
         with _timed(sec, "cluster"):
             clu = cluster_task(enc.codes_url, out, so, config.n_clusters, preset.embedding, config.seed, address)
+        lease.check()
         with _timed(sec, "publish"):
             quality = publish_task(out, so, clu.labels_url, clu.distances_url)
     counts = {"found": found.n_found, "duplicates": found.n_duplicates, "rejected": ing.n_rejected,
@@ -74,20 +98,22 @@ def cluster_archive(config: RunConfig) -> dict[str, Any]:
     record = {
         "config": config.public_dict(),
         "resolved": {"image_size": list(size), "color": "gray" if gray else "rgb", "epochs": epochs,
-                     "learning_rate": config.resolved_learning_rate, "embedding": preset.embedding,
-                     "code_dim": model.code_dim, "device": model.device, "n_clusters": clu.n_clusters},
+                     "train_images": n_train, "learning_rate": config.resolved_learning_rate,
+                     "embedding": preset.embedding, "code_dim": model.code_dim, "device": model.device,
+                     "n_clusters": clu.n_clusters},
         "counts": counts,
+        "resumed": {"ingest_shards": ing.shards_resumed, "train_from_epoch": model.resumed_from_epoch,
+                    "encode_chunks": enc.chunks_resumed},
         "seconds": sec,
         "quality": {"reconstruction_mse": enc.reconstruction_mse, "silhouette_sample": clu.silhouette,
                     "k_curve": clu.k_curve, **quality},
         "train_loss": model.losses,
     }
-    write_run_record(out, so, record)
+    lease.check()
     with _timed(sec, "report"):
-        report_url = report_task(out, so, config.seed)
-    write_run_record(out, so, record)  # again, with the report's seconds
-    log.info("report: %s", report_url)
-    log.info("cluster-archive: %d images -> %d clusters; results in %s", ing.n_accepted, clu.n_clusters, out)
+        record["report"] = report_task(out, so, config.seed, record)
+    remove(resume_url(out), so)  # every stage finished: its resume records have served
+    write_run_record(out, so, record)  # last: run.json is what marks the run finished
     return record
 
 

@@ -11,6 +11,7 @@ from typing import Any
 from imgclust import __version__
 
 EXIT_USAGE = 2
+EXIT_BUSY = 3  # another run holds the output's lease
 
 
 def _quiet_prefect_env() -> None:
@@ -67,8 +68,19 @@ def _add_run_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shard-size", type=int, help="images per Zarr chunk and Dask task (default 1024)")
     p.add_argument("--storage-options", help='fsspec options as JSON, e.g. \'{"endpoint_url": '
                    '"http://127.0.0.1:9000", "anon": false}\'')
-    p.add_argument("--overwrite", action="store_true", help="replace a finished run in OUTPUT")
+    p.add_argument("--overwrite", action="store_true", help="replace a finished run in OUTPUT (an unfinished one "
+                   "is resumed: the same command after a crash redoes only unfinished work)")
+    p.add_argument("--train-sample", type=int, help="train on a fixed random sample of this many images "
+                   "(all are still encoded and clustered; default: train on all)")
+    _add_lease_options(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bars (logs still report progress)")
+
+
+def _add_lease_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--lease-seconds", type=float, help="the run holds a lease on its output, renewed every quarter "
+                   "of this; a killed run's lease expires after it (default 120)")
+    p.add_argument("--force-unlock", action="store_true", help="take the output's lease even if another run "
+                   "seems to hold it")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -105,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     rc.add_argument("--seed", type=int, default=0)
     rc.add_argument("--dask-address", help="Dask scheduler (default: a local cluster)")
     rc.add_argument("--storage-options", help="fsspec options as JSON")
+    _add_lease_options(rc)
     asg = sub.add_parser("assign", help="add images new to a finished run to its clusters (flow assign-new)",
                          description="Hashes every image under SOURCE; files whose content the run has never seen "
                          "are ingested, encoded with the run's model and assigned to the existing cluster centres; "
@@ -113,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     asg.add_argument("source")
     asg.add_argument("--dask-address", help="Dask scheduler (default: a local cluster)")
     asg.add_argument("--storage-options", help="fsspec options as JSON")
+    _add_lease_options(asg)
     sa = sub.add_parser("sample", help="write scikit-learn's digits as PNG files into a folder (one folder per "
                         "digit) for a first run")
     sa.add_argument("folder")
@@ -163,10 +177,14 @@ def cmd_run(ns: argparse.Namespace) -> int:
     print(f"imgclust: {n} image files under {config.source}; writing to {config.output}", file=sys.stderr)
     from flows.cluster_archive import cluster_archive
 
+    from imgclust.lease import LeaseHeld, LeaseLost
+
     try:
         record = cluster_archive(config)
     except ConfigError as exc:
         return _fail(str(exc))
+    except (LeaseHeld, LeaseLost) as exc:
+        return _fail(str(exc), EXIT_BUSY)
     c = record["counts"]
     print(f"done: {c['accepted']} images in {c['clusters']} clusters, {c['rejected']} rejected, "
           f"{c['duplicates']} duplicates; results in {config.output}")
@@ -224,6 +242,13 @@ def cmd_neighbors(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _lease_settings(ns: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {"force_unlock": ns.force_unlock}
+    if ns.lease_seconds is not None:
+        out["lease_seconds"] = ns.lease_seconds
+    return out
+
+
 def cmd_recluster(ns: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
@@ -232,14 +257,18 @@ def cmd_recluster(ns: argparse.Namespace) -> int:
     so = ns.storage_options or {}
     try:
         cfg = ReclusterConfig(run_dir=ns.run_dir, cluster=ns.cluster, n_clusters=ns.n_clusters, seed=ns.seed,
-                              storage_options=so, dask_address=ns.dask_address)
+                              storage_options=so, dask_address=ns.dask_address, **_lease_settings(ns))
     except ValidationError as exc:
         return _fail(_validation_message(exc))
 
     if missing := _finished_run_missing(ns.run_dir, so):
         return _fail(missing)
+    from imgclust.lease import LeaseHeld
+
     try:
         res = recluster_flow(cfg)
+    except LeaseHeld as exc:
+        return _fail(str(exc), EXIT_BUSY)
     except ValueError as exc:
         return _fail(str(exc))
     print(f"cluster {ns.cluster} -> {len(res['sizes'])} subclusters of sizes {res['sizes']}")
@@ -254,7 +283,8 @@ def cmd_assign(ns: argparse.Namespace) -> int:
 
     so = ns.storage_options or {}
     try:
-        cfg = AssignConfig(run_dir=ns.run_dir, source=ns.source, storage_options=so, dask_address=ns.dask_address)
+        cfg = AssignConfig(run_dir=ns.run_dir, source=ns.source, storage_options=so, dask_address=ns.dask_address,
+                           **_lease_settings(ns))
     except ValidationError as exc:
         return _fail(_validation_message(exc))
     if missing := _finished_run_missing(ns.run_dir, so, "model/clusterer.pkl"):
@@ -265,7 +295,12 @@ def cmd_assign(ns: argparse.Namespace) -> int:
         list_images(ns.source, so)
     except Exception as exc:
         return _fail(f"source: {exc}")
-    s = assign_new_flow(cfg)
+    from imgclust.lease import LeaseHeld
+
+    try:
+        s = assign_new_flow(cfg)
+    except LeaseHeld as exc:
+        return _fail(str(exc), EXIT_BUSY)
     print(f"{s['new']} new files of {s['files']}: {s['accepted']} assigned, {s['rejected']} rejected, "
           f"{s['duplicates']} duplicates ({s['seconds']:.1f} s)")
     return 0

@@ -58,7 +58,16 @@ class RunConfig(BaseModel):
         "dask_kubernetes.operator.KubeCluster or dask_jobqueue.SLURMCluster.")
     dask_cluster_kwargs: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments of that class.")
     shard_size: int = Field(default=1024, ge=1, le=65_536, description="Images per Zarr chunk and per Dask task.")
-    overwrite: bool = Field(default=False, description="Replace a finished run in output.")
+    overwrite: bool = Field(default=False, description="Replace a finished run in output (an unfinished one is "
+                            "resumed without it).")
+    train_sample: int | None = Field(
+        default=None, ge=1, description="Train on a fixed random sample of this many images when the archive is "
+        "larger (every image is still encoded and clustered). Default: all.")
+    lease_seconds: float = Field(
+        default=120.0, ge=1, le=86_400, description="A run holds a lease on output, renewed every quarter of this; "
+        "a killed run's lease expires after it, and the next run takes over.")
+    force_unlock: bool = Field(default=False, description="Take the output's lease even when another run seems "
+                               "to hold it (it stops at its next heartbeat).")
 
     @field_validator("image_size", mode="before")
     @classmethod
@@ -110,7 +119,7 @@ class RunConfig(BaseModel):
         return v
 
     @model_validator(mode="after")
-    def _output_outside_source(self) -> "RunConfig":
+    def _output_outside_source(self) -> RunConfig:
         from imgclust.storage import normalise_url
 
         src, out = normalise_url(self.source), normalise_url(self.output)

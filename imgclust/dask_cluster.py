@@ -62,7 +62,7 @@ def completed(client: Client, futures: list) -> Iterator:
 
 def torch_threads_by_worker(client: Client) -> dict[str, int]:
     """Torch threads each worker's tasks may use so that, per host, tasks x threads <= cores."""
-    def probe(dask_worker) -> tuple[str, int, int]:  # noqa: ANN001 (dask injects the worker)
+    def probe(dask_worker) -> tuple[str, int, int]:
         return dask_worker.ip if hasattr(dask_worker, "ip") else dask_worker.address, os.cpu_count() or 1, \
             dask_worker.state.nthreads
 

@@ -31,7 +31,7 @@ def score(labels: np.ndarray, clusters: np.ndarray) -> dict[str, Any]:
     labels, clusters = np.asarray(labels), np.asarray(clusters)
     table = contingency(labels, clusters)
     return {
-        "n": int(len(labels)),
+        "n": len(labels),
         "accuracy": hungarian_accuracy(labels, clusters),
         "nmi": float(normalized_mutual_info_score(labels, clusters)),
         "ari": float(adjusted_rand_score(labels, clusters)),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
@@ -12,7 +12,15 @@ import pandas as pd
 from distributed import Client
 from prefect import task
 
-from imgclust.storage import join, open_fs, read_json, read_parquet, remove, write_json, write_parquet
+from imgclust.storage import (
+    join,
+    open_fs,
+    read_json,
+    read_parquet,
+    remove,
+    write_json,
+    write_parquet,
+)
 from imgclust.zarr_store import open_array
 from tasks.cluster import load_cluster_model
 from tasks.discover import hash_files, list_images, split_duplicates
@@ -47,7 +55,7 @@ def assign_new(run_dir: str, source: str, storage_options: dict[str, Any], clien
     unreadable = hashed[hashed["sha256"].isna() & ~hashed["path"].isin(set(rejected["path"]))]
     fresh = hashed[hashed["sha256"].notna() & ~hashed["sha256"].isin(known)]
     unique, dups = split_duplicates(fresh[["path", "sha256", "gray"]])
-    summary = {"at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "source": source,
+    summary = {"at": datetime.now(UTC).isoformat(timespec="seconds"), "source": source,
                "files": len(hashed), "new": len(unique) + len(dups) + len(unreadable)}
     if summary["new"] == 0:
         logger.info("assign: nothing new among %d files", len(hashed))
@@ -59,8 +67,8 @@ def assign_new(run_dir: str, source: str, storage_options: dict[str, Any], clien
     size, gray = (int(attrs["height"]), int(attrs["width"])), attrs["color"] == "gray"
     n_old = len(manifest)
     staging_url = join(run_dir, "_work", "assign-staging.zarr")
-    info = decode_into_staging(source, so, unique["path"].tolist(), staging_url, size, gray, attrs.get("fit", "crop"),
-                               images.chunks[0], client)
+    info, _ = decode_into_staging(source, so, unique["path"].tolist(), staging_url, size, gray, attrs.get("fit", "crop"),
+                                  images.chunks[0], client)
     accepted_rows = np.flatnonzero(info["ok"].to_numpy(bool))
     images.resize((n_old + len(accepted_rows), *images.shape[1:]))
     compact_into(staging_url, images_url, so, accepted_rows, n_old, client)

@@ -10,12 +10,13 @@ from typing import Any
 import fsspec
 import pandas as pd
 from distributed import Client
-from imgclust.dask_cluster import completed
 from prefect import task
 
+from imgclust.dask_cluster import completed
 from imgclust.imagefile import IMAGE_EXTENSIONS, probe_is_gray
 from imgclust.progress import track
-from imgclust.storage import StorageError, join, open_fs, write_parquet
+from imgclust.resume import ShardLedger, fingerprint
+from imgclust.storage import StorageError, join, normalise_url, open_fs, write_parquet
 
 logger = logging.getLogger("imgclust")
 HASH_BATCH = 256
@@ -36,6 +37,17 @@ class Discovery:
 
 def list_images(source: str, storage_options: dict[str, Any] | None = None) -> list[str]:
     """Image paths under ``source``, relative to it with ``/`` separators, sorted."""
+    return [p for p, _ in list_images_stamped(source, storage_options)]
+
+
+def _stamp(info: dict[str, Any]) -> str:
+    """Size and modification mark of a listed file: what tells a changed file without reading it."""
+    mark = info.get("mtime") or info.get("LastModified") or info.get("ETag") or info.get("last_modified") or ""
+    return f"{info.get('size')}:{mark}"
+
+
+def list_images_stamped(source: str, storage_options: dict[str, Any] | None = None) -> list[tuple[str, str]]:
+    """(path, stamp) of every image under ``source``, sorted by path."""
     try:
         fs, root = open_fs(source, storage_options)
         try:
@@ -44,7 +56,7 @@ def list_images(source: str, storage_options: dict[str, Any] | None = None) -> l
             raise StorageError(f"source not found: {source}") from None
         if info.get("type") != "directory":
             raise StorageError(f"source is not a folder or prefix: {source}")
-        found = fs.find(root, withdirs=False)
+        found = fs.find(root, withdirs=False, detail=True)
     except StorageError:
         raise
     except PermissionError as exc:
@@ -52,8 +64,8 @@ def list_images(source: str, storage_options: dict[str, Any] | None = None) -> l
     except Exception as exc:  # endpoint unreachable, bad credentials, ...: the library's words help most
         raise StorageError(f"cannot list source {source}: {type(exc).__name__}: {exc}") from exc
     prefix = root.rstrip("/") + "/"
-    rel = [p[len(prefix):] if p.startswith(prefix) else p for p in found]
-    return sorted(p for p in rel if p.lower().endswith(IMAGE_EXTENSIONS))
+    rel = {(p.removeprefix(prefix)): _stamp(i) for p, i in found.items()}
+    return sorted((p, st) for p, st in rel.items() if p.lower().endswith(IMAGE_EXTENSIONS))
 
 
 def hash_batch(fs: fsspec.AbstractFileSystem, root: str, paths: list[str]) -> list[tuple[str, str | None, str | None, bool | None]]:
@@ -71,13 +83,30 @@ def hash_batch(fs: fsspec.AbstractFileSystem, root: str, paths: list[str]) -> li
     return out
 
 
-def hash_files(fs: fsspec.AbstractFileSystem, root: str, paths: list[str], client: Client) -> pd.DataFrame:
-    """(path, sha256, reason, gray) of every path, hashed in parallel batches on the cluster."""
-    batches = [paths[i:i + HASH_BATCH] for i in range(0, len(paths), HASH_BATCH)]
-    futures = [client.submit(hash_batch, fs, root, b, pure=False) for b in batches]
+def hash_files(fs: fsspec.AbstractFileSystem, root: str, paths: list[str], client: Client,
+                ledger: ShardLedger | None = None, stamps: list[str] | None = None) -> pd.DataFrame:
+    """(path, sha256, reason, gray) of every path, hashed in parallel batches on the cluster.
+
+    With a ledger, each batch's result is recorded under its paths and stamps (size, mtime): a
+    rerun after a crash hashes only batches it has not seen, without reading those files again.
+    """
+    spans = [(i, min(i + HASH_BATCH, len(paths))) for i in range(0, len(paths), HASH_BATCH)]
+    done = ledger.done() if ledger is not None else {}
     rows: list[tuple[str, str | None, str | None, bool | None]] = []
+    futures = {}
+    for a, b in spans:
+        name = fingerprint(paths[a:b], (stamps or [])[a:b])[:32]
+        if name in done:
+            rows.extend(tuple(r) for r in done[name])
+        else:
+            futures[client.submit(hash_batch, fs, root, paths[a:b], pure=False)] = name
+    if done:
+        logger.info("discover: %d of %d batches hashed by an earlier attempt", len(spans) - len(futures), len(spans))
     for fut in track(completed(client, futures), total=len(futures), desc="discover", unit="batch"):
-        rows.extend(fut.result())
+        result = fut.result()
+        if ledger is not None and all(r[1] is not None for r in result):  # retry unreadable files next time
+            ledger.mark(futures[fut], result)
+        rows.extend(result)
     return pd.DataFrame(rows, columns=["path", "sha256", "reason", "gray"]).sort_values("path").reset_index(drop=True)
 
 
@@ -93,9 +122,12 @@ def split_duplicates(hashed: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 def discover(source: str, output: str, storage_options: dict[str, Any], client: Client) -> Discovery:
     """List, hash in parallel on the cluster, and write ``duplicates.parquet``."""
-    paths = list_images(source, storage_options)
+    listing = list_images_stamped(source, storage_options)
+    paths, stamps = [p for p, _ in listing], [s for _, s in listing]
     fs, root = open_fs(source, storage_options)
-    table = hash_files(fs, root, paths, client)
+    ledger = ShardLedger(output, storage_options, "discover", fingerprint("discover", normalise_url(source)))
+    ledger.clear_others()
+    table = hash_files(fs, root, paths, client, ledger, stamps)
     unreadable = table.loc[table["sha256"].isna(), ["path", "reason"]].reset_index(drop=True)
     unique, dups = split_duplicates(table.loc[table["sha256"].notna(), ["path", "sha256", "gray"]])
     probes = unique["gray"].dropna()

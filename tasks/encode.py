@@ -9,10 +9,11 @@ from typing import Any
 import numpy as np
 import torch
 from distributed import Client
-from imgclust.dask_cluster import completed, torch_threads_by_worker
 from prefect import task
 
+from imgclust.dask_cluster import completed, torch_threads_by_worker
 from imgclust.progress import track
+from imgclust.resume import ShardLedger, fingerprint
 from imgclust.storage import join
 from imgclust.zarr_store import aligned_spans, create_array, open_array
 from tasks.train import load_model
@@ -26,6 +27,7 @@ class Encoded:
     codes_url: str
     code_dim: int
     reconstruction_mse: float
+    chunks_resumed: int = 0
 
 
 def _cached_model(model_url: str, token: str, storage_options: dict[str, Any] | None) -> torch.nn.Module:
@@ -52,7 +54,7 @@ def encode_array(model: torch.nn.Module, pixels: np.ndarray, batch_size: int,
 
 def encode_chunk(images_url: str, codes_url: str, model_url: str, token: str,
                  storage_options: dict[str, Any] | None, start: int, stop: int, batch_size: int,
-                 threads: dict[str, int] | None = None) -> float:
+                 threads: dict[str, int] | None = None, ledger: ShardLedger | None = None) -> float:
     """Encode rows [start, stop) on a worker and write them into codes.zarr; returns summed MSE.
 
     Workers with CUDA encode on their GPU; the others on CPU with the thread budget ``threads``
@@ -70,32 +72,62 @@ def encode_chunk(images_url: str, codes_url: str, model_url: str, token: str,
     pixels = open_array(images_url, storage_options)[start:stop]
     codes, sq = encode_array(model, pixels, batch_size, device)
     open_array(codes_url, storage_options, mode="r+")[start:stop] = codes
+    if ledger is not None:
+        ledger.mark(start, sq)
     return sq
 
 
 def encode(images_url: str, output: str, storage_options: dict[str, Any], model_url: str, token: str,
-           code_dim: int, batch_size: int, client: Client, start: int = 0) -> Encoded:
-    """Encode ``images[start:]`` into codes.zarr (created when ``start`` is 0, extended otherwise)."""
+           code_dim: int, batch_size: int, client: Client, start: int = 0, ingest_key: str = "") -> Encoded:
+    """Encode ``images[start:]`` into codes.zarr (created when ``start`` is 0, extended otherwise).
+
+    A full encode (``start`` 0) records each finished chunk under a key of the images and the
+    weights, so a killed run encodes only the rest, and a finished one is not redone.
+    """
     images = open_array(images_url, storage_options)
     n, step = images.shape[0], images.chunks[0]
     codes_url = join(output, "codes.zarr")
+    ledger, done = None, {}
     if start == 0:
-        create_array(codes_url, (n, code_dim), step, "float32", storage_options)
+        key = fingerprint("encode", ingest_key or images_url, token, n)
+        existing = _open_codes(codes_url, storage_options)
+        if existing is not None and existing.attrs.get("encode_key") == key and "reconstruction_mse" in existing.attrs:
+            logger.info("encode: already done with these weights; reusing codes.zarr")
+            return Encoded(codes_url, code_dim, float(existing.attrs["reconstruction_mse"]))
+        ledger = ShardLedger(output, storage_options, "encode", key)
+        ledger.clear_others()
+        done = ledger.done_rows() if existing is not None and existing.attrs.get("encode_key") == key else {}
+        if not done:
+            create_array(codes_url, (n, code_dim), step, "float32", storage_options, {"encode_key": key})
+        else:
+            logger.info("encode: resuming, %d of %d chunks already encoded", len(done), -(-n // step))
     else:
         open_array(codes_url, storage_options, mode="r+").resize((n, code_dim))
     threads = torch_threads_by_worker(client)
     futures = [client.submit(encode_chunk, images_url, codes_url, model_url, token, storage_options, a, b,
-                             batch_size, threads, pure=False) for a, b in aligned_spans(start, n, step)]
-    total = 0.0
+                             batch_size, threads, ledger, pure=False)
+               for a, b in aligned_spans(start, n, step) if a not in done]
+    total = float(sum(done.values()))
     for fut in track(completed(client, futures), total=len(futures), desc="encode", unit="chunk"):
         total += fut.result()
     mse = total / max(n - start, 1)
+    if ledger is not None:
+        open_array(codes_url, storage_options, mode="r+").attrs["reconstruction_mse"] = mse  # marks it finished
+        ledger.clear()
     logger.info("encode: %d codes of %d dimensions, reconstruction MSE %.5f", n - start, code_dim, mse)
-    return Encoded(codes_url, code_dim, mse)
+    return Encoded(codes_url, code_dim, mse, len(done))
+
+
+def _open_codes(codes_url: str, storage_options: dict[str, Any]) -> Any:
+    try:
+        return open_array(codes_url, storage_options)
+    except Exception:  # absent or half-created
+        return None
 
 
 @task(name="encode", retries=1, retry_delay_seconds=5)
 def encode_task(images_url: str, output: str, storage_options: dict[str, Any], model_url: str, token: str,
-                code_dim: int, batch_size: int, address: str) -> Encoded:
+                code_dim: int, batch_size: int, address: str, ingest_key: str = "") -> Encoded:
     with Client(address, set_as_default=False) as client:
-        return encode(images_url, output, storage_options, model_url, token, code_dim, batch_size, client)
+        return encode(images_url, output, storage_options, model_url, token, code_dim, batch_size, client,
+                      ingest_key=ingest_key)

@@ -14,7 +14,15 @@ from prefect import task
 
 from imgclust.imagefile import ImageRejected, decode_image
 from imgclust.progress import track
-from imgclust.storage import join, open_fs, read_json, read_parquet, write_bytes_atomic, write_json, write_parquet
+from imgclust.storage import (
+    join,
+    open_fs,
+    read_json,
+    read_parquet,
+    write_bytes_atomic,
+    write_json,
+    write_parquet,
+)
 from imgclust.zarr_store import chunk_spans, create_array, open_array
 from tasks.cluster import cluster_codes, load_cluster_model
 from tasks.publish import cluster_summaries

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -10,12 +11,13 @@ import fsspec
 import numpy as np
 import pandas as pd
 from distributed import Client
-from imgclust.dask_cluster import completed
 from prefect import task
 
+from imgclust.dask_cluster import completed
 from imgclust.imagefile import ImageRejected, decode_image
 from imgclust.progress import track
-from imgclust.storage import join, open_fs, read_parquet, remove, write_parquet
+from imgclust.resume import ShardLedger, fingerprint
+from imgclust.storage import exists, join, open_fs, read_parquet, remove, write_parquet
 from imgclust.zarr_store import aligned_spans, chunk_spans, create_array, open_array
 
 logger = logging.getLogger("imgclust")
@@ -27,12 +29,17 @@ class Ingest:
     n_rejected: int
     images_url: str
     channels: int
+    key: str  # content + settings of this ingest: later stages key their resume records on it
+    shards_resumed: int = 0
 
 
 def ingest_shard(fs: fsspec.AbstractFileSystem, root: str, paths: list[str], staging_url: str,
                  storage_options: dict[str, Any] | None, start: int, size: tuple[int, int], gray: bool,
-                 fit: str) -> list[tuple[bool, int, int, str, str]]:
-    """Decode one shard and write it as one block; (ok, width, height, format, reason) per file."""
+                 fit: str, ledger: ShardLedger | None = None) -> list[tuple[bool, int, int, str, str]]:
+    """Decode one shard and write it as one block; (ok, width, height, format, reason) per file.
+
+    The ledger record is written after the block, so a recorded shard is always a written one.
+    """
     channels = 1 if gray else 3
     block = np.zeros((len(paths), channels, *size), dtype=np.uint8)
     full = [f"{root.rstrip('/')}/{p}" for p in paths]
@@ -51,6 +58,8 @@ def ingest_shard(fs: fsspec.AbstractFileSystem, root: str, paths: list[str], sta
         block[i] = img.pixels
         meta.append((True, img.width, img.height, img.format, ""))
     open_array(staging_url, storage_options, mode="r+")[start:start + len(paths)] = block
+    if ledger is not None:
+        ledger.mark(start, meta)
     return meta
 
 
@@ -65,21 +74,32 @@ def compact_chunk(staging_url: str, images_url: str, storage_options: dict[str, 
 
 
 def decode_into_staging(source: str, storage_options: dict[str, Any], paths: list[str], staging_url: str,
-                        size: tuple[int, int], gray: bool, fit: str, shard_size: int, client: Client) -> pd.DataFrame:
-    """Decode ``paths`` in parallel, one task per shard; (ok, width, height, format, reason) per path."""
+                        size: tuple[int, int], gray: bool, fit: str, shard_size: int, client: Client,
+                        ledger: ShardLedger | None = None) -> tuple[pd.DataFrame, int]:
+    """Decode ``paths`` in parallel, one task per shard; (ok, width, height, format, reason) per path.
+
+    Shards the ledger records as finished (by a killed earlier attempt) are not decoded again;
+    returns the table and how many shards were reused.
+    """
     fs, root = open_fs(source, storage_options)
     n = len(paths)
-    create_array(staging_url, (n, 1 if gray else 3, *size), shard_size, "uint8", storage_options)
-    futures = {
-        client.submit(ingest_shard, fs, root, paths[a:b], staging_url, storage_options, a, size, gray, fit,
-                      pure=False): a
-        for a, b in chunk_spans(n, shard_size)
-    }
     meta: dict[int, list[tuple[bool, int, int, str, str]]] = {}
+    if ledger is not None:
+        meta = {a: [tuple(m) for m in rows] for a, rows in ledger.done_rows().items()}
+    if not meta:
+        create_array(staging_url, (n, 1 if gray else 3, *size), shard_size, "uint8", storage_options)
+    resumed = len(meta)
+    if resumed:
+        logger.info("ingest: resuming, %d of %d shards already decoded", resumed, -(-n // shard_size))
+    futures = {
+        client.submit(ingest_shard, fs, root, paths[a:b], staging_url, storage_options, a, size, gray, fit, ledger,
+                      pure=False): a
+        for a, b in chunk_spans(n, shard_size) if a not in meta
+    }
     for fut in track(completed(client, futures), total=len(futures), desc="ingest", unit="shard"):
         meta[futures[fut]] = fut.result()
     rows = [m for a in sorted(meta) for m in meta[a]]
-    return pd.DataFrame(rows, columns=["ok", "width", "height", "format", "reason"])
+    return pd.DataFrame(rows, columns=["ok", "width", "height", "format", "reason"]), resumed
 
 
 def compact_into(staging_url: str, images_url: str, storage_options: dict[str, Any], accepted_rows: np.ndarray,
@@ -107,34 +127,63 @@ def manifest_rows(unique: pd.DataFrame, info: pd.DataFrame, start: int) -> tuple
     return manifest, rejected
 
 
+def ingest_key(unique: pd.DataFrame, size: tuple[int, int], gray: bool, fit: str, shard_size: int) -> str:
+    """Identity of an ingest: every (path, content) pair plus the settings that shape the pixels."""
+    listing = hashlib.sha256("\n".join(unique["path"] + "\t" + unique["sha256"]).encode()).hexdigest()
+    return fingerprint("ingest", listing, list(size), gray, fit, shard_size)
+
+
+def finished_ingest(output: str, storage_options: dict[str, Any], key: str) -> Ingest | None:
+    """The recorded result when this exact ingest already completed (its key is stamped last)."""
+    images_url = join(output, "images.zarr")
+    try:
+        images = open_array(images_url, storage_options)
+    except Exception:  # absent or half-created: not finished
+        return None
+    if images.attrs.get("ingest_key") != key or not exists(join(output, "rejected.parquet"), storage_options):
+        return None
+    n_rejected = len(read_parquet(join(output, "rejected.parquet"), storage_options))
+    return Ingest(images.shape[0], n_rejected, images_url, images.shape[1], key)
+
+
 def ingest(source: str, output: str, storage_options: dict[str, Any], unique_url: str, unreadable_url: str,
            size: tuple[int, int], gray: bool, fit: str, shard_size: int, client: Client) -> Ingest:
     """Write ``images.zarr``, ``manifest.parquet`` and ``rejected.parquet``.
 
     Shards are decoded into a staging array first (rejected files leave holes), then compacted so
-    that ``manifest.index`` is a dense 0..N-1 index into ``images.zarr``.
+    that ``manifest.index`` is a dense 0..N-1 index into ``images.zarr``. Finished shards are
+    recorded, so a killed run decodes only the rest; a finished ingest is not redone at all.
     """
     unique = read_parquet(unique_url, storage_options)
+    key = ingest_key(unique, size, gray, fit, shard_size)
+    done = finished_ingest(output, storage_options, key)
+    if done is not None:
+        logger.info("ingest: already done for these files and settings; reusing images.zarr")
+        return done
     channels = 1 if gray else 3
     staging_url = join(output, "_work", "staging.zarr")
-    info = decode_into_staging(source, storage_options, unique["path"].tolist(), staging_url, size, gray, fit,
-                               shard_size, client)
+    ledger = ShardLedger(output, storage_options, "ingest", key)
+    ledger.clear_others()
+    info, resumed = decode_into_staging(source, storage_options, unique["path"].tolist(), staging_url, size, gray,
+                                        fit, shard_size, client, ledger)
     accepted_rows = np.flatnonzero(info["ok"].to_numpy(bool))
     images_url = join(output, "images.zarr")
     attrs = {"color": "gray" if gray else "rgb", "height": size[0], "width": size[1], "fit": fit}
     create_array(images_url, (len(accepted_rows), channels, *size), shard_size, "uint8", storage_options, attrs)
     compact_into(staging_url, images_url, storage_options, accepted_rows, 0, client)
-    remove(staging_url, storage_options)
     manifest, decode_rejects = manifest_rows(unique, info, 0)
     unreadable = read_parquet(unreadable_url, storage_options).assign(sha256=None)
     rejected = pd.concat([unreadable, decode_rejects], ignore_index=True)[["path", "reason", "sha256"]]
     rejected = rejected.sort_values("path", kind="stable").reset_index(drop=True)
     write_parquet(join(output, "manifest.parquet"), manifest, storage_options)
     write_parquet(join(output, "rejected.parquet"), rejected, storage_options)
+    open_array(images_url, storage_options, mode="r+").attrs["ingest_key"] = key  # last: marks it finished
+    remove(staging_url, storage_options)
+    ledger.clear()
     logger.info("ingest: %d images accepted, %d rejected", len(manifest), len(rejected))
     for path, reason in rejected[["path", "reason"]].head(20).itertuples(index=False):
         logger.warning("rejected %s: %s", path, reason)
-    return Ingest(len(manifest), len(rejected), images_url, channels)
+    return Ingest(len(manifest), len(rejected), images_url, channels, key, resumed)
 
 
 @task(name="ingest", retries=1, retry_delay_seconds=5)

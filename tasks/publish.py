@@ -34,7 +34,7 @@ def cluster_summaries(assignments: pd.DataFrame, nearest: int = NEAREST) -> list
     out = []
     for cid, grp in assignments.groupby("cluster", sort=True):
         close = grp.sort_values(["distance", "path"], kind="stable").head(nearest)
-        out.append({"id": int(cid), "size": int(len(grp)), "nearest": close["path"].tolist(),
+        out.append({"id": int(cid), "size": len(grp), "nearest": close["path"].tolist(),
                     "mean_distance": float(grp["distance"].mean())})
     return out
 

@@ -147,7 +147,7 @@ def charts(sizes: list[int], losses: list[float], xy: np.ndarray, labels: np.nda
     fig, ax = plt.subplots(figsize=(6, 5))
     k = int(labels.max()) + 1 if len(labels) else 1
     cmap = "tab10" if k <= 10 else "tab20" if k <= 20 else "nipy_spectral"
-    sc = ax.scatter(xy[:, 0], xy[:, 1], c=labels, cmap=cmap, vmin=-0.5, vmax=(10 if k <= 10 else 20 if k <= 20 else k) - 0.5, s=4)
+    sc = ax.scatter(xy[:, 0], xy[:, 1], c=labels, cmap=cmap, vmin=-0.5, vmax=(10 if k <= 10 else max(20, k)) - 0.5, s=4)
     for c in np.unique(labels):
         m = xy[labels == c].mean(0)
         ax.annotate(str(c), m, fontsize=9, weight="bold", ha="center")
@@ -213,12 +213,17 @@ output {html.escape(str(cfg.get('output')))}.</p>
 """
 
 
-def write_report(output: str, storage_options: dict[str, Any] | None = None, seed: int = 0) -> str:
-    """Write ``OUTPUT/report/`` from a finished run; returns the URL of index.html."""
+def write_report(output: str, storage_options: dict[str, Any] | None = None, seed: int = 0,
+                 run: dict[str, Any] | None = None) -> str:
+    """Write ``OUTPUT/report/``; returns the URL of index.html.
+
+    ``run`` is the run record when the flow reports before writing run.json (which marks the run
+    finished); otherwise run.json is read.
+    """
     from tasks.train import load_model
 
     so = storage_options or {}
-    run = read_json(join(output, "run.json"), so)
+    run = run if run is not None else read_json(join(output, "run.json"), so)
     clusters = read_json(join(output, "clusters.json"), so)
     assignments = read_parquet(join(output, "assignments.parquet"), so)
     images = open_array(join(output, "images.zarr"), so)
@@ -241,13 +246,13 @@ def write_report(output: str, storage_options: dict[str, Any] | None = None, see
     labels = assignments["cluster"].to_numpy()[sample]
     for name, data in charts([c["size"] for c in clusters], run.get("train_loss", []), xy, labels).items():
         write_bytes_atomic(join(rep, name), data, so)
-    return render_index(output, so)
+    return render_index(output, so, run)
 
 
-def render_index(output: str, storage_options: dict[str, Any] | None = None) -> str:
+def render_index(output: str, storage_options: dict[str, Any] | None = None, run: dict[str, Any] | None = None) -> str:
     """(Re)write index.html only: after ``imgclust evaluate`` it shows the metrics too."""
     so = storage_options or {}
-    run = read_json(join(output, "run.json"), so)
+    run = run if run is not None else read_json(join(output, "run.json"), so)
     clusters = read_json(join(output, "clusters.json"), so)
     try:
         metrics = read_json(join(output, "metrics.json"), so)
@@ -263,5 +268,5 @@ def render_index(output: str, storage_options: dict[str, Any] | None = None) -> 
 
 
 @task(name="report", retries=1, retry_delay_seconds=5)
-def report_task(output: str, storage_options: dict[str, Any], seed: int) -> str:
-    return write_report(output, storage_options, seed)
+def report_task(output: str, storage_options: dict[str, Any], seed: int, run: dict[str, Any] | None = None) -> str:
+    return write_report(output, storage_options, seed, run)

@@ -16,13 +16,13 @@ import torch.nn.functional as F
 from distributed import Client
 from prefect import task
 
-from imgclust.dask_cluster import gpu_workers
-
 from imgclust.batches import iter_batches
+from imgclust.dask_cluster import gpu_workers
 from imgclust.models import Autoencoder, build_model
 from imgclust.presets import PRESETS
 from imgclust.progress import track
-from imgclust.storage import join, open_fs, write_bytes_atomic, write_json
+from imgclust.resume import fingerprint, resume_url
+from imgclust.storage import join, open_fs, remove, write_bytes_atomic, write_json
 from imgclust.zarr_store import open_array
 
 logger = logging.getLogger("imgclust")
@@ -35,6 +35,7 @@ class Trained:
     losses: list[float]
     device: str
     code_dim: int
+    resumed_from_epoch: int = 0
 
 
 def resolve_device(device: str) -> torch.device:
@@ -98,12 +99,66 @@ def to_float(batch: np.ndarray, device: torch.device) -> torch.Tensor:
     return t.float().div_(255.0)
 
 
+CHECKPOINT_SECONDS = 5.0  # a killed run loses at most this much training (plus the epoch in progress)
+
+
+def training_rows(n: int, train_sample: int | None, seed: int) -> np.ndarray | None:
+    """Sorted rows of a fixed random training sample, or None to train on all ``n`` images."""
+    if train_sample is None or train_sample >= n:
+        return None
+    return np.sort(np.random.default_rng([seed, 1]).choice(n, size=train_sample, replace=False))
+
+
+def finished_training(output: str, storage_options: dict[str, Any], key: str) -> Trained | None:
+    """The saved model when training with exactly this key already completed."""
+    fs, root = open_fs(join(output, "model"), storage_options)
+    try:
+        spec = json.loads(fs.cat(f"{root}/spec.json"))
+        weights = fs.cat(f"{root}/weights.pt")
+    except FileNotFoundError:
+        return None
+    if spec.get("train_key") != key:
+        return None
+    model = load_model(join(output, "model"), storage_options)
+    return Trained(join(output, "model"), weights_token(weights), spec["losses"], spec.get("device", "cpu"),
+                   int(np.prod(model.code_shape)))
+
+
+def _save_checkpoint(url: str, storage_options: dict[str, Any], state: dict[str, Any]) -> None:
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    write_bytes_atomic(url, buf.getvalue(), storage_options)
+
+
+def _load_checkpoint(url: str, storage_options: dict[str, Any]) -> dict[str, Any] | None:
+    fs, path = open_fs(url, storage_options)
+    try:
+        data = fs.cat(path)
+    except FileNotFoundError:
+        return None
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
+
+
 def train_autoencoder(images_url: str, output: str, storage_options: dict[str, Any], preset: str,
-                      epochs: int, batch_size: int, learning_rate: float, seed: int, device: str) -> Trained:
-    """Train, log the loss per epoch, and save weights plus the spec needed to rebuild the model."""
+                      epochs: int, batch_size: int, learning_rate: float, seed: int, device: str,
+                      ingest_key: str = "", train_sample: int | None = None) -> Trained:
+    """Train, log the loss per epoch, and save weights plus the spec needed to rebuild the model.
+
+    Every few seconds the whole training state (weights, optimiser, schedule, random generators)
+    is checkpointed under a key of the data and settings, so a killed run continues from the last
+    checkpoint and ends with the same weights as an uninterrupted one.
+    """
     p = PRESETS[preset]
     images = open_array(images_url, storage_options)
     n, channels, h, w = images.shape
+    key = fingerprint("train", ingest_key or images_url, preset, epochs, batch_size, learning_rate, seed,
+                      train_sample)
+    done = finished_training(output, storage_options, key)
+    if done is not None:
+        logger.info("train: already done for this data and these settings; reusing the model")
+        return done
+    rows = training_rows(n, train_sample, seed)
+    n_train = n if rows is None else len(rows)
     dev = resolve_device(device)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -114,7 +169,7 @@ def train_autoencoder(images_url: str, output: str, storage_options: dict[str, A
     if dev.type == "cpu":
         model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.Adam(model.parameters(), lr=learning_rate)
-    steps_per_epoch = max(1, -(-n // batch_size))
+    steps_per_epoch = max(1, -(-n_train // batch_size))
     # One-cycle: warm up, then anneal. Faster, steadier convergence than a constant rate (measured).
     sched = (torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=learning_rate, total_steps=epochs * steps_per_epoch,
                                                  pct_start=0.1) if p.one_cycle else None)
@@ -122,11 +177,27 @@ def train_autoencoder(images_url: str, output: str, storage_options: dict[str, A
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     shift = max(1, round(min(h, w) / 14)) if p.augment else 0
     losses: list[float] = []
-    logger.info("train: %s on %d images of %dx%dx%d, %d epochs, device %s", preset, n, channels, h, w, epochs, dev)
+    checkpoint_url = resume_url(output, f"train-{key[:16]}.pt")
+    first = 0
+    state = _load_checkpoint(checkpoint_url, storage_options)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        if sched is not None:
+            sched.load_state_dict(state["sched"])
+        scaler.load_state_dict(state["scaler"])
+        rng.bit_generator.state = state["numpy_rng"]
+        torch.set_rng_state(state["torch_rng"])
+        gen.set_state(state["shift_rng"])
+        losses, first = list(state["losses"]), int(state["epoch"])
+        logger.info("train: resuming from the checkpoint after epoch %d of %d", first, epochs)
+    logger.info("train: %s on %d of %d images of %dx%dx%d, %d epochs, device %s", preset, n_train, n, channels, h, w,
+                epochs, dev)
     model.train()
-    for epoch in track(range(epochs), total=epochs, desc="train", unit="epoch"):
+    last_save = float("-inf")
+    for epoch in track(range(first, epochs), total=epochs - first, desc="train", unit="epoch"):
         t0, total, seen = time.perf_counter(), 0.0, 0
-        for batch in iter_batches(images, batch_size, rng):
+        for batch in iter_batches(images, batch_size, rng, rows=rows):
             target = to_float(batch, dev)
             x = random_shift(target, shift, gen) if shift else target
             if shift:
@@ -143,11 +214,19 @@ def train_autoencoder(images_url: str, output: str, storage_options: dict[str, A
             seen += len(batch)
         losses.append(total / max(seen, 1))
         logger.info("train: epoch %d/%d loss %.5f (%.1f s)", epoch + 1, epochs, losses[-1], time.perf_counter() - t0)
+        if epoch + 1 < epochs and time.monotonic() - last_save >= CHECKPOINT_SECONDS:
+            _save_checkpoint(checkpoint_url, storage_options, {
+                "epoch": epoch + 1, "losses": losses, "model": model.state_dict(), "opt": opt.state_dict(),
+                "sched": sched.state_dict() if sched is not None else None, "scaler": scaler.state_dict(),
+                "numpy_rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
+                "shift_rng": gen.get_state()})
+            last_save = time.monotonic()
     model = model.to(memory_format=torch.contiguous_format).cpu().eval()
-    spec["losses"] = losses
+    spec.update(losses=losses, train_key=key, device=str(dev), train_sample=n_train, resumed_from_epoch=first)
     token = save_model(model, spec, join(output, "model"), storage_options)
+    remove(checkpoint_url, storage_options)
     code_dim = int(np.prod(model.code_shape))
-    return Trained(join(output, "model"), token, losses, str(dev), code_dim)
+    return Trained(join(output, "model"), token, losses, str(dev), code_dim, first)
 
 
 def train_where_best(client: Client, *args: Any) -> Trained:
@@ -165,7 +244,8 @@ def train_where_best(client: Client, *args: Any) -> Trained:
 
 @task(name="train", retries=1, retry_delay_seconds=5)
 def train_task(images_url: str, output: str, storage_options: dict[str, Any], preset: str, epochs: int,
-               batch_size: int, learning_rate: float, seed: int, device: str, address: str) -> Trained:
+               batch_size: int, learning_rate: float, seed: int, device: str, address: str, ingest_key: str = "",
+               train_sample: int | None = None) -> Trained:
     with Client(address, set_as_default=False) as client:
         return train_where_best(client, images_url, output, storage_options, preset, epochs, batch_size,
-                                learning_rate, seed, device)
+                                learning_rate, seed, device, ingest_key, train_sample)

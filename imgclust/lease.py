@@ -1,0 +1,182 @@
+"""A lease on an output location, so two runs never interleave their writes in one store.
+
+The lease is a small JSON file (``_lease.json``) in the output: who holds it and when it last
+proved it was alive. A background thread renews the heartbeat; a run killed with SIGKILL stops
+renewing, so its lease expires after ``ttl`` seconds and the next run takes it over and resumes.
+
+Notes
+-----
+On a local or shared POSIX filesystem a fresh lease is created with an exclusive create, so two
+starters cannot both win. Object stores have no such primitive in fsspec: there the lease is
+written, then read back after a short pause, and the loser of a simultaneous start gives up.
+Expiry compares wall clocks of different hosts, so keep them in sync (NTP), as usual.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from imgclust.storage import is_local, join, open_fs, read_json, write_json
+
+logger = logging.getLogger("imgclust")
+LEASE_FILE = "_lease.json"
+
+
+class LeaseHeld(RuntimeError):
+    """Another live run holds the output; the message says who and how to proceed."""
+
+
+class LeaseLost(RuntimeError):
+    """Our lease was taken away (``--force-unlock`` by someone else); stop writing at once."""
+
+
+def _describe(record: dict[str, Any], now: float) -> str:
+    age = now - float(record.get("heartbeat_at", 0))
+    return (f"{record.get('owner', '?')} ({record.get('purpose', 'run')}, started {record.get('acquired_at', '?')}, "
+            f"last heartbeat {age:.0f} s ago, expires after {record.get('ttl_s', '?')} s of silence)")
+
+
+@dataclass
+class Lease:
+    """A held lease; renew it in the background with ``start`` and give it up with ``release``."""
+
+    url: str
+    storage_options: dict[str, Any]
+    owner: str
+    purpose: str
+    ttl: float
+    acquired_at: str
+    lost: threading.Event = field(default_factory=threading.Event)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    def record(self) -> dict[str, Any]:
+        return {"owner": self.owner, "purpose": self.purpose, "acquired_at": self.acquired_at,
+                "heartbeat_at": time.time(), "ttl_s": self.ttl}
+
+    def _current(self) -> dict[str, Any] | None:
+        try:
+            return read_json(self.url, self.storage_options)
+        except FileNotFoundError:
+            return None
+
+    def renew(self) -> None:
+        """Write a fresh heartbeat, unless someone else took the lease, which marks it lost."""
+        current = self._current()
+        if current is None or current.get("owner") != self.owner:
+            if not self.lost.is_set():
+                logger.error("lease on %s was taken over by %s; this run stops writing", self.url,
+                             (current or {}).get("owner", "nobody (file removed)"))
+            self.lost.set()
+            return
+        write_json(self.url, self.record(), self.storage_options)
+
+    def check(self) -> None:
+        """Raise between stages when the lease was lost, so no more output is written."""
+        if self.lost.is_set():
+            raise LeaseLost(f"the lease on {self.url} was taken over by another run; stopped")
+
+    def start(self) -> Lease:
+        def beat() -> None:
+            while not self._stop.wait(self.ttl / 4):
+                try:
+                    self.renew()
+                except Exception as exc:  # a storage hiccup: try again at the next beat
+                    logger.warning("lease heartbeat failed: %s", exc)
+
+        self._thread = threading.Thread(target=beat, name="imgclust-lease", daemon=True)
+        self._thread.start()
+        return self
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        current = self._current()
+        if current is not None and current.get("owner") == self.owner:
+            fs, path = open_fs(self.url, self.storage_options)
+            fs.rm(path)
+
+    def __enter__(self) -> Lease:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _create_exclusive(url: str, data: bytes) -> bool:
+    """Create a local file only if absent; False when it already exists."""
+    fs, path = open_fs(url)
+    fs.makedirs(os.path.dirname(path), exist_ok=True)
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+    return True
+
+
+def _read_lease(url: str, so: dict[str, Any], tries: int = 3) -> dict[str, Any] | None:
+    """The lease record, None if absent; a file still being written is read again shortly."""
+    for attempt in range(tries):
+        try:
+            return read_json(url, so)
+        except FileNotFoundError:
+            return None
+        except ValueError:
+            if attempt == tries - 1:  # left half-written by a crash: treat it as expired
+                return {"owner": "unknown (unreadable lease file)", "heartbeat_at": 0, "ttl_s": 0}
+            time.sleep(0.2)
+    return None
+
+
+def acquire_lease(output: str, storage_options: dict[str, Any] | None, purpose: str, ttl: float = 120.0,
+                  force: bool = False, settle: float = 0.5) -> Lease:
+    """Take the lease on ``output`` or raise ``LeaseHeld`` naming the holder.
+
+    An expired lease (no heartbeat for ``ttl`` seconds) is taken over with a warning; ``force``
+    takes over a live one (the holder notices at its next heartbeat and stops).
+    """
+    so = dict(storage_options or {})
+    url = join(output, LEASE_FILE)
+    owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    lease = Lease(url, so, owner, purpose, float(ttl), time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    local = is_local(url)
+    if local and _create_exclusive(url, json.dumps(lease.record()).encode()):
+        return lease.start()
+    current = _read_lease(url, so)
+    now = time.time()
+    if current is not None:
+        expired = now - float(current.get("heartbeat_at", 0)) > float(current.get("ttl_s", ttl))
+        if not expired and not force:
+            raise LeaseHeld(f"{output} is in use by another run: {_describe(current, now)}. Wait for it to "
+                            "finish, or pass --force-unlock if you are sure it is gone.")
+        how = "forced" if not expired else "expired"
+        logger.warning("taking over the %s lease of %s", how, _describe(current, now))
+    write_json(url, lease.record(), so)
+    time.sleep(settle)  # a takeover or an object store: last writer wins, so check it was us
+    holder = read_json(url, so)
+    if holder.get("owner") != owner:
+        raise LeaseHeld(f"{output} was taken at the same moment by {_describe(holder, time.time())}")
+    return lease.start()
+
+
+def force_unlock(output: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """Remove the lease file; returns what it held (None if there was none)."""
+    url = join(output, LEASE_FILE)
+    try:
+        current = read_json(url, storage_options)
+    except FileNotFoundError:
+        return None
+    fs, path = open_fs(url, storage_options)
+    fs.rm(path)
+    return current
