@@ -162,6 +162,7 @@ def cmd_run(ns: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from imgclust.config import ConfigError, RunConfig
+    from imgclust.lease import LeaseHeld, LeaseLost, check_free
 
     if getattr(ns, "no_progress", False):
         os.environ["IMGCLUST_PROGRESS"] = "0"
@@ -170,14 +171,16 @@ def cmd_run(ns: argparse.Namespace) -> int:
         from imgclust.preflight import preflight
 
         n = preflight(config)
+        if not config.force_unlock:
+            check_free(config.output, config.storage_options)
     except ValidationError as exc:
         return _fail(_validation_message(exc))
     except ConfigError as exc:
         return _fail(str(exc))
+    except LeaseHeld as exc:
+        return _fail(str(exc), EXIT_BUSY)
     print(f"imgclust: {n} image files under {config.source}; writing to {config.output}", file=sys.stderr)
     from flows.cluster_archive import cluster_archive
-
-    from imgclust.lease import LeaseHeld, LeaseLost
 
     try:
         record = cluster_archive(config)

@@ -170,6 +170,15 @@ def acquire_lease(output: str, storage_options: dict[str, Any] | None, purpose: 
     return lease.start()
 
 
+def check_free(output: str, storage_options: dict[str, Any] | None = None) -> None:
+    """Raise ``LeaseHeld`` now when a live run holds ``output``: a preflight that fails in seconds."""
+    current = _read_lease(join(output, LEASE_FILE), dict(storage_options or {}))
+    now = time.time()
+    if current is not None and now - float(current.get("heartbeat_at", 0)) <= float(current.get("ttl_s", 0)):
+        raise LeaseHeld(f"{output} is in use by another run: {_describe(current, now)}. Wait for it to "
+                        "finish, or pass --force-unlock if you are sure it is gone.")
+
+
 def force_unlock(output: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any] | None:
     """Remove the lease file; returns what it held (None if there was none)."""
     url = join(output, LEASE_FILE)

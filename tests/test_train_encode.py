@@ -50,3 +50,24 @@ def test_train_is_reproducible_and_loss_falls(tmp_path, client):
     direct = model.encode(torch.from_numpy(open_array(url)[:5]).float() / 255).detach().numpy()
     np.testing.assert_allclose(codes[:5], direct, rtol=1e-4, atol=1e-4)
     assert 0 < enc.reconstruction_mse < 0.2
+
+
+def test_train_sample_trains_on_a_fixed_subset_and_a_finished_training_is_reused(tmp_path, caplog):
+    import json
+    import logging
+
+    from tasks.train import training_rows
+
+    rows = training_rows(100, 30, 3)
+    assert len(rows) == 30 and (np.diff(rows) > 0).all() and (rows == training_rows(100, 30, 3)).all()
+    assert training_rows(100, 200, 3) is None
+    url = str(tmp_path / "images.zarr")
+    make_images(url)
+    a = train_autoencoder(url, str(tmp_path / "a"), {}, "default", 2, 16, 1e-3, 7, "cpu", "k", train_sample=30)
+    spec = json.loads((tmp_path / "a" / "model" / "spec.json").read_text())
+    assert spec["train_sample"] == 30
+    full = train_autoencoder(url, str(tmp_path / "b"), {}, "default", 2, 16, 1e-3, 7, "cpu", "k")
+    assert full.model_token != a.model_token
+    with caplog.at_level(logging.INFO, logger="imgclust"):
+        again = train_autoencoder(url, str(tmp_path / "a"), {}, "default", 2, 16, 1e-3, 7, "cpu", "k", train_sample=30)
+    assert again.model_token == a.model_token and "already done" in caplog.text

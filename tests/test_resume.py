@@ -1,0 +1,107 @@
+"""Killing real runs with SIGKILL during ingest, training and encode; the same command then finishes the job.
+
+The interrupted run must redo only unfinished work (its logs say what it reused) and end with the
+same assignments as an uninterrupted run with the same seed.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from PIL import Image
+
+from tests.corpus import digit_images
+
+LEASE = 15.0
+SETTINGS = ["--image-size", "16", "--shard-size", "8", "--epochs", "40", "--batch-size", "32", "-k", "5",
+            "--seed", "0", "--no-progress", "--n-workers", "2", "--lease-seconds", str(LEASE)]
+
+
+@pytest.fixture(scope="module")
+def digits_folder(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("digits")
+    imgs, labels = digit_images(800, size=16)
+    for i, (img, label) in enumerate(zip(imgs, labels)):
+        (root / str(label)).mkdir(exist_ok=True)
+        Image.fromarray(img, "L").save(root / str(label) / f"{i:04d}.png")
+    return root
+
+
+def start(source: Path, out: Path, log: Path, *extra: str) -> subprocess.Popen:
+    """The CLI in its own process group, so the test can kill it the way a crash would."""
+    return subprocess.Popen([sys.executable, "-m", "imgclust.cli", "run", str(source), str(out), *SETTINGS, *extra],
+                            stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
+                            env=os.environ.copy())
+
+
+def kill_when(proc: subprocess.Popen, ready, what: str, timeout: float = 300) -> None:
+    """SIGKILL the client as soon as ``ready()`` holds, then its whole tree (workers, temp server)."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        assert proc.poll() is None, f"the run ended before {what}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def records(out: Path, pattern: str) -> list[str]:
+    return glob.glob(str(out / "_work" / "resume" / pattern))
+
+
+def test_killed_runs_resume_to_the_uninterrupted_result(digits_folder, tmp_path):
+    base = tmp_path / "uninterrupted"
+    r = subprocess.run([sys.executable, "-m", "imgclust.cli", "run", str(digits_folder), str(base), *SETTINGS],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+
+    out = tmp_path / "interrupted"
+    logs = [tmp_path / f"attempt{i}.log" for i in range(4)]
+    kill_when(start(digits_folder, out, logs[0]), lambda: records(out, "ingest-*/*.json"), "an ingested shard")
+    n_ingested = len(records(out, "ingest-*/*.json"))
+    assert 0 < n_ingested < 100 and not (out / "manifest.parquet").exists()
+
+    # The killed run's lease is still fresh: a restart right away is refused, naming the holder.
+    busy = subprocess.run([sys.executable, "-m", "imgclust.cli", "run", str(digits_folder), str(out), *SETTINGS],
+                          capture_output=True, text=True, timeout=120)
+    assert busy.returncode == 3 and "in use by another run" in busy.stderr, busy.stderr[-2000:]
+    lease = json.loads((out / "_lease.json").read_text())
+    time.sleep(max(0.0, lease["heartbeat_at"] + LEASE + 0.5 - time.time()))
+
+    kill_when(start(digits_folder, out, logs[1]), lambda: records(out, "train-*.pt"), "a training checkpoint")
+    assert "ingest: resuming" in logs[1].read_text() and "already decoded" in logs[1].read_text()
+    assert "taking over the expired lease" in logs[1].read_text()
+    assert "discover: 4 of 4 batches hashed by an earlier attempt" in logs[1].read_text()  # no file read twice
+
+    # The impatient way: take the dead run's lease at once.
+    kill_when(start(digits_folder, out, logs[2], "--force-unlock"), lambda: records(out, "encode-*/*.json"), "an encoded chunk")
+    text = logs[2].read_text()
+    assert "ingest: already done" in text and "train: resuming from the checkpoint after epoch" in text
+    assert "taking over the forced lease" in text
+
+    final = start(digits_folder, out, logs[3], "--force-unlock")
+    assert final.wait(timeout=600) == 0, logs[3].read_text()[-3000:]
+    text = logs[3].read_text()
+    assert "train: already done" in text and "encode: resuming" in text
+
+    run = json.loads((out / "run.json").read_text())
+    assert run["resumed"]["encode_chunks"] > 0
+    assert not (out / "_work" / "resume").exists() and not (out / "_lease.json").exists()
+    a = pd.read_parquet(base / "assignments.parquet")
+    b = pd.read_parquet(out / "assignments.parquet")
+    assert a["path"].tolist() == b["path"].tolist()
+    assert (a["cluster"].to_numpy() == b["cluster"].to_numpy()).all()
+    assert json.loads((base / "run.json").read_text())["train_loss"] == run["train_loss"]
