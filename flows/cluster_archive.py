@@ -89,7 +89,8 @@ def _stages(config: RunConfig, lease: Lease) -> dict[str, Any]:
                               config.batch_size, address, ing.key)
         lease.check()
         with _timed(sec, "cluster"):
-            clu = cluster_task(enc.codes_url, out, so, config.n_clusters, preset.embedding, config.seed, address)
+            clu = cluster_task(enc.codes_url, out, so, config.n_clusters, preset.embedding, config.seed, address,
+                               preset.method, preset.embedding_dim)
         lease.check()
         with _timed(sec, "publish"):
             quality = publish_task(out, so, clu.labels_url, clu.distances_url)
@@ -99,7 +100,7 @@ def _stages(config: RunConfig, lease: Lease) -> dict[str, Any]:
         "config": config.public_dict(),
         "resolved": {"image_size": list(size), "color": "gray" if gray else "rgb", "epochs": epochs,
                      "train_images": n_train, "learning_rate": config.resolved_learning_rate,
-                     "embedding": preset.embedding, "code_dim": model.code_dim, "device": model.device,
+                     "embedding": preset.embedding, "method": preset.method, "code_dim": model.code_dim, "device": model.device,
                      "n_clusters": clu.n_clusters},
         "counts": counts,
         "resumed": {"ingest_shards": ing.shards_resumed, "train_from_epoch": model.resumed_from_epoch,

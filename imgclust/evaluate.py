@@ -27,6 +27,31 @@ def read_labels(spec: str, paths: pd.Series, storage_options: dict[str, Any] | N
     return paths.map(dict(zip(table["path"].astype(str), table["label"].astype(str))))
 
 
+KNN_SAMPLE = 10_000
+
+
+def code_neighbour_vote(run_dir: str, paths: pd.Series, labels: pd.Series,
+                        storage_options: dict[str, Any] | None) -> dict[str, Any]:
+    """5-NN majority-vote accuracy of the codes (standardised), on a sample of at most 10k images."""
+    import numpy as np
+
+    from imgclust.metrics import knn_vote_accuracy
+    from imgclust.zarr_store import open_array
+
+    if not exists(join(run_dir, "codes.zarr"), storage_options):
+        return {}
+    manifest = read_parquet(join(run_dir, "manifest.parquet"), storage_options)
+    index = paths.map(dict(zip(manifest["path"], manifest["index"]))).to_numpy()
+    ok = ~pd.isna(index)
+    rows, lab = index[ok].astype(np.int64), labels.to_numpy()[ok].astype(str)
+    pick = np.sort(np.random.default_rng(0).choice(len(rows), size=min(KNN_SAMPLE, len(rows)), replace=False))
+    order = np.argsort(rows[pick])
+    rows, lab = rows[pick][order], lab[pick][order]
+    codes = open_array(join(run_dir, "codes.zarr"), storage_options).get_orthogonal_selection((rows, slice(None)))
+    codes = (codes - codes.mean(0)) / np.where(codes.std(0) > 1e-8, codes.std(0), 1.0)
+    return {"knn5_vote_accuracy": knn_vote_accuracy(codes, lab, 5), "knn5_vote_images": len(rows)}
+
+
 def evaluate_run(run_dir: str, labels: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
     if not exists(join(run_dir, "assignments.parquet"), storage_options):
         raise FileNotFoundError(f"{run_dir} holds no finished run (assignments.parquet missing)")
@@ -38,6 +63,7 @@ def evaluate_run(run_dir: str, labels: str, storage_options: dict[str, Any] | No
     metrics = score(lab[known].astype(str).to_numpy(), assignments.loc[known, "cluster"].to_numpy())
     metrics["unlabelled"] = int((~known).sum())
     metrics["labels"] = labels
+    metrics.update(code_neighbour_vote(run_dir, assignments.loc[known, "path"], lab[known], storage_options))
     write_json(join(run_dir, "metrics.json"), metrics, storage_options)
     if exists(join(run_dir, "report", "index.html"), storage_options):
         from tasks.report import render_index
@@ -49,7 +75,12 @@ def evaluate_run(run_dir: str, labels: str, storage_options: dict[str, Any] | No
 def format_metrics(m: dict[str, Any]) -> str:
     lines = [f"images scored  {m['n']}" + (f" ({m['unlabelled']} without label)" if m.get("unlabelled") else ""),
              f"accuracy       {m['accuracy']:.4f}  (Hungarian-matched)", f"NMI            {m['nmi']:.4f}",
-             f"ARI            {m['ari']:.4f}", f"purity         {m['purity']:.4f}", "", "contingency (rows: clusters)"]
+             f"ARI            {m['ari']:.4f}",
+             f"purity         {m['purity']:.4f}  (each cluster votes its majority label)"]
+    if "knn5_vote_accuracy" in m:
+        lines.append(f"5-NN vote      {m['knn5_vote_accuracy']:.4f}  (majority label of the 5 nearest codes, "
+                     f"{m['knn5_vote_images']} images)")
+    lines += ["", "contingency (rows: clusters)"]
     c = m["contingency"]
     table = pd.DataFrame(c["counts"], index=c["clusters"], columns=c["labels"])
     lines.append(table.to_string())

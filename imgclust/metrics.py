@@ -39,3 +39,24 @@ def score(labels: np.ndarray, clusters: np.ndarray) -> dict[str, Any]:
         "contingency": {"clusters": [int(c) for c in table.index], "labels": [str(c) for c in table.columns],
                         "counts": table.to_numpy().tolist()},
     }
+
+
+def knn_vote_accuracy(codes: np.ndarray, labels: np.ndarray, k: int = 5) -> float:
+    """Share of images whose label is the majority label of their ``k`` nearest other images
+    (Euclidean distance between codes): the VAE write-up's measure of how well codes group labels.
+    Ties go to the label of the nearest neighbour among the tied ones."""
+    from sklearn.neighbors import NearestNeighbors
+
+    labels = np.asarray(labels)
+    k = min(k, len(labels) - 1)
+    if k < 1:
+        return float("nan")
+    idx = NearestNeighbors(n_neighbors=k + 1).fit(codes).kneighbors(codes)[1]
+    hits = 0
+    for i, row in enumerate(idx):
+        neigh = [j for j in row if j != i][:k]
+        votes = pd.Series(labels[neigh]).value_counts(sort=False)
+        top = votes[votes == votes.max()].index
+        winner = next(labels[j] for j in neigh if labels[j] in top)
+        hits += winner == labels[i]
+    return hits / len(labels)

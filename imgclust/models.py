@@ -103,13 +103,69 @@ def _conv_dense(channels: int, size: tuple[int, int], code_dim: int = 32) -> Aut
     return Autoencoder(enc, dec, (code_dim,), (channels, *size))
 
 
-ARCHITECTURES = {"seed-mnist": _seed_mnist, "three-block": _three_block, "conv-dense": _conv_dense}
+class VariationalAutoencoder(Autoencoder):
+    """The write-up's VAE: the encoder gives (B, 2 * latent) = mean and log-variance.
+
+    ``encode`` returns the mean (B, latent): the deterministic code that is clustered.
+    ``sample_code`` draws z = mean + exp(logvar / 2) * eps for training and also returns the KL
+    divergence to N(0, I) per image (B,).
+    """
+
+    variational = True
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encoder(x).flatten(1)[:, : self.code_shape[0]]
+
+    def sample_code(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        stats = self.encoder(x).flatten(1).float()
+        mean, logvar = stats.chunk(2, dim=1)
+        z = mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)
+        kl = -0.5 * (1 + logvar - mean.pow(2) - logvar.exp()).sum(1)
+        return z, kl
+
+
+def _conv_vae(channels: int, size: tuple[int, int], latent: int = 10) -> Autoencoder:
+    """Keras' conv VAE example: Conv32 s2, Conv64 s2, dense 16 -> (mean, logvar) of ``latent``; mirrored decoder."""
+    feats = nn.Sequential(nn.Conv2d(channels, 32, 3, stride=2, padding=1), nn.ReLU(inplace=True),
+                          nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.ReLU(inplace=True))
+    h, w = (size[0] + 3) // 4, (size[1] + 3) // 4
+    enc = _VaeEncoder(feats, nn.Sequential(nn.Flatten(), nn.Linear(64 * h * w, 16), nn.ReLU(inplace=True),
+                                           nn.Linear(16, 2 * latent)))
+    dec = nn.Sequential(nn.Linear(latent, 64 * h * w), nn.ReLU(inplace=True), nn.Unflatten(1, (64, h, w)),
+                        nn.ConvTranspose2d(64, 64, 4, stride=2, padding=1), nn.ReLU(inplace=True),
+                        nn.ConvTranspose2d(64, 32, 4, stride=2, padding=1), nn.ReLU(inplace=True),
+                        nn.Conv2d(32, channels, 3, padding=1))
+    return VariationalAutoencoder(enc, dec, (latent,), (channels, *size))
+
+
+def _dense_vae(channels: int, size: tuple[int, int], latent: int = 10) -> Autoencoder:
+    """Keras' MLP VAE example: pixels -> 512 -> (mean, logvar) of ``latent`` -> 512 -> pixels."""
+    d = channels * size[0] * size[1]
+    enc = nn.Sequential(nn.Flatten(), nn.Linear(d, 512), nn.ReLU(inplace=True), nn.Linear(512, 2 * latent))
+    dec = nn.Sequential(nn.Linear(latent, 512), nn.ReLU(inplace=True), nn.Linear(512, d),
+                        nn.Unflatten(1, (channels, *size)))
+    return VariationalAutoencoder(enc, dec, (latent,), (channels, *size))
+
+
+class _VaeEncoder(nn.Module):
+    def __init__(self, features: nn.Module, head: nn.Module):
+        super().__init__()
+        self.features = features
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+ARCHITECTURES = {"seed-mnist": _seed_mnist, "three-block": _three_block, "conv-dense": _conv_dense,
+                 "conv-vae": _conv_vae, "dense-vae": _dense_vae}
+SIZED = {"conv-dense": 32, "conv-vae": 10, "dense-vae": 10}  # architectures with a code size (default)
 
 
 def build_model(spec: dict[str, Any]) -> Autoencoder:
     """Rebuild a model from its spec: ``{"architecture", "channels", "image_size", "code_dim"}``."""
     arch = ARCHITECTURES[spec["architecture"]]
     size = tuple(spec["image_size"])
-    if spec["architecture"] == "conv-dense":
-        return arch(spec["channels"], size, spec.get("code_dim") or 32)
+    if spec["architecture"] in SIZED:
+        return arch(spec["channels"], size, spec.get("code_dim") or SIZED[spec["architecture"]])
     return arch(spec["channels"], size)

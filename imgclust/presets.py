@@ -10,8 +10,9 @@ from typing import Literal
 class Preset:
     """What a preset fixes: architecture, training and the clustering that follows.
 
-    ``embedding`` is what the codes go through before K-means: ``none`` (standardised codes, as
-    the write-ups did) or ``umap`` (a low-dimensional manifold of the codes, the N2D recipe).
+    ``embedding`` is what the codes go through before clustering: ``none`` (standardised codes, as
+    the write-ups did), ``umap`` (a low-dimensional manifold of the codes, the N2D recipe) or
+    ``tsne``. ``method`` is ``kmeans`` or ``dbscan`` (on a 2-D map of a sample; it picks k itself).
     """
 
     name: str
@@ -20,11 +21,13 @@ class Preset:
     epochs: int | None  # None: a step budget that scales with the corpus, see ``auto_epochs``
     learning_rate: float
     loss: Literal["bce", "mse"]
-    embedding: Literal["none", "umap"]
+    embedding: Literal["none", "umap", "tsne"]
     augment: bool
     one_cycle: bool  # one-cycle learning rate (warm up, then anneal) instead of a constant one
     code_dim: int | None
     description: str
+    method: Literal["kmeans", "dbscan"] = "kmeans"
+    embedding_dim: int = 10  # components of the UMAP/t-SNE map
 
 
 PRESETS: dict[str, Preset] = {
@@ -84,6 +87,52 @@ PRESETS: dict[str, Preset] = {
             one_cycle=False,
             code_dim=None,
             description="Same three blocks on 152x152 face crops (19x19x8 code); K-means (k=25).",
+        ),
+        Preset(
+            name="seed-vae",
+            architecture="conv-vae",
+            image_size=(28, 28),
+            epochs=30,
+            learning_rate=1e-3,
+            loss="bce",
+            embedding="tsne",
+            augment=False,
+            one_cycle=False,
+            code_dim=10,
+            method="dbscan",
+            embedding_dim=2,
+            description="The write-up's conv VAE (Conv32-Conv64 stride 2, dense 16, latent 10; Keras example): "
+            "means of the codes -> t-SNE 2-D -> DBSCAN, which picks k itself (n_clusters is ignored).",
+        ),
+        Preset(
+            name="seed-vae-dense",
+            architecture="dense-vae",
+            image_size=(28, 28),
+            epochs=50,
+            learning_rate=1e-3,
+            loss="bce",
+            embedding="tsne",
+            augment=False,
+            one_cycle=False,
+            code_dim=10,
+            method="dbscan",
+            embedding_dim=2,
+            description="The write-up's dense VAE (pixels-512-latent 10) -> t-SNE 2-D -> DBSCAN.",
+        ),
+        Preset(
+            name="seed-vae-umap",
+            architecture="conv-vae",
+            image_size=(28, 28),
+            epochs=30,
+            learning_rate=1e-3,
+            loss="bce",
+            embedding="umap",
+            augment=False,
+            one_cycle=False,
+            code_dim=10,
+            method="dbscan",
+            embedding_dim=2,
+            description="The conv VAE with UMAP 2-D instead of t-SNE before DBSCAN.",
         ),
     ]
 }

@@ -14,6 +14,7 @@ from prefect import task
 
 from imgclust.storage import join, open_fs, write_bytes_atomic
 from imgclust.zarr_store import create_array, open_array
+from tasks.cluster_density import fit_density, nearest_reference
 
 logger = logging.getLogger("imgclust")
 UMAP_SAMPLE = 20_000
@@ -50,6 +51,9 @@ class ClusterModel:
     std: np.ndarray
     reducer: Any
     centres: np.ndarray
+    # Density presets: new codes take the cluster of their nearest sampled code (no predict in DBSCAN).
+    reference: np.ndarray | None = None
+    reference_labels: np.ndarray | None = None
 
     def features(self, codes: np.ndarray) -> np.ndarray:
         x = (codes.astype(np.float64) - self.mean) / self.std
@@ -61,7 +65,11 @@ class ClusterModel:
         """Cluster (int64) and distance to its centre for codes (N, D)."""
         if len(codes) == 0:
             return np.zeros(0, np.int64), np.zeros(0)
-        out = _assign(self.features(codes), self.centres)
+        x = self.features(codes)
+        if getattr(self, "reference", None) is not None:
+            lab = nearest_reference(x, self.reference, self.reference_labels)[:, 0].astype(np.int64)
+            return lab, np.sqrt(((x - self.centres[lab]) ** 2).sum(1))
+        out = _assign(x, self.centres)
         return out[:, 0].astype(np.int64), out[:, 1]
 
 
@@ -131,39 +139,50 @@ def _assign(block: np.ndarray, centres: np.ndarray) -> np.ndarray:
 
 
 def cluster_codes(codes_url: str, output: str, storage_options: dict[str, Any], n_clusters: int | None,
-                  embedding: str, seed: int, client: Client) -> Clustering:
-    from dask_ml.cluster import KMeans
-
+                  embedding: str, seed: int, client: Client, method: str = "kmeans",
+                  embedding_dim: int = 10) -> Clustering:
+    """Cluster the codes: K-means on standardised codes or their UMAP manifold (``embedding_dim``-d),
+    or (``method="dbscan"``) DBSCAN on a 2-D t-SNE/UMAP map of a sample, which picks k itself."""
     codes = open_array(codes_url, storage_options)
     n, step = codes.shape[0], codes.chunks[0]
+    curve: dict[int, float] = {}
     with dask.config.set(scheduler=client):
         x, mu, sd = standardise(da.from_zarr(codes))
         reducer = None
-        if embedding == "umap" and n > 20:
-            x, reducer = umap_embed(x, seed)
+        if method == "kmeans" and embedding == "umap" and n > 20:
+            x, reducer = umap_embed(x, seed, embedding_dim)
         features_url = join(output, "_work", "features.zarr")
         create_array(features_url, (n, x.shape[1]), step, "float32", storage_options)
         da.store(x.rechunk((step, x.shape[1])).astype(np.float32), open_array(features_url, storage_options, "r+"),
                  lock=False)
         x = da.from_zarr(open_array(features_url, storage_options))
         sample = x[sample_rows(n, K_SEARCH_SAMPLE, seed)].compute()
-        curve: dict[int, float] = {}
-        if n_clusters is None:
-            n_clusters, curve = choose_k(sample, seed)
-            logger.info("cluster: chose k=%d by silhouette (%s)", n_clusters,
-                        ", ".join(f"{k}: {v:.3f}" for k, v in curve.items()))
-        if n_clusters > n:
-            raise ValueError(f"n_clusters={n_clusters} is larger than the {n} images that could be read")
-        km = KMeans(n_clusters=n_clusters, init=initial_centres(x, n_clusters, seed), random_state=seed,
-                    max_iter=300)
-        km.fit(x)
-        centres = np.asarray(km.cluster_centers_, dtype=np.float64)
-        out = x.map_blocks(_assign, centres, chunks=(x.chunks[0], (2,)), dtype=np.float64).compute()
+        if method == "dbscan":
+            if n_clusters is not None:
+                logger.warning("cluster: DBSCAN chooses the number of clusters itself; n_clusters=%d is ignored",
+                               n_clusters)
+            fit = fit_density(x, embedding, seed)
+            labels0 = x.map_blocks(nearest_reference, fit.reference, fit.reference_labels,
+                                   chunks=(x.chunks[0], (1,)), dtype=np.float64).compute()[:, 0].astype(np.int32)
+            n_clusters = int(labels0.max()) + 1
+            centres = _means(x, labels0, n_clusters)
+            out = np.stack([labels0.astype(np.float64),
+                            np.sqrt(((x.compute() - centres[labels0]) ** 2).sum(1))], axis=1)
+        else:
+            if n_clusters is None:
+                n_clusters, curve = choose_k(sample, seed)
+                logger.info("cluster: chose k=%d by silhouette (%s)", n_clusters,
+                            ", ".join(f"{k}: {v:.3f}" for k, v in curve.items()))
+            if n_clusters > n:
+                raise ValueError(f"n_clusters={n_clusters} is larger than the {n} images that could be read")
+            centres = _kmeans(x, n_clusters, seed)
+            out = x.map_blocks(_assign, centres, chunks=(x.chunks[0], (2,)), dtype=np.float64).compute()
     labels, remap = _relabel_by_size(out[:, 0].astype(np.int32), n_clusters)
     found = int(labels.max()) + 1 if n else 0
     ordered = np.empty_like(centres)
     ordered[remap] = centres
-    save_cluster_model(ClusterModel(mu, sd, reducer, ordered[:found]), join(output, "model", "clusterer.pkl"),
+    density = {"reference": fit.reference, "reference_labels": remap[fit.reference_labels]} if method == "dbscan" else {}
+    save_cluster_model(ClusterModel(mu, sd, reducer, ordered[:found], **density), join(output, "model", "clusterer.pkl"),
                        storage_options)
     if found < n_clusters:
         logger.warning("cluster: only %d of %d clusters are non-empty", found, n_clusters)
@@ -175,6 +194,27 @@ def cluster_codes(codes_url: str, output: str, storage_options: dict[str, Any], 
     sil = _silhouette(sample, labels[sample_rows(n, K_SEARCH_SAMPLE, seed)], seed)
     logger.info("cluster: %d clusters, silhouette on a sample %.3f", n_clusters, sil if sil is not None else float("nan"))
     return Clustering(labels_url, distances_url, features_url, n_clusters, sil, curve)
+
+
+def _kmeans(x: da.Array, k: int, seed: int) -> np.ndarray:
+    from dask_ml.cluster import KMeans
+
+    km = KMeans(n_clusters=k, init=initial_centres(x, k, seed), random_state=seed, max_iter=300)
+    km.fit(x)
+    return np.asarray(km.cluster_centers_, dtype=np.float64)
+
+
+def _means(x: da.Array, labels: np.ndarray, k: int) -> np.ndarray:
+    """Mean feature vector of each cluster, one pass over the chunks."""
+    sums, counts = np.zeros((k, x.shape[1])), np.zeros(k)
+    start = 0
+    for block in x.to_delayed().ravel():
+        b = np.asarray(block.compute(), np.float64)
+        lab = labels[start:start + len(b)]
+        np.add.at(sums, lab, b)
+        counts += np.bincount(lab, minlength=k)
+        start += len(b)
+    return sums / np.maximum(counts, 1)[:, None]
 
 
 def _relabel_by_size(labels: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -199,6 +239,7 @@ def _silhouette(x: np.ndarray, labels: np.ndarray, seed: int) -> float | None:
 
 @task(name="cluster", retries=1, retry_delay_seconds=5)
 def cluster_task(codes_url: str, output: str, storage_options: dict[str, Any], n_clusters: int | None,
-                 embedding: str, seed: int, address: str) -> Clustering:
+                 embedding: str, seed: int, address: str, method: str = "kmeans", embedding_dim: int = 10) -> Clustering:
     with Client(address, set_as_default=False) as client:
-        return cluster_codes(codes_url, output, storage_options, n_clusters, embedding, seed, client)
+        return cluster_codes(codes_url, output, storage_options, n_clusters, embedding, seed, client, method,
+                             embedding_dim)

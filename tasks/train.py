@@ -61,10 +61,20 @@ def random_shift(x: torch.Tensor, max_shift: int, gen: torch.Generator) -> torch
 
 
 def reconstruction_loss(model: Autoencoder, x: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
-    logits = model.decode_logits(model.encode(x))
+    """Mean per-pixel loss; a VAE adds its KL term per pixel (the Keras example's sum, rescaled)."""
+    kl = None
+    if getattr(model, "variational", False):
+        code, kl = model.sample_code(x)
+    else:
+        code = model.encode(x)
+    logits = model.decode_logits(code)
     if kind == "bce":
-        return F.binary_cross_entropy_with_logits(logits, target)
-    return F.mse_loss(torch.sigmoid(logits), target)
+        loss = F.binary_cross_entropy_with_logits(logits, target)
+    else:
+        loss = F.mse_loss(torch.sigmoid(logits), target)
+    if kl is not None:
+        loss = loss + kl.mean() / target[0].numel()
+    return loss
 
 
 def weights_token(weights: bytes) -> str:

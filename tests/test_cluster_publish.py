@@ -35,6 +35,24 @@ def test_kmeans_on_codes_recovers_separated_groups(tmp_path, client):
     np.testing.assert_allclose(dist, open_array(res.distances_url)[:], rtol=1e-4, atol=1e-4)
 
 
+def test_dbscan_on_a_2d_map_finds_the_groups_itself_and_places_new_codes(tmp_path, client):
+    from sklearn.metrics import adjusted_rand_score
+
+    from imgclust.zarr_store import open_array
+    from tasks.cluster import load_cluster_model
+
+    x, truth = blobs(n_per=80, k=3)
+    url = str(tmp_path / "codes.zarr")
+    create_array(url, x.shape, 64, "float32")[:] = x
+    res = cluster_codes(url, str(tmp_path), {}, None, "tsne", 0, client, method="dbscan", embedding_dim=2)
+    labels = open_array(res.labels_url)[:]
+    assert res.n_clusters == 3 and adjusted_rand_score(truth, labels) > 0.99
+    model = load_cluster_model(str(tmp_path / "model" / "clusterer.pkl"), {})
+    new = x[::10] + np.random.default_rng(1).normal(0, 0.1, x[::10].shape).astype(np.float32)
+    lab, dist = model.assign(new)
+    assert (lab == labels[::10]).all() and (dist >= 0).all()
+
+
 def test_k_is_chosen_from_the_data_when_not_given():
     x, _ = blobs(k=5)
     k, curve = choose_k(x, 0, k_max=9)

@@ -20,6 +20,17 @@ def test_metrics_on_a_known_contingency():
     assert perfect["contingency"]["counts"] == [[4, 0], [0, 4]]
 
 
+def test_knn_vote_accuracy_is_the_majority_label_of_the_nearest_codes():
+    from imgclust.metrics import knn_vote_accuracy
+
+    codes = np.array([[0.0], [0.1], [0.2], [0.3], [0.4], [0.5], [10.0], [10.1], [10.2], [10.3], [10.4], [10.5]])
+    labels = np.array(["a"] * 6 + ["b"] * 6)
+    assert knn_vote_accuracy(codes, labels, 5) == 1.0
+    flipped = labels.copy()
+    flipped[0] = "b"  # its neighbours still vote a: wrong for it, right for the rest
+    assert knn_vote_accuracy(codes, flipped, 5) == pytest.approx(11 / 12)
+
+
 def test_evaluate_command_with_folder_names_and_a_csv(finished_run, tmp_path):
     _, out, counts, _ = finished_run
     r = imgclust("evaluate", str(out), "--labels", "parent-folder")
@@ -29,6 +40,7 @@ def test_evaluate_command_with_folder_names_and_a_csv(finished_run, tmp_path):
     assert metrics["n"] == counts["accepted"] and 0 < metrics["accuracy"] <= 1
     assert set(metrics["contingency"]["labels"]) <= {f"digit_{d}" for d in range(10)}
     assert "accuracy (Hungarian)" in (out / "report" / "index.html").read_text()
+    assert 0 < metrics["knn5_vote_accuracy"] <= 1 and "5-NN vote" in r.stdout
 
     a = pd.read_parquet(out / "assignments.parquet")
     csv = tmp_path / "labels.csv"

@@ -11,6 +11,9 @@ from imgclust.presets import PRESETS
     ("three-block", (152, 152), 3, 19 * 19 * 8),
     ("conv-dense", (32, 32), 3, 32),
     ("conv-dense", (30, 50), 1, 32),
+    ("conv-vae", (28, 28), 1, 32),
+    ("conv-vae", (30, 41), 3, 32),
+    ("dense-vae", (28, 28), 1, 32),
 ])
 def test_code_and_reconstruction_shapes(arch, size, channels, code):
     model = build_model({"architecture": arch, "image_size": list(size), "channels": channels, "code_dim": 32})
@@ -26,3 +29,20 @@ def test_presets_reproduce_the_write_ups():
     assert PRESETS["seed-house"].image_size == (240, 320)
     assert PRESETS["seed-faces"].image_size == (152, 152)
     assert PRESETS["default"].embedding == "umap"
+
+
+def test_vae_codes_are_means_and_training_samples_around_them():
+    torch.manual_seed(0)
+    model = build_model({"architecture": "conv-vae", "image_size": [28, 28], "channels": 1, "code_dim": 10})
+    x = torch.rand(4, 1, 28, 28)
+    mean = model.encode(x)
+    z, kl = model.sample_code(x)
+    assert mean.shape == z.shape == (4, 10) and kl.shape == (4,) and bool((kl >= 0).all())
+    assert torch.equal(model.encode(x), mean) and not torch.allclose(z, mean)  # encode is deterministic
+
+
+def test_vae_presets_cluster_with_dbscan_on_a_2d_map():
+    for name in ("seed-vae", "seed-vae-dense", "seed-vae-umap"):
+        p = PRESETS[name]
+        assert p.code_dim == 10 and p.method == "dbscan" and p.embedding_dim == 2
+    assert PRESETS["seed-vae"].embedding == "tsne" and PRESETS["seed-vae-umap"].embedding == "umap"
