@@ -29,7 +29,8 @@ from measure import run_measured  # noqa: E402
 
 from imgclust.metrics import score  # noqa: E402
 
-METHODS = ("product", "seed-mnist", "raw-kmeans", "clustimage", "clustimage-k")
+PRESET_METHODS = ("product", "seed-mnist", "seed-vae", "seed-vae-dense", "seed-vae-umap")  # `imgclust run`
+METHODS = (*PRESET_METHODS, "raw-kmeans", "clustimage", "clustimage-k")
 IMGCLUST = str(Path(sys.executable).parent / "imgclust")
 
 
@@ -38,16 +39,20 @@ def run_method(method: str, dataset: str, folder: Path, seed: int, work: Path) -
     k = len(np.unique(y))
     env = {**os.environ, "IMGCLUST_PROGRESS": "0"}
     out = work / f"{method}-{dataset}-{seed}"
-    if method in ("product", "seed-mnist"):
+    extra: dict = {}
+    if method in PRESET_METHODS:
         cmd = [IMGCLUST, "run", str(folder), str(out), "--n-clusters", str(k), "--seed", str(seed), "--overwrite"]
-        if method == "seed-mnist":
-            cmd += ["--preset", "seed-mnist"]
+        if method != "product":
+            cmd += ["--preset", method]
         m = run_measured(cmd, env)
         if m.returncode != 0:
             raise RuntimeError(f"{method} failed: {m.stderr[-2000:]}")
         a = pd.read_parquet(out / "assignments.parquet")
         labels = a["path"].str.split("/").str[0].to_numpy()
         pred = a["cluster"].to_numpy()
+        from imgclust.evaluate import code_neighbour_vote
+
+        extra["knn5"] = code_neighbour_vote(str(out), a["path"], pd.Series(labels), None)["knn5_vote_accuracy"]
     elif method == "raw-kmeans":
         m = run_measured([sys.executable, str(HERE / "anchors.py"), "raw-kmeans", dataset, str(seed), f"{out}.npy"], env)
         if m.returncode != 0:
@@ -68,7 +73,8 @@ def run_method(method: str, dataset: str, folder: Path, seed: int, work: Path) -
         labels = t["path"].map(lambda p: Path(p).parent.name).to_numpy()
         pred = t["cluster"].to_numpy()
     s = score(np.asarray(labels).astype(str), pred)
-    return {"acc": s["accuracy"], "nmi": s["nmi"], "ari": s["ari"], "seconds": m.seconds, "peak_mb": m.peak_rss_mb}
+    return {"acc": s["accuracy"], "nmi": s["nmi"], "ari": s["ari"], "purity": s["purity"],
+            "clusters": len(np.unique(pred)), "seconds": m.seconds, "peak_mb": m.peak_rss_mb, **extra}
 
 
 def fmt(values: list[float], digits: int = 3) -> str:
@@ -107,18 +113,22 @@ def main() -> None:
                 rows.append({"dataset": dataset, "method": method, "note": r["skipped"]})
                 continue
             rows.append({"dataset": dataset, "method": method, "seeds": len(results),
-                         **{key: [r[key] for r in results] for key in ("acc", "nmi", "ari", "seconds", "peak_mb")}})
+                         **{key: [r[key] for r in results if key in r]
+                            for key in ("acc", "nmi", "ari", "purity", "clusters", "knn5", "seconds", "peak_mb")}})
         shutil.rmtree(runs, ignore_errors=True)
     lines = [f"Command: `python bench/quality.py --datasets {a.datasets} --seeds {a.seeds} --methods {a.methods}`",
              f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python "
              f"{platform.python_version()}", "",
-             "| dataset | method | seeds | ACC | NMI | ARI | wall s | peak MB |", "|---|---|---|---|---|---|---|---|"]
+             "| dataset | method | seeds | ACC | NMI | ARI | purity | clusters | 5-NN vote | wall s | peak MB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "note" in r:
-            lines.append(f"| {r['dataset']} | {r['method']} | – | {r['note']} | | | | |")
+            lines.append(f"| {r['dataset']} | {r['method']} | – | {r['note']} | | | | | | | |")
             continue
+        knn = fmt(r["knn5"]) if r.get("knn5") else "–"
         lines.append(f"| {r['dataset']} | {r['method']} | {r['seeds']} | {fmt(r['acc'])} | {fmt(r['nmi'])} | "
-                     f"{fmt(r['ari'])} | {fmt(r['seconds'], 0)} | {fmt(r['peak_mb'], 0)} |")
+                     f"{fmt(r['ari'])} | {fmt(r['purity'])} | {fmt(r['clusters'], 0)} | {knn} | "
+                     f"{fmt(r['seconds'], 0)} | {fmt(r['peak_mb'], 0)} |")
     lines += ["", "Margins of the product (mean ACC difference, same data, same run):", ""]
     for dataset in a.datasets.split(","):
         prod = next((r for r in rows if r["dataset"] == dataset and r["method"] == "product" and "acc" in r), None)
