@@ -33,7 +33,8 @@ def clustimage(folder: str, seed: int, out: str, k: int | None) -> None:
 
     np.random.seed(seed)
     cl = Clustimage(method="pca", verbose=30)
-    files = sorted(str(p) for p in Path(folder).rglob("*.png"))
+    exts = {".png", ".jpg", ".jpeg"}
+    files = sorted(str(p) for p in Path(folder).rglob("*") if p.suffix.lower() in exts)
     results = cl.fit_transform(files, min_clust=k or 3, max_clust=(k + 1) if k else 25)
     pd.DataFrame({"path": results["pathnames"], "cluster": results["labels"]}).to_csv(out, index=False)
 

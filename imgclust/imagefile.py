@@ -49,6 +49,17 @@ def _to_mode(im: Image.Image, gray: bool) -> Image.Image:
     return im if im.mode == target else im.convert(target)
 
 
+def _draft_size(w: int, h: int, tw: int, th: int, fit: str) -> tuple[int, int]:
+    """Smallest (width, height) that still covers the ``tw`` x ``th`` target after ``fit``, in exact
+    integers: JPEG draft mode decodes at 1/2, 1/4 or 1/8 scale only while the result is at least
+    this big, so one pixel too many (e.g. 33 for a 256 px image and a 32 px target) costs a 2x
+    larger decode."""
+    by_width = tw * h >= th * w if fit == "crop" else tw * h <= th * w  # scale = tw / w, else th / h
+    if by_width:
+        return tw, max(1, -(-h * tw // w))
+    return max(1, -(-w * th // h)), th
+
+
 def decode_image(data: bytes, size: tuple[int, int], gray: bool, fit: str = "crop") -> DecodedImage:
     """Decode ``data`` to (C, H, W) uint8 at ``size`` = (height, width).
 
@@ -75,13 +86,13 @@ def decode_image(data: bytes, size: tuple[int, int], gray: bool, fit: str = "cro
                 orientation = im.getexif().get(0x0112, 1) if hasattr(im, "getexif") else 1
                 if fmt == "JPEG":
                     w, h = (height, width) if orientation in _ROTATED else (width, height)
-                    scale = max(tw / w, th / h) if fit == "crop" else min(tw / w, th / h)
-                    need = (max(1, int(w * scale + 1)), max(1, int(h * scale + 1)))
+                    need = _draft_size(w, h, tw, th, fit)
                     if orientation in _ROTATED:
                         need = need[::-1]
                     im.draft("L" if gray else "RGB", need)
                 im.load()
-                im = ImageOps.exif_transpose(im) or im
+                if orientation != 1:  # exif_transpose copies the image even when there is nothing to do
+                    im = ImageOps.exif_transpose(im) or im
                 im = _to_mode(im, gray)
                 if fit == "pad":
                     im = ImageOps.pad(im, (tw, th), method=Image.Resampling.BILINEAR, color=0)

@@ -96,3 +96,17 @@ def test_probe_is_gray():
     assert probe_is_gray(encode(RGB.convert("L"), "PNG")) is True
     assert probe_is_gray(encode(RGB, "PNG")) is False
     assert probe_is_gray(b"nope") is None
+
+
+@pytest.mark.parametrize("w, h, tw, th, fit", [(256, 256, 32, 32, "crop"), (3000, 2000, 64, 64, "crop"),
+                                               (3000, 2000, 64, 64, "pad"), (641, 479, 24, 16, "crop"),
+                                               (100, 7, 32, 32, "pad"), (7, 100, 32, 32, "crop")])
+def test_draft_size_is_the_smallest_that_covers_the_target(w, h, tw, th, fit):
+    from imgclust.imagefile import _draft_size
+
+    nw, nh = _draft_size(w, h, tw, th, fit)
+    scale = max(tw / w, th / h) if fit == "crop" else min(tw / w, th / h)
+    assert (nw, nh) == (max(1, int(np.ceil(w * scale - 1e-9))), max(1, int(np.ceil(h * scale - 1e-9))))
+    if fit == "crop":
+        assert nw >= tw and nh >= th
+    assert _draft_size(256, 256, 32, 32, "crop") == (32, 32)  # not 33: that would decode at 64x64
