@@ -44,6 +44,15 @@ def _describe(record: dict[str, Any], now: float) -> str:
             f"last heartbeat {age:.0f} s ago, expires after {record.get('ttl_s', '?')} s of silence)")
 
 
+def _is_live(record: dict[str, Any]) -> bool:
+    return time.time() - float(record.get("heartbeat_at", 0)) <= float(record.get("ttl_s", 0))
+
+
+def _held(output: str, record: dict[str, Any]) -> LeaseHeld:
+    return LeaseHeld(f"{output} is in use by another run: {_describe(record, time.time())}. Wait for it to "
+                     "finish, or pass --force-unlock if you are sure it is gone.")
+
+
 @dataclass
 class Lease:
     """A held lease; renew it in the background with ``start`` and give it up with ``release``."""
@@ -154,14 +163,12 @@ def acquire_lease(output: str, storage_options: dict[str, Any] | None, purpose: 
     if local and _create_exclusive(url, json.dumps(lease.record()).encode()):
         return lease.start()
     current = _read_lease(url, so)
-    now = time.time()
     if current is not None:
-        expired = now - float(current.get("heartbeat_at", 0)) > float(current.get("ttl_s", ttl))
-        if not expired and not force:
-            raise LeaseHeld(f"{output} is in use by another run: {_describe(current, now)}. Wait for it to "
-                            "finish, or pass --force-unlock if you are sure it is gone.")
-        how = "forced" if not expired else "expired"
-        logger.warning("taking over the %s lease of %s", how, _describe(current, now))
+        live = _is_live(current)
+        if live and not force:
+            raise _held(output, current)
+        logger.warning("taking over the %s lease of %s", "forced" if live else "expired",
+                       _describe(current, time.time()))
     write_json(url, lease.record(), so)
     time.sleep(settle)  # a takeover or an object store: last writer wins, so check it was us
     holder = read_json(url, so)
@@ -173,10 +180,8 @@ def acquire_lease(output: str, storage_options: dict[str, Any] | None, purpose: 
 def check_free(output: str, storage_options: dict[str, Any] | None = None) -> None:
     """Raise ``LeaseHeld`` now when a live run holds ``output``: a preflight that fails in seconds."""
     current = _read_lease(join(output, LEASE_FILE), dict(storage_options or {}))
-    now = time.time()
-    if current is not None and now - float(current.get("heartbeat_at", 0)) <= float(current.get("ttl_s", 0)):
-        raise LeaseHeld(f"{output} is in use by another run: {_describe(current, now)}. Wait for it to "
-                        "finish, or pass --force-unlock if you are sure it is gone.")
+    if current is not None and _is_live(current):
+        raise _held(output, current)
 
 
 def force_unlock(output: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any] | None:
