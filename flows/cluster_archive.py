@@ -22,6 +22,7 @@ from tasks.discover import discover_task
 from tasks.encode import encode_task
 from tasks.ingest import ingest_task
 from tasks.publish import publish_task, write_run_record
+from tasks.refine import refine_task
 from tasks.report import report_task
 from tasks.train import train_task
 
@@ -91,6 +92,11 @@ def _stages(config: RunConfig, lease: Lease) -> dict[str, Any]:
         with _timed(sec, "cluster"):
             clu = cluster_task(enc.codes_url, out, so, config.n_clusters, preset.embedding, config.seed, address,
                                preset.method, preset.embedding_dim)
+        refined: dict[str, Any] = {}
+        if preset.refine and clu.n_clusters >= 2:
+            lease.check()
+            with _timed(sec, "refine"):
+                clu, refined = refine_task(ing.images_url, clu, out, so, config.seed, address, config.epochs)
         lease.check()
         with _timed(sec, "publish"):
             quality = publish_task(out, so, clu.labels_url, clu.distances_url)
@@ -103,6 +109,7 @@ def _stages(config: RunConfig, lease: Lease) -> dict[str, Any]:
                      "embedding": preset.embedding, "method": preset.method, "code_dim": model.code_dim, "device": model.device,
                      "n_clusters": clu.n_clusters},
         "counts": counts,
+        "refine": refined,
         "resumed": {"ingest_shards": ing.shards_resumed, "train_from_epoch": model.resumed_from_epoch,
                     "encode_chunks": enc.chunks_resumed},
         "seconds": sec,

@@ -28,6 +28,7 @@ class Preset:
     description: str
     method: Literal["kmeans", "dbscan"] = "kmeans"
     embedding_dim: int = 10  # components of the UMAP/t-SNE map
+    refine: bool = False  # refine K-means with a neighbour-consistent conv net (tasks/refine.py)
 
 
 PRESETS: dict[str, Preset] = {
@@ -44,8 +45,10 @@ PRESETS: dict[str, Preset] = {
             augment=False,
             one_cycle=True,
             code_dim=32,
+            refine=True,
             description="Conv 32-64-128 (stride 2, BatchNorm) -> dense 32-d code, one-cycle learning rate "
-            "over 500-1,500 steps; standardised codes -> UMAP (10-d) -> K-means.",
+            "over 500-1,500 steps; standardised codes -> UMAP (10-d) -> K-means -> refined by a "
+            "neighbour-consistent conv net (SCAN-style, with self-labelling).",
         ),
         Preset(
             name="seed-mnist",

@@ -27,6 +27,7 @@ from tasks.discover import hash_files, list_images, split_duplicates
 from tasks.encode import encode
 from tasks.ingest import compact_into, decode_into_staging, manifest_rows
 from tasks.publish import cluster_summaries
+from tasks.refine import assign_pixels, load_refiner
 from tasks.train import weights_token
 
 logger = logging.getLogger("imgclust")
@@ -80,8 +81,15 @@ def assign_new(run_dir: str, source: str, storage_options: dict[str, Any], clien
     code_dim = open_array(join(run_dir, "codes.zarr"), so).shape[1]
     batch_size = int(run.get("config", {}).get("batch_size", 256))
     enc = encode(images_url, run_dir, so, model_url, token, code_dim, batch_size, client, start=n_old)
-    labels, dist = load_cluster_model(join(model_url, "clusterer.pkl"), so).assign(
-        open_array(enc.codes_url, so)[n_old:n_old + len(accepted_rows)])
+    clusterer = load_cluster_model(join(model_url, "clusterer.pkl"), so)
+    new_codes = open_array(enc.codes_url, so)[n_old:n_old + len(accepted_rows)]
+    refiner = load_refiner(model_url, so)
+    if refiner is None:
+        labels, dist = clusterer.assign(new_codes)
+    else:  # a refined run: the cluster net decides, as it did for the run's own images
+        remap = np.asarray(read_json(join(model_url, "refiner.json"), so)["remap"])
+        labels = assign_pixels(refiner, open_array(images_url, so)[n_old:n_old + len(accepted_rows)], remap)
+        dist = clusterer.distances(new_codes, labels)
 
     new_manifest, new_rejected = manifest_rows(unique, info, n_old)
     new_rejected = pd.concat([new_rejected, unreadable[["path", "reason"]].assign(sha256=None)], ignore_index=True)

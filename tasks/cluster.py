@@ -72,6 +72,12 @@ class ClusterModel:
         out = _assign(x, self.centres)
         return out[:, 0].astype(np.int64), out[:, 1]
 
+    def distances(self, codes: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        """Distance of each code to the centre of the cluster it was given (by a refiner, say)."""
+        if len(codes) == 0:
+            return np.zeros(0)
+        return np.sqrt(((self.features(codes) - self.centres[labels]) ** 2).sum(1))
+
 
 def save_cluster_model(model: ClusterModel, url: str, storage_options: dict[str, Any] | None) -> None:
     import pickle

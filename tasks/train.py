@@ -20,6 +20,7 @@ from imgclust.batches import iter_batches
 from imgclust.dask_cluster import gpu_workers
 from imgclust.models import Autoencoder, build_model
 from imgclust.presets import PRESETS
+from imgclust.refiner import random_shift
 from imgclust.progress import track
 from imgclust.resume import fingerprint, resume_url
 from imgclust.storage import join, open_fs, remove, write_bytes_atomic, write_json
@@ -44,20 +45,6 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
-
-
-def random_shift(x: torch.Tensor, max_shift: int, gen: torch.Generator) -> torch.Tensor:
-    """Translate each image by up to ``max_shift`` pixels (zero fill): cheap invariance to framing."""
-    if max_shift <= 0:
-        return x
-    b, _, h, w = x.shape
-    padded = F.pad(x, (max_shift,) * 4)
-    dx = torch.randint(0, 2 * max_shift + 1, (b,), generator=gen)
-    dy = torch.randint(0, 2 * max_shift + 1, (b,), generator=gen)
-    rows = (dy[:, None] + torch.arange(h)[None, :]).to(x.device)
-    cols = (dx[:, None] + torch.arange(w)[None, :]).to(x.device)
-    idx_b = torch.arange(b, device=x.device)[:, None, None]
-    return padded.permute(0, 2, 3, 1)[idx_b, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
 
 
 def reconstruction_loss(model: Autoencoder, x: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:

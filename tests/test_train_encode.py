@@ -4,7 +4,8 @@ import torch
 from imgclust.batches import iter_batches
 from imgclust.zarr_store import create_array, open_array
 from tasks.encode import encode
-from tasks.train import load_model, random_shift, train_autoencoder
+from imgclust.refiner import random_shift
+from tasks.train import load_model, train_autoencoder
 
 
 def make_images(url: str, n: int = 100, chunk: int = 32) -> None:
