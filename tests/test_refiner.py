@@ -1,0 +1,60 @@
+"""The cluster net of the refinement stage: shapes, sample selection, step bounds, and that it learns."""
+
+import numpy as np
+import torch
+
+from imgclust.refiner import ClusterNet, RefineSettings, augment, confident_subset, nearest_neighbours, predict, refine
+
+
+def bars(n_per: int = 40, size: int = 16, seed: int = 0) -> tuple[torch.Tensor, np.ndarray]:
+    """Four classes of images: a bright horizontal band in one of four rows, plus noise."""
+    rng = np.random.default_rng(seed)
+    x = rng.uniform(0, 0.2, (4 * n_per, 1, size, size)).astype(np.float32)
+    y = np.repeat(np.arange(4), n_per)
+    for i, c in enumerate(y):
+        x[i, 0, c * 4:(c + 1) * 4, :] = 1.0
+    return torch.from_numpy(x), y
+
+
+def test_net_shapes_for_any_size_and_channels():
+    for channels, size in ((1, (28, 28)), (3, (32, 32)), (3, (30, 45))):
+        net = ClusterNet(channels, 7).eval()
+        assert net(torch.rand(2, channels, *size)).shape == (2, 7)
+        p = predict(net, torch.rand(5, channels, *size))
+        assert p.shape == (5, 7) and np.allclose(p.sum(1), 1, atol=1e-5)
+
+
+def test_confident_subset_keeps_the_most_confident_share_of_each_cluster():
+    labels = np.array([0, 0, 0, 0, 1, 1, 2])
+    conf = np.array([0.1, 0.9, 0.5, 0.7, 0.2, 0.3, 0.0])
+    assert confident_subset(labels, conf, 3, 0.5).tolist() == [1, 3, 5, 6]  # at least one per cluster
+
+
+def test_augment_keeps_shape_and_changes_pixels():
+    x, _ = bars(4)
+    y = augment(x, RefineSettings(), torch.Generator().manual_seed(0))
+    assert y.shape == x.shape and not torch.equal(x, y)
+
+
+def test_epochs_bound_every_refinement_phase():
+    s = RefineSettings().bounded(2, 300)  # 2 passes over 300 images at batch 128 -> 5 steps
+    assert (s.warm_steps, s.scan_steps, s.selflabel_steps) == (5, 5, 5)
+    assert RefineSettings().bounded(None, 300) == RefineSettings()
+
+
+def test_refinement_repairs_noisy_initial_labels():
+    x, y = bars()
+    rng = np.random.default_rng(1)
+    noisy = y.copy()
+    flip = rng.random(len(y)) < 0.25
+    noisy[flip] = rng.integers(0, 4, flip.sum())
+    confidence = np.where(flip, 0.0, 1.0)  # K-means would be less sure about its mistakes
+    features = x.flatten(1).numpy()
+    assert nearest_neighbours(features, 5).shape == (len(y), 5)
+    settings = RefineSettings(warm_steps=60, scan_steps=60, selflabel_steps=60, batch_size=32, neighbours=5)
+    net, history = refine(x, features, noisy, confidence, 4, settings, seed=0)
+    pred = predict(net, x).argmax(1)
+    assert (pred == y).mean() > 0.95 > (noisy == y).mean()
+    assert set(history) == {"warm", "neighbours", "selflabel"}
+    again, _ = refine(x, features, noisy, confidence, 4, settings, seed=0)
+    assert (predict(again, x).argmax(1) == pred).all()  # seeded: reproducible
