@@ -22,7 +22,7 @@ from PIL import Image
 from tests.corpus import digit_images
 
 LEASE = 15.0
-SETTINGS = ["--image-size", "16", "--shard-size", "8", "--epochs", "40", "--batch-size", "32", "-k", "5",
+SETTINGS = ["--image-size", "16", "--shard-size", "8", "--epochs", "10", "--batch-size", "32", "-k", "5",
             "--seed", "0", "--no-progress", "--n-workers", "2", "--lease-seconds", str(LEASE)]
 
 
