@@ -93,7 +93,7 @@ def _stages(config: RunConfig, lease: Lease) -> dict[str, Any]:
             clu = cluster_task(enc.codes_url, out, so, config.n_clusters, preset.embedding, config.seed, address,
                                preset.method, preset.embedding_dim)
         refined: dict[str, Any] = {}
-        if preset.refine and clu.n_clusters >= 2:
+        if (preset.refine if config.refine is None else config.refine) and clu.n_clusters >= 2:
             lease.check()
             with _timed(sec, "refine"):
                 clu, refined = refine_task(ing.images_url, clu, out, so, config.seed, address, config.epochs)

@@ -70,6 +70,9 @@ def _add_run_parser(sub: argparse._SubParsersAction) -> None:
                    '"http://127.0.0.1:9000", "anon": false}\'')
     p.add_argument("--overwrite", action="store_true", help="replace a finished run in OUTPUT (an unfinished one "
                    "is resumed: the same command after a crash redoes only unfinished work)")
+    p.add_argument("--refine", action=argparse.BooleanOptionalAction, help="refine K-means with the "
+                   "neighbour-consistent cluster net (default: the preset's choice, on for default); --no-refine "
+                   "keeps K-means' clusters")
     p.add_argument("--train-sample", type=int, help="train on a fixed random sample of this many images "
                    "(all are still encoded and clustered; default: train on all)")
     _add_lease_options(p)

@@ -60,6 +60,9 @@ class RunConfig(BaseModel):
     shard_size: int = Field(default=1024, ge=1, le=65_536, description="Images per Zarr chunk and per Dask task.")
     overwrite: bool = Field(default=False, description="Replace a finished run in output (an unfinished one is "
                             "resumed without it).")
+    refine: bool | None = Field(
+        default=None, description="Refine K-means with the neighbour-consistent cluster net (default: the "
+        "preset's choice; on for default). Off keeps K-means' clusters, e.g. for very uneven group sizes.")
     train_sample: int | None = Field(
         default=None, ge=1, description="Train on a fixed random sample of this many images when the archive is "
         "larger (every image is still encoded and clustered). Default: all.")
