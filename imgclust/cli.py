@@ -20,6 +20,8 @@ def _quiet_prefect_env() -> None:
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "imgclust")
     os.environ.setdefault("IMGCLUST_PROGRESS", "auto")
+    # The temporary Prefect server gets 20 s to start by default; a loaded machine needs more.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     # Sleeping, not spinning, OpenMP threads: on a shared or busy machine spinning threads of torch
     # and BLAS starve each other (training measured 5-10x slower under load without it).
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

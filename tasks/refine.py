@@ -36,6 +36,7 @@ from tasks.cluster import (
 
 logger = logging.getLogger("imgclust")
 _NETS: dict[str, ClusterNet] = {}
+MIN_PER_CLUSTER = 50  # fewer images per cluster than this: too little to train a classifier on
 
 
 def save_refiner(net: ClusterNet, spec: dict[str, Any], model_dir: str, storage_options: dict[str, Any]) -> str:
@@ -87,6 +88,10 @@ def refine_clusters(images_url: str, clu: Clustering, output: str, storage_optio
     t0 = time.perf_counter()
     images = open_array(images_url, so)
     n, k = images.shape[0], clu.n_clusters
+    if n < MIN_PER_CLUSTER * k:
+        logger.info("refine: skipped, %d images are too few for %d clusters (needs %d per cluster)", n, k,
+                    MIN_PER_CLUSTER)
+        return clu, {"skipped": f"fewer than {MIN_PER_CLUSTER} images per cluster"}
     rows = sample_rows(n, settings.sample, seed)
     x = torch.from_numpy(images.get_orthogonal_selection((rows, slice(None), slice(None), slice(None)))).float().div_(255.0)
     features = open_array(clu.features_url, so)
@@ -109,6 +114,11 @@ def refine_clusters(images_url: str, clu: Clustering, output: str, storage_optio
         raw[a:a + len(got)] = got
     labels, remap = _relabel_by_size(raw, k)
     found = int(labels.max()) + 1 if n else 0
+    if found < k:  # the net let clusters die: K-means' k clusters are the better answer
+        logger.warning("refine: the cluster net used only %d of %d clusters; keeping K-means' clusters", found, k)
+        fs, root = open_fs(model_dir, so)
+        fs.rm([f"{root}/refiner.pt", f"{root}/refiner.json"])
+        return clu, {**history, "rejected": f"collapsed to {found} of {k} clusters"}
     import dask.array as da
 
     centres = _means(da.from_array(f_all, chunks=(step, f_all.shape[1])), labels, found)
