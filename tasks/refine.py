@@ -33,6 +33,7 @@ from tasks.cluster import (
     sample_rows,
     save_cluster_model,
 )
+from tasks.train import weights_token
 
 logger = logging.getLogger("imgclust")
 _NETS: dict[str, ClusterNet] = {}
@@ -40,11 +41,12 @@ MIN_PER_CLUSTER = 50  # fewer images per cluster than this: too little to train 
 
 
 def save_refiner(net: ClusterNet, spec: dict[str, Any], model_dir: str, storage_options: dict[str, Any]) -> str:
+    """Write the net; returns the token of its weights (workers cache the net under it)."""
     buf = io.BytesIO()
     torch.save(net.state_dict(), buf)
     write_bytes_atomic(join(model_dir, "refiner.pt"), buf.getvalue(), storage_options)
     write_json(join(model_dir, "refiner.json"), spec, storage_options)
-    return join(model_dir, "refiner.pt")
+    return weights_token(buf.getvalue())
 
 
 def load_refiner(model_dir: str, storage_options: dict[str, Any] | None = None) -> ClusterNet | None:
@@ -64,8 +66,8 @@ def assign_pixels(net: ClusterNet, pixels: np.ndarray, remap: np.ndarray) -> np.
     return remap[probs.argmax(1)].astype(np.int64)
 
 
-def predict_chunk(images_url: str, model_dir: str, storage_options: dict[str, Any] | None, start: int, stop: int,
-                  threads: dict[str, int] | None = None) -> np.ndarray:
+def predict_chunk(images_url: str, model_dir: str, token: str, storage_options: dict[str, Any] | None, start: int,
+                  stop: int, threads: dict[str, int] | None = None) -> np.ndarray:
     """Raw cluster choice (before size ordering) of images [start, stop), on a worker."""
     from distributed import get_worker
 
@@ -73,11 +75,12 @@ def predict_chunk(images_url: str, model_dir: str, storage_options: dict[str, An
         torch.set_num_threads((threads or {}).get(get_worker().address, 1))
     except ValueError:  # not on a worker
         pass
-    if model_dir not in _NETS:
+    key = f"{model_dir}#{token}"
+    if key not in _NETS:
         _NETS.clear()
-        _NETS[model_dir] = load_refiner(model_dir, storage_options)
+        _NETS[key] = load_refiner(model_dir, storage_options)
     pixels = open_array(images_url, storage_options)[start:stop]
-    return predict(_NETS[model_dir], torch.from_numpy(pixels).float().div_(255.0)).argmax(1).astype(np.int32)
+    return predict(_NETS[key], torch.from_numpy(pixels).float().div_(255.0)).argmax(1).astype(np.int32)
 
 
 def refine_clusters(images_url: str, clu: Clustering, output: str, storage_options: dict[str, Any], seed: int,
@@ -102,10 +105,10 @@ def refine_clusters(images_url: str, clu: Clustering, output: str, storage_optio
     model_dir = join(output, "model")
     spec = {"channels": int(images.shape[1]), "k": k, "width": settings.width, "settings": settings.as_dict(),
             "history": history}
-    save_refiner(net, spec, model_dir, so)
+    token = save_refiner(net, spec, model_dir, so)
     threads = torch_threads_by_worker(client)
     step = images.chunks[0]
-    futures = {client.submit(predict_chunk, images_url, model_dir, so, a, b, threads, pure=False): a
+    futures = {client.submit(predict_chunk, images_url, model_dir, token, so, a, b, threads, pure=False): a
                for a, b in aligned_spans(0, n, step)}
     raw = np.zeros(n, np.int32)
     for fut in track(completed(client, futures), total=len(futures), desc="refine", unit="chunk"):
