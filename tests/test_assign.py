@@ -56,3 +56,39 @@ def test_assign_new_images_to_a_finished_run(finished_run, tmp_path):
 def test_assign_refuses_a_folder_without_a_run(tmp_path):
     r = imgclust("assign", str(tmp_path), str(tmp_path))
     assert r.returncode == 2 and "run_dir" in r.stderr
+
+
+def test_a_refined_run_assigns_new_images_with_its_cluster_net(tmp_path):
+    """The default refines K-means with a cluster net; new images must go through the same net."""
+    from sklearn.datasets import load_digits
+
+    from tasks.refine import assign_pixels, load_refiner
+
+    d = load_digits()
+    keep = np.flatnonzero(d.target < 4)
+    src, new = tmp_path / "digits", tmp_path / "incoming"
+    for j, i in enumerate(keep):
+        folder = (new if j % 10 == 0 else src) / str(d.target[i])
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((d.images[i] * 15.9).astype(np.uint8)).resize((16, 16)).save(folder / f"{i}.png")
+    out = tmp_path / "run"
+    r = imgclust("run", str(src), str(out), "--image-size", "16", "--epochs", "20", "-k", "4", "--seed", "0",
+                 "--no-progress")
+    assert r.returncode == 0, r.stderr[-3000:]
+    record = json.loads((out / "run.json").read_text())
+    assert {"warm", "neighbours", "selflabel"} <= set(record["refine"]), record["refine"]
+    net = load_refiner(str(out / "model"))
+    remap = np.asarray(json.loads((out / "model" / "refiner.json").read_text())["remap"])
+    a = pd.read_parquet(out / "assignments.parquet")
+    own = assign_pixels(net, open_array(str(out / "images.zarr"))[:], remap)
+    assert (own == a["cluster"].to_numpy()).all()  # the net reproduces the run's own assignments
+
+    r = imgclust("assign", str(out), str(new))
+    assert r.returncode == 0, r.stderr[-3000:]
+    after = pd.read_parquet(out / "assignments.parquet")
+    fresh = after.iloc[len(a):]
+    assert len(fresh) == len(list(new.rglob("*.png")))
+    # Each new digit lands in the cluster that holds most of the run's images of the same digit.
+    home = a.assign(digit=a["path"].str.split("/").str[0]).groupby("digit")["cluster"].agg(lambda c: c.mode()[0])
+    hits = (fresh["path"].str.split("/").str[0].map(home) == fresh["cluster"]).mean()
+    assert hits >= 0.8, hits
