@@ -47,7 +47,7 @@ class RefineSettings:
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def bounded(self, epochs: int | None, n_images: int) -> "RefineSettings":
+    def bounded(self, epochs: int | None, n_images: int) -> RefineSettings:
         """At most ``epochs`` passes over the sample per phase, when the user bounds training."""
         if epochs is None:
             return self
@@ -109,7 +109,7 @@ def confident_subset(labels: np.ndarray, confidence: np.ndarray, k: int, keep: f
     for c in range(k):
         members = np.flatnonzero(labels == c)
         if len(members):
-            n = max(1, int(round(keep * len(members))))
+            n = max(1, round(keep * len(members)))
             chosen.append(members[np.argsort(-confidence[members], kind="stable")[:n]])
     return np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, np.int64)
 

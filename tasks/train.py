@@ -20,8 +20,8 @@ from imgclust.batches import iter_batches
 from imgclust.dask_cluster import gpu_workers
 from imgclust.models import Autoencoder, build_model
 from imgclust.presets import PRESETS
-from imgclust.refiner import random_shift
 from imgclust.progress import track
+from imgclust.refiner import random_shift
 from imgclust.resume import fingerprint, resume_url
 from imgclust.storage import join, open_fs, remove, write_bytes_atomic, write_json
 from imgclust.zarr_store import open_array
