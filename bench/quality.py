@@ -34,6 +34,19 @@ METHODS = (*PRESET_METHODS, "raw-kmeans", "clustimage", "clustimage-k")
 IMGCLUST = str(Path(sys.executable).parent / "imgclust")
 
 
+def clustimage_python() -> str | None:
+    """A Python with clustimage: this one, $CLUSTIMAGE_PYTHON, or a separate venv at /work/clustimage-venv
+    (clustimage pins packages that clash with the product's, so it may live in its own venv)."""
+    import importlib.util
+
+    if importlib.util.find_spec("clustimage") is not None:
+        return sys.executable
+    for candidate in (os.environ.get("CLUSTIMAGE_PYTHON"), "/work/clustimage-venv/bin/python"):
+        if candidate and Path(candidate).exists():
+            return candidate
+    return None
+
+
 def run_method(method: str, dataset: str, folder: Path, seed: int, work: Path) -> dict:
     x, y = load(dataset)
     k = len(np.unique(y))
@@ -59,11 +72,10 @@ def run_method(method: str, dataset: str, folder: Path, seed: int, work: Path) -
             raise RuntimeError(f"raw-kmeans failed: {m.stderr[-2000:]}")
         pred, labels = np.load(f"{out}.npy"), y.astype(str)
     else:
-        try:
-            import clustimage  # noqa: F401
-        except ImportError:
-            return {"skipped": "clustimage is not installed (pip install clustimage)"}
-        args = [sys.executable, str(HERE / "anchors.py"), "clustimage", str(folder), str(seed), f"{out}.csv"]
+        python = clustimage_python()
+        if python is None:
+            return {"skipped": "clustimage is not installed (pip install clustimage, or set CLUSTIMAGE_PYTHON)"}
+        args = [python, str(HERE / "anchors.py"), "clustimage", str(folder), str(seed), f"{out}.csv"]
         if method == "clustimage-k":
             args.append(str(k))
         m = run_measured(args, env)
