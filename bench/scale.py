@@ -85,9 +85,15 @@ def _jpeg(i: int) -> tuple[int, bytes]:
 
 def _write_span(args: tuple[Path, int, int]) -> int:
     folder, lo, hi = args
+    assert _FASHION is not None
     for i in range(lo, hi):
+        path = folder / str(int(_FASHION[1][i % len(_FASHION[1])])) / f"{i:06d}.jpg"
+        if path.exists():  # an interrupted generation goes on where it stopped
+            continue
         label, data = _jpeg(i)
-        (folder / str(label) / f"{i:06d}.jpg").write_bytes(data)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_bytes(data)
+        tmp.rename(path)
     return hi - lo
 
 
@@ -354,6 +360,9 @@ def report(results: dict[str, Any], command: str) -> str:
                 continue
             ratio = (f"×{prod['wall_s'] / a['wall_s']:.2f} | ×{prod['peak_mb'] / a['peak_mb']:.2f}" if prod else "| ")
             lines.append(f"| {name} | {a['wall_s']:.0f} | {a['peak_mb']} | {a['acc']:.3f} | {ratio} |")
+    notes = HERE / "scale-notes.md"  # hand-written reading of the figures, kept when the tables are rewritten
+    if notes.exists():
+        lines += ["", notes.read_text().rstrip()]
     text = "\n".join(lines)
     return (f"Commands (results.json accumulates tiers across calls): `{command}`\n\nMachine: {platform.machine()}, {os.cpu_count()} cores, Python "
             f"{platform.python_version()}, shared with other jobs (compare figures only as ratios within this "
