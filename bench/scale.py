@@ -336,7 +336,7 @@ def report(results: dict[str, Any], command: str) -> str:
         lo, hi = tiers[0], tiers[-1]
         mem = hi["peak_mb"] / lo["peak_mb"]
         spi = (hi["wall_s"] / hi["accepted"]) / (lo["wall_s"] / lo["accepted"])
-        lines += ["", f"Ratios {hi['n']} / {lo['n']} (same run of this script where both were measured):", "",
+        lines += ["", f"Ratios {hi['n']} / {lo['n']} (tiers run one after another by the commands above, on the same machine):", "",
                   f"- peak memory ×{mem:.2f} (target ≤ 1.3): **{'met' if mem <= 1.3 else 'not met'}**",
                   f"- seconds per image ×{spi:.2f} (target ≤ 1.2): **{'met' if spi <= 1.2 else 'not met'}**",
                   f"- CPU seconds per image (discover..publish) ×"
