@@ -22,6 +22,8 @@ class Measured:
     # (seconds since start, line) for every output line as it arrived, stdout and stderr merged.
     samples: list[tuple[float, float]] = field(default_factory=list)
     lines: list[tuple[float, str]] = field(default_factory=list)
+    # With ``timeline=True``: (seconds since start, CPU seconds used so far by the live processes of the tree).
+    cpu: list[tuple[float, float]] = field(default_factory=list)
     # With ``timeline=True``: per process (pid -> command line), its own peak RSS MB.
     process_peaks: dict[int, tuple[str, float]] = field(default_factory=dict)
 
@@ -36,6 +38,7 @@ def run_measured(cmd: list[str], env: dict[str, str] | None = None, timeout: flo
     samples: list[tuple[float, float]] = []
     lines: list[tuple[float, str]] = []
     process_peaks: dict[int, tuple[str, float]] = {}
+    cpu: list[tuple[float, float]] = []
 
     def sample() -> None:
         nonlocal peak
@@ -43,19 +46,23 @@ def run_measured(cmd: list[str], env: dict[str, str] | None = None, timeout: flo
         while not stop.is_set():
             try:
                 procs = [root, *root.children(recursive=True)]
-                total = 0
+                total, cpu_s = 0, 0.0
                 for p in procs:
                     try:
                         rss = p.memory_info().rss
                         total += rss
                         if timeline:
+                            c = p.cpu_times()
+                            cpu_s += c.user + c.system
                             name, top = process_peaks.get(p.pid) or (" ".join(p.cmdline())[:300], 0.0)
                             process_peaks[p.pid] = (name, max(top, rss / 2**20))
                     except psutil.Error:
                         pass
                 peak = max(peak, total / 2**20)
                 if timeline:
-                    samples.append((time.perf_counter() - t0, total / 2**20))
+                    now = time.perf_counter() - t0
+                    samples.append((now, total / 2**20))
+                    cpu.append((now, cpu_s))
             except psutil.Error:
                 pass
             stop.wait(0.2)
@@ -91,4 +98,4 @@ def run_measured(cmd: list[str], env: dict[str, str] | None = None, timeout: flo
         out, err = "".join(chunks["out"]), "".join(chunks["err"])
     stop.set()
     t.join()
-    return Measured(proc.returncode, time.perf_counter() - t0, peak, out, err, samples, lines, process_peaks)
+    return Measured(proc.returncode, time.perf_counter() - t0, peak, out, err, samples, lines, cpu, process_peaks)
