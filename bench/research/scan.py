@@ -93,3 +93,6 @@ if __name__ == "__main__":
             p, feats = predict(net, X)
             lab, conf = p.argmax(1), p.max(1)
             record(a.dataset, name + f" scan+selflabel{r + 1}", seed, y, lab, time.perf_counter() - t0)
+        import pandas as pd
+
+        print(pd.crosstab(lab, y).to_string(), flush=True)
