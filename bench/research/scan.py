@@ -10,7 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bench.research.common import Timer, kmeans, load, record, umap_embed
+from bench.research.common import Timer, kmeans, load, record, standardise, umap_embed
 from bench.research.selflabel import Net, augment, predict, select, train_round
 
 
@@ -21,8 +21,19 @@ def knn(f, k):
     return nn_.kneighbors(f, return_distance=False)[:, 1:]
 
 
-def scan_train(net, X, nbrs, steps, bs, lr, m, noise, scale, ent_w, seed):
+def scan_losses(p, bs, ent_w):
+    pa, pn = p[:bs], p[bs:]
+    cons = -torch.log((pa * pn).sum(1).clamp_min(1e-7)).mean()
+    mp = p.mean(0)
+    return cons + ent_w * (mp * torch.log(mp.clamp_min(1e-7))).sum()
+
+
+def scan_train(net, X, nbrs, steps, bs, lr, m, noise, scale, ent_w, seed, heads=1):
+    """SCAN loss on ``heads`` linear heads at once; keeps the head with the lowest loss (no labels)."""
     g = torch.Generator().manual_seed(seed)
+    k = net.head.out_features
+    hs = torch.nn.ModuleList([net.head] + [torch.nn.Linear(net.head.in_features, k) for _ in range(heads - 1)])
+    net.head = hs
     opt = torch.optim.Adam(net.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     N, K = nbrs.shape
@@ -32,16 +43,17 @@ def scan_train(net, X, nbrs, steps, bs, lr, m, noise, scale, ent_w, seed):
         a = torch.randint(0, N, (bs,), generator=g)
         n = NB[a, torch.randint(0, K, (bs,), generator=g)]
         xb = augment(torch.cat([X[a], X[n]]), m, g, noise, scale)
-        p = F.softmax(net(xb), 1)
-        pa, pn = p[:bs], p[bs:]
-        cons = -torch.log((pa * pn).sum(1).clamp_min(1e-7)).mean()
-        mp = p.mean(0)
-        negent = (mp * torch.log(mp.clamp_min(1e-7))).sum()
-        loss = cons + ent_w * negent
+        f = net.features(xb)
+        per_head = torch.stack([scan_losses(F.softmax(h(f), 1), bs, ent_w) for h in hs])
+        loss = per_head.sum()
         opt.zero_grad()
         loss.backward()
         opt.step()
         sched.step()
+        run = per_head.detach() if s == 0 else 0.98 * run + 0.02 * per_head.detach()
+    best = int(run.argmin())
+    net.head = hs[best]
+    print("head losses", [round(float(v), 3) for v in run], "kept", best, flush=True)
     return net
 
 
@@ -61,6 +73,8 @@ if __name__ == "__main__":
     ap.add_argument("--scale", type=float, default=0.1)
     ap.add_argument("--width", type=int, default=32)
     ap.add_argument("--selflabel", type=int, default=1)
+    ap.add_argument("--heads", type=int, default=1)
+    ap.add_argument("--init", default="raw", help="raw, or a .npy of codes ({seed} is replaced) for UMAP")
     a = ap.parse_args()
     x, y = load(a.dataset)
     k = 10
@@ -69,12 +83,13 @@ if __name__ == "__main__":
     for seed in map(int, a.seeds.split(",")):
         torch.manual_seed(seed)
         t0 = time.perf_counter()
-        e = umap_embed(f0, seed, 10, 15)
+        e = umap_embed(f0 if a.init == "raw" else standardise(np.load(a.init.replace("{seed}", str(seed)))),
+                       seed, 10, 15)
         lab, cen = kmeans(e, k, seed)
         conf = -np.linalg.norm(e - cen[lab], axis=1)
         nbrs = knn(e if a.nbr_space == "umap" else f0, a.knn)
-        name = (f"scan nbr={a.nbr_space}{a.knn} warm={a.warm} steps={a.steps} ent={a.ent} shift={a.shift} "
-                f"scale={a.scale} noise={a.noise} w={a.width}")
+        name = (("" if a.init == "raw" else f"init={a.init.split('/')[-1]} ") + f"scan nbr={a.nbr_space}{a.knn} warm={a.warm} steps={a.steps} ent={a.ent} shift={a.shift} "
+                f"scale={a.scale} noise={a.noise} w={a.width} heads={a.heads}")
         record(a.dataset, name + " r0(umap+kmeans)", seed, y, lab, time.perf_counter() - t0)
         net = Net(k, a.width)
         if a.warm:
@@ -82,7 +97,7 @@ if __name__ == "__main__":
             net = train_round(X, idx, lab[idx], k, seed, 300, a.bs, 2e-3, a.shift, a.noise, a.scale, a.width)
             p, _ = predict(net, X)
             record(a.dataset, name + " warm", seed, y, p.argmax(1), time.perf_counter() - t0)
-        net = scan_train(net, X, nbrs, a.steps, a.bs, a.lr, a.shift, a.noise, a.scale, a.ent, seed)
+        net = scan_train(net, X, nbrs, a.steps, a.bs, a.lr, a.shift, a.noise, a.scale, a.ent, seed, a.heads)
         p, feats = predict(net, X)
         lab, conf = p.argmax(1), p.max(1)
         record(a.dataset, name + " scan", seed, y, lab, time.perf_counter() - t0,
