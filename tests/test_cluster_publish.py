@@ -53,26 +53,6 @@ def test_dbscan_on_a_2d_map_finds_the_groups_itself_and_places_new_codes(tmp_pat
     assert (lab == labels[::10]).all() and (dist >= 0).all()
 
 
-def test_umap_fitted_on_a_sample_places_the_other_codes_on_the_workers(tmp_path, client, monkeypatch):
-    """Above UMAP_SAMPLE codes, UMAP is fitted on a sample and the rest go through ``transform``
-    on the Dask workers; the saved clusterer must place codes where the run did."""
-    from sklearn.metrics import adjusted_rand_score
-
-    import tasks.cluster
-    from imgclust.zarr_store import open_array
-    from tasks.cluster import load_cluster_model
-
-    monkeypatch.setattr(tasks.cluster, "UMAP_SAMPLE", 120)
-    x, truth = blobs(n_per=100, k=3)
-    url = str(tmp_path / "codes.zarr")
-    create_array(url, x.shape, 50, "float32")[:] = x
-    res = cluster_codes(url, str(tmp_path), {}, 3, "umap", 0, client)
-    labels = open_array(res.labels_url)[:]
-    assert adjusted_rand_score(truth, labels) > 0.99
-    model = load_cluster_model(str(tmp_path / "model" / "clusterer.pkl"), {})
-    assert model.reducer is not None and (model.assign(x)[0] == labels).mean() > 0.99
-
-
 def test_k_is_chosen_from_the_data_when_not_given():
     x, _ = blobs(k=5)
     k, curve = choose_k(x, 0, k_max=9)
