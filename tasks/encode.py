@@ -15,6 +15,7 @@ from imgclust.dask_cluster import completed, torch_threads_by_worker
 from imgclust.progress import track
 from imgclust.resume import ShardLedger, fingerprint
 from imgclust.storage import join
+from imgclust.threads import torch_threads, worker_budget
 from imgclust.zarr_store import aligned_spans, create_array, open_array
 from tasks.train import load_model
 
@@ -60,17 +61,11 @@ def encode_chunk(images_url: str, codes_url: str, model_url: str, token: str,
     Workers with CUDA encode on their GPU; the others on CPU with the thread budget ``threads``
     gives their address, so that tasks x torch threads never exceed a host's cores.
     """
-    from distributed import get_worker
-
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cpu":
-        try:
-            torch.set_num_threads((threads or {}).get(get_worker().address, 1))
-        except ValueError:  # not on a worker (direct call)
-            torch.set_num_threads(1)
     model = _cached_model(model_url, token, storage_options).to(device)
     pixels = open_array(images_url, storage_options)[start:stop]
-    codes, sq = encode_array(model, pixels, batch_size, device)
+    with torch_threads(worker_budget(threads) if device.type == "cpu" else torch.get_num_threads()):
+        codes, sq = encode_array(model, pixels, batch_size, device)
     open_array(codes_url, storage_options, mode="r+")[start:stop] = codes
     if ledger is not None:
         ledger.mark(start, sq)

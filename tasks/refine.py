@@ -22,6 +22,7 @@ from imgclust.dask_cluster import completed, torch_threads_by_worker
 from imgclust.progress import track
 from imgclust.refiner import ClusterNet, RefineSettings, predict, refine
 from imgclust.storage import join, open_fs, write_bytes_atomic, write_json
+from imgclust.threads import local_cores, torch_threads, worker_budget
 from imgclust.zarr_store import aligned_spans, create_array, open_array
 from tasks.cluster import (
     K_SEARCH_SAMPLE,
@@ -69,18 +70,13 @@ def assign_pixels(net: ClusterNet, pixels: np.ndarray, remap: np.ndarray) -> np.
 def predict_chunk(images_url: str, model_dir: str, token: str, storage_options: dict[str, Any] | None, start: int,
                   stop: int, threads: dict[str, int] | None = None) -> np.ndarray:
     """Raw cluster choice (before size ordering) of images [start, stop), on a worker."""
-    from distributed import get_worker
-
-    try:
-        torch.set_num_threads((threads or {}).get(get_worker().address, 1))
-    except ValueError:  # not on a worker
-        pass
     key = f"{model_dir}#{token}"
     if key not in _NETS:
         _NETS.clear()
         _NETS[key] = load_refiner(model_dir, storage_options)
     pixels = open_array(images_url, storage_options)[start:stop]
-    return predict(_NETS[key], torch.from_numpy(pixels).float().div_(255.0)).argmax(1).astype(np.int32)
+    with torch_threads(worker_budget(threads)):
+        return predict(_NETS[key], torch.from_numpy(pixels).float().div_(255.0)).argmax(1).astype(np.int32)
 
 
 def refine_clusters(images_url: str, clu: Clustering, output: str, storage_options: dict[str, Any], seed: int,
@@ -101,7 +97,8 @@ def refine_clusters(images_url: str, clu: Clustering, output: str, storage_optio
     f_all = features[:]
     labels0 = open_array(clu.labels_url, so)[:]
     dist0 = open_array(clu.distances_url, so)[:]
-    net, history = refine(x, f_all[rows], labels0[rows].astype(np.int64), -dist0[rows], k, settings, seed)
+    with torch_threads(local_cores()):  # fitted here, in the flow's process, while the workers idle
+        net, history = refine(x, f_all[rows], labels0[rows].astype(np.int64), -dist0[rows], k, settings, seed)
     model_dir = join(output, "model")
     spec = {"channels": int(images.shape[1]), "k": k, "width": settings.width, "settings": settings.as_dict(),
             "history": history}

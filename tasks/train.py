@@ -24,6 +24,7 @@ from imgclust.progress import track
 from imgclust.refiner import random_shift
 from imgclust.resume import fingerprint, resume_url
 from imgclust.storage import join, open_fs, remove, write_bytes_atomic, write_json
+from imgclust.threads import local_cores, torch_threads
 from imgclust.zarr_store import open_array
 
 logger = logging.getLogger("imgclust")
@@ -190,34 +191,37 @@ def train_autoencoder(images_url: str, output: str, storage_options: dict[str, A
         logger.info("train: resuming from the checkpoint after epoch %d of %d", first, epochs)
     logger.info("train: %s on %d of %d images of %dx%dx%d, %d epochs, device %s", preset, n_train, n, channels, h, w,
                 epochs, dev)
-    model.train()
-    last_save = float("-inf")
-    for epoch in track(range(first, epochs), total=epochs - first, desc="train", unit="epoch"):
-        t0, total, seen = time.perf_counter(), 0.0, 0
-        for batch in iter_batches(images, batch_size, rng, rows=rows):
-            target = to_float(batch, dev)
-            x = random_shift(target, shift, gen) if shift else target
-            if shift:
-                target = x
-            with torch.autocast(device_type=dev.type, dtype=torch.float16, enabled=use_amp):
-                loss = reconstruction_loss(model, x, target, p.loss)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            if sched is not None:
-                sched.step()
-            total += float(loss.detach()) * len(batch)
-            seen += len(batch)
-        losses.append(total / max(seen, 1))
-        logger.info("train: epoch %d/%d loss %.5f (%.1f s)", epoch + 1, epochs, losses[-1], time.perf_counter() - t0)
-        if epoch + 1 < epochs and time.monotonic() - last_save >= CHECKPOINT_SECONDS:
-            _save_checkpoint(checkpoint_url, storage_options, {
-                "epoch": epoch + 1, "losses": losses, "model": model.state_dict(), "opt": opt.state_dict(),
-                "sched": sched.state_dict() if sched is not None else None, "scaler": scaler.state_dict(),
-                "numpy_rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
-                "shift_rng": gen.get_state()})
-            last_save = time.monotonic()
+    # A fixed thread count (all cores: the workers idle meanwhile) makes the weights independent of
+    # whatever set torch's threads earlier in this process.
+    with torch_threads(local_cores()):
+        model.train()
+        last_save = float("-inf")
+        for epoch in track(range(first, epochs), total=epochs - first, desc="train", unit="epoch"):
+            t0, total, seen = time.perf_counter(), 0.0, 0
+            for batch in iter_batches(images, batch_size, rng, rows=rows):
+                target = to_float(batch, dev)
+                x = random_shift(target, shift, gen) if shift else target
+                if shift:
+                    target = x
+                with torch.autocast(device_type=dev.type, dtype=torch.float16, enabled=use_amp):
+                    loss = reconstruction_loss(model, x, target, p.loss)
+                opt.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+                if sched is not None:
+                    sched.step()
+                total += float(loss.detach()) * len(batch)
+                seen += len(batch)
+            losses.append(total / max(seen, 1))
+            logger.info("train: epoch %d/%d loss %.5f (%.1f s)", epoch + 1, epochs, losses[-1], time.perf_counter() - t0)
+            if epoch + 1 < epochs and time.monotonic() - last_save >= CHECKPOINT_SECONDS:
+                _save_checkpoint(checkpoint_url, storage_options, {
+                    "epoch": epoch + 1, "losses": losses, "model": model.state_dict(), "opt": opt.state_dict(),
+                    "sched": sched.state_dict() if sched is not None else None, "scaler": scaler.state_dict(),
+                    "numpy_rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
+                    "shift_rng": gen.get_state()})
+                last_save = time.monotonic()
     model = model.to(memory_format=torch.contiguous_format).cpu().eval()
     spec.update(losses=losses, train_key=key, device=str(dev), train_sample=n_train, resumed_from_epoch=first)
     token = save_model(model, spec, join(output, "model"), storage_options)

@@ -72,3 +72,25 @@ def test_train_sample_trains_on_a_fixed_subset_and_a_finished_training_is_reused
     with caplog.at_level(logging.INFO, logger="imgclust"):
         again = train_autoencoder(url, str(tmp_path / "a"), {}, "default", 2, 16, 1e-3, 7, "cpu", "k", train_sample=30)
     assert again.model_token == a.model_token and "already done" in caplog.text
+
+
+def test_weights_do_not_depend_on_torch_threads_set_earlier_in_the_process(tmp_path):
+    """A test process or a notebook may have changed torch's thread count; training pins its own."""
+    from imgclust.threads import local_cores
+
+    if local_cores() < 2:
+        import pytest
+
+        pytest.skip("needs 2 cores to differ from a 1-thread setting")
+    url = str(tmp_path / "images.zarr")
+    make_images(url, n=200)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        a = train_autoencoder(url, str(tmp_path / "a"), {}, "default", 3, 32, 1e-3, 3, "cpu")
+        assert torch.get_num_threads() == 1  # put back afterwards
+        torch.set_num_threads(local_cores())
+        b = train_autoencoder(url, str(tmp_path / "b"), {}, "default", 3, 32, 1e-3, 3, "cpu")
+    finally:
+        torch.set_num_threads(before)
+    assert a.model_token == b.model_token
