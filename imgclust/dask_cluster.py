@@ -7,6 +7,7 @@ import logging
 import os
 from collections.abc import Iterator
 
+import dask
 from distributed import Client, LocalCluster, as_completed
 
 logger = logging.getLogger("imgclust")
@@ -47,7 +48,9 @@ def dask_client(address: str | None = None, n_workers: int | None = None, cluste
         return
     n = n_workers or max(1, os.cpu_count() or 1)
     env = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
-    with LocalCluster(
+    # The workers' statistical profiler walks the running task's stack every 10 ms on the event
+    # loop: a few per cent of every core (bench/ingest.py), for a dashboard page batch runs never open.
+    with dask.config.set({"distributed.worker.profile.enabled": False}), LocalCluster(
         n_workers=n, threads_per_worker=1, processes=True, dashboard_address=":0",
         host="127.0.0.1", env=env,
     ) as cluster, Client(cluster, set_as_default=False) as client:

@@ -90,3 +90,21 @@ def remove(url: str, storage_options: dict[str, Any] | None = None) -> None:
     fs, path = open_fs(url, storage_options)
     if fs.exists(path):
         fs.rm(path, recursive=True)
+
+
+def move_tree(src: str, dst: str, storage_options: dict[str, Any] | None = None) -> None:
+    """Replace ``dst`` by ``src`` (a rename on a local disk; a server-side copy on object stores)."""
+    fs, a = open_fs(src, storage_options)
+    _, b = open_fs(dst, storage_options)
+    fs.invalidate_cache()  # other processes (the workers) wrote under src since this one listed it
+    if fs.exists(b):
+        fs.rm(b, recursive=True)
+    if is_local(src):
+        fs.mv(a, b, recursive=True)
+        return
+    # Object stores: copy the listed files only (s3fs's recursive mv also tries the "directories",
+    # which are no keys, and fails), then delete the source.
+    a, b = a.rstrip("/"), b.rstrip("/")
+    files = fs.find(a)
+    fs.copy(files, [b + f[len(a):] for f in files])
+    fs.rm(a, recursive=True)

@@ -17,7 +17,15 @@ from imgclust.dask_cluster import completed
 from imgclust.imagefile import ImageRejected, decode_image
 from imgclust.progress import track
 from imgclust.resume import ShardLedger, fingerprint
-from imgclust.storage import exists, join, open_fs, read_parquet, remove, write_parquet
+from imgclust.storage import (
+    exists,
+    join,
+    move_tree,
+    open_fs,
+    read_parquet,
+    remove,
+    write_parquet,
+)
 from imgclust.zarr_store import aligned_spans, chunk_spans, create_array, open_array
 
 logger = logging.getLogger("imgclust")
@@ -150,8 +158,9 @@ def ingest(source: str, output: str, storage_options: dict[str, Any], unique_url
            size: tuple[int, int], gray: bool, fit: str, shard_size: int, client: Client) -> Ingest:
     """Write ``images.zarr``, ``manifest.parquet`` and ``rejected.parquet``.
 
-    Shards are decoded into a staging array first (rejected files leave holes), then compacted so
-    that ``manifest.index`` is a dense 0..N-1 index into ``images.zarr``. Finished shards are
+    Shards are decoded into a staging array first. When files were rejected (they leave holes), it
+    is compacted so that ``manifest.index`` is a dense 0..N-1 index into ``images.zarr``; when none
+    were, the staging array is moved into place, which writes every pixel once. Finished shards are
     recorded, so a killed run decodes only the rest; a finished ingest is not redone at all.
     """
     unique = read_parquet(unique_url, storage_options)
@@ -169,8 +178,13 @@ def ingest(source: str, output: str, storage_options: dict[str, Any], unique_url
     accepted_rows = np.flatnonzero(info["ok"].to_numpy(bool))
     images_url = join(output, "images.zarr")
     attrs = {"color": "gray" if gray else "rgb", "height": size[0], "width": size[1], "fit": fit}
-    create_array(images_url, (len(accepted_rows), channels, *size), shard_size, "uint8", storage_options, attrs)
-    compact_into(staging_url, images_url, storage_options, accepted_rows, 0, client)
+    if len(accepted_rows) == len(info):  # nothing rejected: the staging array is already the final one
+        ledger.clear()  # first: a crash while moving must not leave shards recorded in a moved array
+        move_tree(staging_url, images_url, storage_options)
+        open_array(images_url, storage_options, mode="r+").update_attributes(attrs)
+    else:
+        create_array(images_url, (len(accepted_rows), channels, *size), shard_size, "uint8", storage_options, attrs)
+        compact_into(staging_url, images_url, storage_options, accepted_rows, 0, client)
     manifest, decode_rejects = manifest_rows(unique, info, 0)
     unreadable = read_parquet(unreadable_url, storage_options).assign(sha256=None)
     rejected = pd.concat([unreadable, decode_rejects], ignore_index=True)[["path", "reason", "sha256"]]

@@ -34,3 +34,25 @@ def test_ingest_accounts_for_every_file(corpus, client, tmp_path):
     px = images[:]
     assert (px.reshape(len(px), -1).max(axis=1) > 0).all()
     assert set(manifest["format"]) >= {"PNG", "JPEG", "BMP", "GIF", "WEBP", "TIFF"}
+
+
+def test_without_rejects_the_staging_array_is_moved_into_place(tmp_path, client):
+    """The common case writes every pixel once: no compaction copy, and rows still follow the manifest."""
+    from PIL import Image
+
+    from imgclust.storage import exists
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(37):
+        Image.fromarray(np.full((12, 12), 7 * i, np.uint8), "L").save(src / f"{i:02d}.png")
+    out = str(tmp_path / "out")
+    found = discover(str(src), out, {}, client)
+    ing = ingest(str(src), out, {}, found.unique_url, found.unreadable_url, (8, 8), True, "crop", 16, client)
+    manifest = read_parquet(f"{out}/manifest.parquet")
+    images = open_array(ing.images_url)
+    assert ing.n_accepted == 37 and images.shape == (37, 1, 8, 8) and images.chunks[0] == 16
+    assert not exists(f"{out}/_work/staging.zarr")
+    assert images.attrs["color"] == "gray" and images.attrs["ingest_key"] == ing.key
+    expected = np.array([7 * int(p[:2]) for p in manifest["path"]])
+    assert (images[:].reshape(37, -1) == expected[:, None]).all()

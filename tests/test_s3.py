@@ -2,6 +2,7 @@
 
 import io
 import json
+
 import pandas as pd
 import pytest
 
@@ -140,3 +141,21 @@ def test_no_permission_is_a_clear_error(tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=20)
+
+
+def test_move_tree_on_a_bucket_moves_every_key(s3):
+    """s3fs's own recursive mv fails on the "directories" of a Zarr array; ours copies the keys."""
+    import s3fs
+
+    from imgclust.storage import move_tree
+    from imgclust.zarr_store import create_array, open_array
+
+    fs = s3fs.S3FileSystem(**s3)
+    fs.mkdir("movetree")
+    create_array("s3://movetree/out/_work/a.zarr", (100, 2), 32, "uint8", s3)[:] = 7
+    create_array("s3://movetree/out/b.zarr", (5, 2), 32, "uint8", s3)  # replaced
+    move_tree("s3://movetree/out/_work/a.zarr", "s3://movetree/out/b.zarr", s3)
+    fs.invalidate_cache()
+    assert not fs.exists("movetree/out/_work/a.zarr")
+    moved = open_array("s3://movetree/out/b.zarr", s3)[:]
+    assert moved.shape == (100, 2) and (moved == 7).all()
