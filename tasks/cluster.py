@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import dask
@@ -12,6 +12,7 @@ import numpy as np
 from distributed import Client
 from prefect import task
 
+from imgclust.resume import ShardLedger, fingerprint
 from imgclust.storage import join, open_fs, write_bytes_atomic
 from imgclust.zarr_store import create_array, open_array
 from tasks.cluster_density import fit_density, nearest_reference
@@ -30,6 +31,15 @@ class Clustering:
     n_clusters: int
     silhouette: float | None
     k_curve: dict[int, float] = field(default_factory=dict)
+    key: str = ""  # content + settings that produced it ("" when not resumable)
+
+    def as_record(self) -> dict[str, Any]:
+        return {**asdict(self), "k_curve": {str(k): v for k, v in self.k_curve.items()}}
+
+    @classmethod
+    def from_record(cls, rec: dict[str, Any]) -> Clustering:
+        fields = {f: rec[f] for f in cls.__dataclass_fields__}
+        return cls(**{**fields, "k_curve": {int(k): float(v) for k, v in rec["k_curve"].items()}})
 
 
 def standardise(codes: da.Array) -> tuple[da.Array, np.ndarray, np.ndarray]:
@@ -156,8 +166,17 @@ def cluster_codes(codes_url: str, output: str, storage_options: dict[str, Any], 
                   embedding: str, seed: int, client: Client, method: str = "kmeans",
                   embedding_dim: int = 10) -> Clustering:
     """Cluster the codes: K-means on standardised codes or their UMAP manifold (``embedding_dim``-d),
-    or (``method="dbscan"``) DBSCAN on a 2-D t-SNE/UMAP map of a sample, which picks k itself."""
+    or (``method="dbscan"``) DBSCAN on a 2-D t-SNE/UMAP map of a sample, which picks k itself.
+
+    Codes of a finished encode carry its key: the result is then recorded under it and these
+    settings, and a resumed run reuses it instead of fitting UMAP and K-means again.
+    """
     codes = open_array(codes_url, storage_options)
+    ledger = _ledger(codes, output, storage_options, n_clusters, embedding, seed, method, embedding_dim)
+    recorded = ledger.done().get("result") if ledger is not None else None
+    if recorded is not None:
+        logger.info("cluster: already done for these codes and settings; reusing the clusters")
+        return Clustering.from_record(recorded)
     n, step = codes.shape[0], codes.chunks[0]
     curve: dict[int, float] = {}
     with dask.config.set(scheduler=client):
@@ -207,7 +226,21 @@ def cluster_codes(codes_url: str, output: str, storage_options: dict[str, Any], 
     create_array(distances_url, (n,), step, "float32", storage_options)[:] = dist
     sil = _silhouette(sample, labels[sample_rows(n, K_SEARCH_SAMPLE, seed)], seed)
     logger.info("cluster: %d clusters, silhouette on a sample %.3f", n_clusters, sil if sil is not None else float("nan"))
-    return Clustering(labels_url, distances_url, features_url, n_clusters, sil, curve)
+    result = Clustering(labels_url, distances_url, features_url, n_clusters, sil, curve,
+                        ledger.key if ledger is not None else "")
+    if ledger is not None:
+        ledger.mark("result", result.as_record())
+    return result
+
+
+def _ledger(codes: Any, output: str, storage_options: dict[str, Any], *settings: Any) -> ShardLedger | None:
+    """The cluster stage's record book, keyed by the finished encode and the settings; None when the
+    codes carry no finished encode (a recluster's subset, a test's array)."""
+    if "reconstruction_mse" not in codes.attrs or not codes.attrs.get("encode_key"):
+        return None
+    ledger = ShardLedger(output, storage_options, "cluster", fingerprint("cluster", codes.attrs["encode_key"], *settings))
+    ledger.clear_others()
+    return ledger
 
 
 def _kmeans(x: da.Array, k: int, seed: int) -> np.ndarray:

@@ -21,6 +21,7 @@ from prefect import task
 from imgclust.dask_cluster import completed, torch_threads_by_worker
 from imgclust.progress import track
 from imgclust.refiner import ClusterNet, RefineSettings, predict, refine
+from imgclust.resume import ShardLedger, fingerprint
 from imgclust.storage import join, open_fs, write_bytes_atomic, write_json
 from imgclust.threads import local_cores, torch_threads, worker_budget
 from imgclust.zarr_store import aligned_spans, create_array, open_array
@@ -91,6 +92,14 @@ def refine_clusters(images_url: str, clu: Clustering, output: str, storage_optio
         logger.info("refine: skipped, %d images are too few for %d clusters (needs %d per cluster)", n, k,
                     MIN_PER_CLUSTER)
         return clu, {"skipped": f"fewer than {MIN_PER_CLUSTER} images per cluster"}
+    ledger = None
+    if clu.key:  # resumable: a killed run that finished refining reuses it
+        ledger = ShardLedger(output, so, "refine", fingerprint("refine", clu.key, seed, settings.as_dict()))
+        ledger.clear_others()
+        recorded = ledger.done().get("result")
+        if recorded is not None:
+            logger.info("refine: already done for these clusters and settings; reusing it")
+            return Clustering.from_record(recorded["clustering"]), recorded["summary"]
     rows = sample_rows(n, settings.sample, seed)
     x = torch.from_numpy(images.get_orthogonal_selection((rows, slice(None), slice(None), slice(None)))).float().div_(255.0)
     features = open_array(clu.features_url, so)
@@ -118,7 +127,7 @@ def refine_clusters(images_url: str, clu: Clustering, output: str, storage_optio
         logger.warning("refine: the cluster net used only %d of %d clusters; keeping K-means' clusters", found, k)
         fs, root = open_fs(model_dir, so)
         fs.rm([f"{root}/refiner.pt", f"{root}/refiner.json"])
-        return clu, {**history, "rejected": f"collapsed to {found} of {k} clusters"}
+        return _recorded(ledger, clu, {**history, "rejected": f"collapsed to {found} of {k} clusters"})
     import dask.array as da
 
     centres = _means(da.from_array(f_all, chunks=(step, f_all.shape[1])), labels, found)
@@ -129,15 +138,25 @@ def refine_clusters(images_url: str, clu: Clustering, output: str, storage_optio
     save_cluster_model(clusterer, clusterer_url, so)
     spec["remap"] = remap.tolist()
     write_json(join(model_dir, "refiner.json"), spec, so)
-    create_array(clu.labels_url, (n,), step, "int32", so)[:] = labels
-    create_array(clu.distances_url, (n,), step, "float32", so)[:] = dist
+    # New arrays: K-means' labels stay intact, so a run killed from here on refines them again.
+    labels_url, distances_url = join(output, "_work", "refined-labels.zarr"), join(output, "_work", "refined-distances.zarr")
+    create_array(labels_url, (n,), step, "int32", so)[:] = labels
+    create_array(distances_url, (n,), step, "float32", so)[:] = dist
     pick = sample_rows(n, K_SEARCH_SAMPLE, seed)
     sil = _silhouette(f_all[pick], labels[pick], seed)
     summary = {**history, "seconds": round(time.perf_counter() - t0, 1), "sample": len(rows),
                "settings": settings.as_dict()}
     logger.info("refine: %d clusters (%d before), silhouette on a sample %.3f, %.1f s", found, k,
                 sil if sil is not None else float("nan"), summary["seconds"])
-    return Clustering(clu.labels_url, clu.distances_url, clu.features_url, found, sil, clu.k_curve), summary
+    refined = Clustering(labels_url, distances_url, clu.features_url, found, sil, clu.k_curve,
+                         ledger.key if ledger is not None else "")
+    return _recorded(ledger, refined, summary)
+
+
+def _recorded(ledger: ShardLedger | None, clu: Clustering, summary: dict[str, Any]) -> tuple[Clustering, dict[str, Any]]:
+    if ledger is not None:
+        ledger.mark("result", {"clustering": clu.as_record(), "summary": summary})
+    return clu, summary
 
 
 @task(name="refine", retries=1, retry_delay_seconds=5)
