@@ -44,7 +44,7 @@ from measure import Measured, run_measured  # noqa: E402
 WORK = HERE / "_work" / "scale"
 RESULTS = WORK / "results.json"
 CLUSTIMAGE_PY = Path("/work/clustimage-venv/bin/python")
-STAGES = ("discover", "ingest", "train", "encode", "cluster", "publish", "report")
+STAGES = ("discover", "ingest", "train", "encode", "cluster", "refine", "publish", "report")
 SIDE = 256
 IMAGE_SIZE = (32, 32)  # the default preset's; checked against run.json's resolved.image_size
 N_LOOP = 2000

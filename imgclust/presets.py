@@ -29,6 +29,10 @@ class Preset:
     method: Literal["kmeans", "dbscan"] = "kmeans"
     embedding_dim: int = 10  # components of the UMAP/t-SNE map
     refine: bool = False  # refine K-means with a neighbour-consistent conv net (tasks/refine.py)
+    # VAEs: share of the training steps over which the KL weight ramps from 0 to 1. Without it the
+    # write-up's conv VAE collapses on small corpora (its means carry almost nothing; bench/research).
+    kl_warmup: float = 0.0
+    min_steps: int = 0  # a fixed ``epochs`` is raised to reach this many optimiser steps
 
 
 PRESETS: dict[str, Preset] = {
@@ -102,6 +106,8 @@ PRESETS: dict[str, Preset] = {
             augment=False,
             one_cycle=False,
             code_dim=10,
+            kl_warmup=1 / 3,
+            min_steps=1500,
             method="dbscan",
             embedding_dim=2,
             description="The write-up's conv VAE (Conv32-Conv64 stride 2, dense 16, latent 10; Keras example): "
@@ -133,6 +139,8 @@ PRESETS: dict[str, Preset] = {
             augment=False,
             one_cycle=False,
             code_dim=10,
+            kl_warmup=1 / 3,
+            min_steps=1500,
             method="dbscan",
             embedding_dim=2,
             description="The conv VAE with UMAP 2-D instead of t-SNE before DBSCAN.",
@@ -146,15 +154,16 @@ MIN_STEPS, MAX_STEPS = 500, 1500
 
 
 def auto_epochs(preset: str, n_images: int, batch_size: int) -> int:
-    """Epochs for ``preset`` on ``n_images``: the preset's own number, or a step budget.
+    """Epochs for ``preset`` on ``n_images``: the preset's own number (raised to its ``min_steps``),
+    or a step budget.
 
     The default trains for about 15 epochs' worth of steps, but never fewer than 500 steps (small
     corpora need repetitions to converge) nor more than 1,500 (large corpora are redundant enough that
     more steps buy little clustering quality and cost linear time).
     """
     fixed = PRESETS[preset].epochs
-    if fixed is not None:
-        return fixed
     per_epoch = max(1, -(-n_images // batch_size))
+    if fixed is not None:
+        return max(fixed, -(-PRESETS[preset].min_steps // per_epoch))
     steps = min(max(STEPS_PER_CORPUS * per_epoch, MIN_STEPS), MAX_STEPS)
     return max(1, -(-steps // per_epoch))

@@ -197,7 +197,7 @@ def cluster_codes(codes_url: str, output: str, storage_options: dict[str, Any], 
             fit = fit_density(x, embedding, seed)
             labels0 = x.map_blocks(nearest_reference, fit.reference, fit.reference_labels,
                                    chunks=(x.chunks[0], (1,)), dtype=np.float64).compute()[:, 0].astype(np.int32)
-            n_clusters = int(labels0.max()) + 1
+            n_clusters = int(max(labels0.max(), fit.reference_labels.max())) + 1  # a sampled cluster may win no point
             centres = _means(x, labels0, n_clusters)
             out = np.stack([labels0.astype(np.float64),
                             np.sqrt(((x.compute() - centres[labels0]) ** 2).sum(1))], axis=1)

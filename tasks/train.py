@@ -48,8 +48,10 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def reconstruction_loss(model: Autoencoder, x: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
-    """Mean per-pixel loss; a VAE adds its KL term per pixel (the Keras example's sum, rescaled)."""
+def reconstruction_loss(model: Autoencoder, x: torch.Tensor, target: torch.Tensor, kind: str,
+                        kl_weight: float = 1.0) -> torch.Tensor:
+    """Mean per-pixel loss; a VAE adds its KL term per pixel (the Keras example's sum, rescaled),
+    times ``kl_weight`` (ramped up from 0 while the decoder learns to use the code)."""
     kl = None
     if getattr(model, "variational", False):
         code, kl = model.sample_code(x)
@@ -61,7 +63,7 @@ def reconstruction_loss(model: Autoencoder, x: torch.Tensor, target: torch.Tenso
     else:
         loss = F.mse_loss(torch.sigmoid(logits), target)
     if kl is not None:
-        loss = loss + kl.mean() / target[0].numel()
+        loss = loss + kl_weight * kl.mean() / target[0].numel()
     return loss
 
 
@@ -171,6 +173,7 @@ def train_autoencoder(images_url: str, output: str, storage_options: dict[str, A
     # One-cycle: warm up, then anneal. Faster, steadier convergence than a constant rate (measured).
     sched = (torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=learning_rate, total_steps=epochs * steps_per_epoch,
                                                  pct_start=0.1) if p.one_cycle else None)
+    warmup_steps = p.kl_warmup * epochs * steps_per_epoch
     use_amp = dev.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     shift = max(1, round(min(h, w) / 14)) if p.augment else 0
@@ -198,13 +201,14 @@ def train_autoencoder(images_url: str, output: str, storage_options: dict[str, A
         last_save = float("-inf")
         for epoch in track(range(first, epochs), total=epochs - first, desc="train", unit="epoch"):
             t0, total, seen = time.perf_counter(), 0.0, 0
-            for batch in iter_batches(images, batch_size, rng, rows=rows):
+            for i, batch in enumerate(iter_batches(images, batch_size, rng, rows=rows)):
+                beta = min(1.0, (epoch * steps_per_epoch + i) / warmup_steps) if warmup_steps else 1.0
                 target = to_float(batch, dev)
                 x = random_shift(target, shift, gen) if shift else target
                 if shift:
                     target = x
                 with torch.autocast(device_type=dev.type, dtype=torch.float16, enabled=use_amp):
-                    loss = reconstruction_loss(model, x, target, p.loss)
+                    loss = reconstruction_loss(model, x, target, p.loss, beta)
                 opt.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.step(opt)
