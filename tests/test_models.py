@@ -46,3 +46,15 @@ def test_vae_presets_cluster_with_dbscan_on_a_2d_map():
         p = PRESETS[name]
         assert p.code_dim == 10 and p.method == "dbscan" and p.embedding_dim == 2
     assert PRESETS["seed-vae"].embedding == "tsne" and PRESETS["seed-vae-umap"].embedding == "umap"
+
+
+def test_vaes_start_from_keras_initialisation():
+    """The write-ups' VAEs are Keras models; with PyTorch's default init the conv VAE's bottleneck dies."""
+    for arch in ("conv-vae", "dense-vae"):
+        model = build_model({"architecture": arch, "image_size": [28, 28], "channels": 1, "code_dim": 10})
+        layers = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+        assert layers and all(float(m.bias.abs().max()) == 0.0 for m in layers)
+        first = layers[0]
+        fan_in = first.weight[0].numel()
+        fan_out = first.weight.shape[0] * first.weight[0, 0].numel() if first.weight.dim() == 4 else first.weight.shape[0]
+        assert float(first.weight.abs().max()) <= (6 / (fan_in + fan_out)) ** 0.5 + 1e-6
