@@ -89,9 +89,10 @@ def _stages(config: RunConfig, lease: Lease) -> dict[str, Any]:
             enc = encode_task(ing.images_url, out, so, model.model_url, model.model_token, model.code_dim,
                               config.batch_size, address, ing.key)
         lease.check()
+        merge = preset.merge if config.merge is None else config.merge
         with _timed(sec, "cluster"):
             clu = cluster_task(enc.codes_url, out, so, config.n_clusters, preset.embedding, config.seed, address,
-                               preset.method, preset.embedding_dim)
+                               preset.method, preset.embedding_dim, merge)
         refined: dict[str, Any] = {}
         if (preset.refine if config.refine is None else config.refine) and clu.n_clusters >= 2:
             lease.check()
@@ -106,7 +107,7 @@ def _stages(config: RunConfig, lease: Lease) -> dict[str, Any]:
         "config": config.public_dict(),
         "resolved": {"image_size": list(size), "color": "gray" if gray else "rgb", "epochs": epochs,
                      "train_images": n_train, "learning_rate": config.resolved_learning_rate,
-                     "embedding": preset.embedding, "method": preset.method, "code_dim": model.code_dim, "device": model.device,
+                     "embedding": preset.embedding, "method": preset.method, "merge": merge, "code_dim": model.code_dim, "device": model.device,
                      "n_clusters": clu.n_clusters},
         "counts": counts,
         "refine": refined,

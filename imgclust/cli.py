@@ -75,6 +75,8 @@ def _add_run_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--refine", action=argparse.BooleanOptionalAction, help="refine K-means with the "
                    "neighbour-consistent cluster net (default: the preset's choice, on for default); --no-refine "
                    "keeps K-means' clusters")
+    p.add_argument("--merge", action=argparse.BooleanOptionalAction, help="K-means cuts 5x more pieces, joined "
+                   "along the manifold's k-NN graph (default: the preset's choice)")
     p.add_argument("--train-sample", type=int, help="train on a fixed random sample of this many images "
                    "(all are still encoded and clustered; default: train on all)")
     _add_lease_options(p)

@@ -63,6 +63,9 @@ class RunConfig(BaseModel):
     refine: bool | None = Field(
         default=None, description="Refine K-means with the neighbour-consistent cluster net (default: the "
         "preset's choice; on for default). Off keeps K-means' clusters, e.g. for very uneven group sizes.")
+    merge: bool | None = Field(
+        default=None, description="Cut the manifold into 5x more K-means pieces and join them along its k-NN "
+        "graph, instead of plain K-means (default: the preset's choice).")
     train_sample: int | None = Field(
         default=None, ge=1, description="Train on a fixed random sample of this many images when the archive is "
         "larger (every image is still encoded and clustered). Default: all.")

@@ -16,6 +16,7 @@ from imgclust.resume import ShardLedger, fingerprint
 from imgclust.storage import join, open_fs, write_bytes_atomic
 from imgclust.zarr_store import create_array, open_array
 from tasks.cluster_density import fit_density, nearest_reference
+from tasks.cluster_merge import merge_subclusters, subcluster_count
 
 logger = logging.getLogger("imgclust")
 UMAP_SAMPLE = 20_000
@@ -64,6 +65,9 @@ class ClusterModel:
     # Density presets: new codes take the cluster of their nearest sampled code (no predict in DBSCAN).
     reference: np.ndarray | None = None
     reference_labels: np.ndarray | None = None
+    # Merged presets: new codes take the cluster of their nearest K-means piece (tasks/cluster_merge.py).
+    sub_centres: np.ndarray | None = None
+    sub_to_cluster: np.ndarray | None = None
 
     def features(self, codes: np.ndarray) -> np.ndarray:
         x = (codes.astype(np.float64) - self.mean) / self.std
@@ -78,6 +82,9 @@ class ClusterModel:
         x = self.features(codes)
         if getattr(self, "reference", None) is not None:
             lab = nearest_reference(x, self.reference, self.reference_labels)[:, 0].astype(np.int64)
+            return lab, np.sqrt(((x - self.centres[lab]) ** 2).sum(1))
+        if getattr(self, "sub_centres", None) is not None:
+            lab = self.sub_to_cluster[_assign(x, self.sub_centres)[:, 0].astype(np.int64)].astype(np.int64)
             return lab, np.sqrt(((x - self.centres[lab]) ** 2).sum(1))
         out = _assign(x, self.centres)
         return out[:, 0].astype(np.int64), out[:, 1]
@@ -164,15 +171,16 @@ def _assign(block: np.ndarray, centres: np.ndarray) -> np.ndarray:
 
 def cluster_codes(codes_url: str, output: str, storage_options: dict[str, Any], n_clusters: int | None,
                   embedding: str, seed: int, client: Client, method: str = "kmeans",
-                  embedding_dim: int = 10) -> Clustering:
+                  embedding_dim: int = 10, merge: bool = False) -> Clustering:
     """Cluster the codes: K-means on standardised codes or their UMAP manifold (``embedding_dim``-d),
     or (``method="dbscan"``) DBSCAN on a 2-D t-SNE/UMAP map of a sample, which picks k itself.
+    ``merge``: K-means cuts more pieces, which are joined along the manifold (tasks/cluster_merge.py).
 
     Codes of a finished encode carry its key: the result is then recorded under it and these
     settings, and a resumed run reuses it instead of fitting UMAP and K-means again.
     """
     codes = open_array(codes_url, storage_options)
-    ledger = _ledger(codes, output, storage_options, n_clusters, embedding, seed, method, embedding_dim)
+    ledger = _ledger(codes, output, storage_options, n_clusters, embedding, seed, method, embedding_dim, merge)
     recorded = ledger.done().get("result") if ledger is not None else None
     if recorded is not None:
         logger.info("cluster: already done for these codes and settings; reusing the clusters")
@@ -208,13 +216,25 @@ def cluster_codes(codes_url: str, output: str, storage_options: dict[str, Any], 
                             ", ".join(f"{k}: {v:.3f}" for k, v in curve.items()))
             if n_clusters > n:
                 raise ValueError(f"n_clusters={n_clusters} is larger than the {n} images that could be read")
-            centres = _kmeans(x, n_clusters, seed)
+            n_pieces = subcluster_count(n_clusters, n) if merge else n_clusters
+            centres = _kmeans(x, n_pieces, seed)
             out = x.map_blocks(_assign, centres, chunks=(x.chunks[0], (2,)), dtype=np.float64).compute()
+            if n_pieces > n_clusters:
+                sub_centres, pieces = centres, out[:, 0].astype(np.int64)
+                rows = sample_rows(n, UMAP_SAMPLE, seed)
+                sub_to_cluster = merge_subclusters(x[rows].compute(), pieces[rows], n_clusters, seed)
+                labels0 = sub_to_cluster[pieces]
+                centres = _means(x, labels0, n_clusters)
+                out = np.stack([labels0.astype(np.float64), np.sqrt(((x.compute() - centres[labels0]) ** 2).sum(1))], 1)
+                logger.info("cluster: K-means cut %d pieces, joined into %d clusters along the manifold", n_pieces,
+                            n_clusters)
     labels, remap = _relabel_by_size(out[:, 0].astype(np.int32), n_clusters)
     found = int(labels.max()) + 1 if n else 0
     ordered = np.empty_like(centres)
     ordered[remap] = centres
     density = {"reference": fit.reference, "reference_labels": remap[fit.reference_labels]} if method == "dbscan" else {}
+    if merge and method != "dbscan" and n_pieces > n_clusters:
+        density = {"sub_centres": sub_centres, "sub_to_cluster": remap[sub_to_cluster]}
     save_cluster_model(ClusterModel(mu, sd, reducer, ordered[:found], **density), join(output, "model", "clusterer.pkl"),
                        storage_options)
     if found < n_clusters:
@@ -286,7 +306,8 @@ def _silhouette(x: np.ndarray, labels: np.ndarray, seed: int) -> float | None:
 
 @task(name="cluster", retries=1, retry_delay_seconds=5)
 def cluster_task(codes_url: str, output: str, storage_options: dict[str, Any], n_clusters: int | None,
-                 embedding: str, seed: int, address: str, method: str = "kmeans", embedding_dim: int = 10) -> Clustering:
+                 embedding: str, seed: int, address: str, method: str = "kmeans", embedding_dim: int = 10,
+                 merge: bool = False) -> Clustering:
     with Client(address, set_as_default=False) as client:
         return cluster_codes(codes_url, output, storage_options, n_clusters, embedding, seed, client, method,
-                             embedding_dim)
+                             embedding_dim, merge)

@@ -135,6 +135,7 @@ def refine_clusters(images_url: str, clu: Clustering, output: str, storage_optio
     clusterer_url = join(model_dir, "clusterer.pkl")
     clusterer = load_cluster_model(clusterer_url, so)
     clusterer.centres = centres
+    clusterer.sub_centres = clusterer.sub_to_cluster = None  # the pieces describe K-means' clusters, not these
     save_cluster_model(clusterer, clusterer_url, so)
     spec["remap"] = remap.tolist()
     write_json(join(model_dir, "refiner.json"), spec, so)

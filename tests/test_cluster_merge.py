@@ -1,0 +1,21 @@
+from sklearn.cluster import KMeans
+from sklearn.datasets import make_moons
+
+from imgclust.metrics import score
+from tasks.cluster_merge import merge_subclusters, subcluster_count
+
+
+def test_pieces_joined_along_the_manifold_recover_shapes_that_kmeans_cuts():
+    """Two interleaved moons: K-means cuts across them; its pieces joined by k-NN links do not."""
+    x, y = make_moons(2000, noise=0.05, random_state=0)
+    kmeans = KMeans(2, n_init=10, random_state=0).fit_predict(x)
+    n_pieces = subcluster_count(2, len(x))
+    pieces = KMeans(n_pieces, n_init=3, random_state=0).fit_predict(x)
+    merged = merge_subclusters(x, pieces, 2, seed=0)
+    assert n_pieces == 10 and merged.shape == (n_pieces,) and set(merged.tolist()) == {0, 1}
+    assert score(y, merged[pieces])["accuracy"] > 0.99 > 0.9 > score(y, kmeans)["accuracy"]
+
+
+def test_small_corpora_are_not_cut_into_pieces_too_small_to_link():
+    assert subcluster_count(10, 1797) == 50
+    assert subcluster_count(10, 300) == 15 and subcluster_count(3, 40) == 3
