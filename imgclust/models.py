@@ -39,9 +39,10 @@ class Autoencoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decode(self.encode(x))
 
-    def feature_maps(self, x: torch.Tensor) -> torch.Tensor:
-        """Last convolutional feature map (B, K, h, w), for attention maps."""
-        return self.encoder.features(x) if hasattr(self.encoder, "features") else self.encoder(x)
+    def feature_maps(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Last convolutional feature map (B, K, h, w), for attention maps; None for a dense model."""
+        out = self.encoder.features(x) if hasattr(self.encoder, "features") else self.encoder(x)
+        return out if out.dim() == 4 else None
 
 
 def _conv(cin: int, cout: int) -> nn.Sequential:

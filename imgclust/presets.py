@@ -29,7 +29,7 @@ class Preset:
     method: Literal["kmeans", "dbscan"] = "kmeans"
     embedding_dim: int = 10  # components of the UMAP/t-SNE map
     refine: bool = False  # refine K-means with a neighbour-consistent conv net (tasks/refine.py)
-    merge: bool = False  # K-means cuts 5k pieces that are joined along the manifold (tasks/cluster_merge.py)
+    merge: bool = False  # K-means cuts 5k pieces joined along the manifold (tasks/cluster_merge.py; opt-in)
     # VAEs: share of the training steps over which the KL weight ramps from 0 to 1. Without it the
     # write-up's conv VAE collapses on small corpora (its means carry almost nothing; bench/research).
     kl_warmup: float = 0.0
@@ -51,11 +51,9 @@ PRESETS: dict[str, Preset] = {
             one_cycle=True,
             code_dim=32,
             refine=True,
-            merge=True,
             description="Conv 32-64-128 (stride 2, BatchNorm) -> dense 32-d code, one-cycle learning rate "
-            "over 500-1,500 steps; standardised codes -> UMAP (10-d) -> K-means into 5k pieces joined "
-            "along the manifold's k-NN graph -> refined by a neighbour-consistent conv net "
-            "(SCAN-style, with self-labelling).",
+            "over 500-1,500 steps; standardised codes -> UMAP (10-d) -> K-means -> refined by a "
+            "neighbour-consistent conv net (SCAN-style, with self-labelling).",
         ),
         Preset(
             name="seed-mnist",

@@ -5,10 +5,9 @@ ones together (Fashion-MNIST: bags split, sandals merged into sneakers). Cutting
 ``SUBCLUSTERS_PER_CLUSTER`` times more K-means pieces and joining the pieces by spectral clustering of
 how densely the k-NN graph links them follows the manifold's shape instead.
 
-Measured (seed 0, ACC / NMI, bench/RESULTS.md): before refinement, on the same UMAP features,
-Fashion-10k 0.579 -> 0.64-0.67 and digits 0.875 -> 0.85; after refinement, whole runs,
-Fashion-10k 0.635 / 0.638 -> 0.692 / 0.665 and digits 0.979 / 0.959 -> 0.933 / 0.904. A trade:
-manifolds of uneven, elongated groups gain much, well-separated round ones lose a little.
+Opt-in (``--merge``), not the default: whole runs with refinement, ACC without -> with merging
+(bench/RESULTS.md): Fashion-10k seed 0 0.635 -> 0.692, seed 1 0.611 -> 0.599; digits seed 0
+0.98 -> 0.933, seed 1 0.98 -> 0.973. It can fix K-means' worst cuts, but not reliably enough yet.
 """
 
 from __future__ import annotations

@@ -82,6 +82,7 @@ def prototype_and_attention(model: Any, codes: np.ndarray, pixels: np.ndarray) -
     """[decoded mean code | up to 4 members with their attention maps] as one strip.
 
     Attention map: the encoder's last feature map, max over channels, upsampled over the image.
+    A dense encoder has no map: its strip shows the members without one.
     """
     import torch
     import torch.nn.functional as F
@@ -89,11 +90,14 @@ def prototype_and_attention(model: Any, codes: np.ndarray, pixels: np.ndarray) -
     with torch.inference_mode():
         proto = model.decode(torch.from_numpy(codes.mean(0, keepdims=True)).float())
         x = torch.from_numpy(pixels[:4]).float() / 255
-        fmap = model.feature_maps(x).amax(dim=1, keepdim=True)
-        att = F.interpolate(fmap, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        fmap = model.feature_maps(x)
+    tiles = to_rgb_thumbs((proto.numpy() * 255).astype(np.uint8), 96)
+    if fmap is None:
+        return grid(tiles + to_rgb_thumbs(pixels[:4], 96), cols=1 + len(x), pad=4)
+    with torch.inference_mode():
+        att = F.interpolate(fmap.amax(dim=1, keepdim=True), size=x.shape[-2:], mode="bilinear", align_corners=False)
         lo = att.amin(dim=(2, 3), keepdim=True)
         att = (att - lo) / (att.amax(dim=(2, 3), keepdim=True) - lo + 1e-8)
-    tiles = to_rgb_thumbs((proto.numpy() * 255).astype(np.uint8), 96)
     heat = np.stack([(att[i, 0].numpy() * 255).astype(np.uint8) for i in range(len(x))]) if len(x) else []
     for i in range(len(x)):
         base = np.asarray(to_rgb_thumbs(pixels[i:i + 1], 96)[0]).astype(float)

@@ -81,3 +81,24 @@ def test_publish_tables(tmp_path):
     assert [c["size"] for c in clusters] == [10, 10, 10]
     assert clusters[1]["nearest"][:2] == ["p01.png", "p04.png"] and len(clusters[1]["nearest"]) == 9
     assert q["size_balance"] == __import__("pytest").approx(1.0) and size_balance(np.array([99.0, 1.0])) < 0.1
+
+
+def test_merged_pieces_follow_long_groups_and_the_clusterer_places_codes_as_the_run_did(tmp_path, client):
+    """Two interleaved moons as codes: with ``merge`` the run cuts 10 K-means pieces and joins them per moon."""
+    from sklearn.datasets import make_moons
+    from sklearn.metrics import adjusted_rand_score
+
+    from imgclust.zarr_store import open_array
+    from tasks.cluster import load_cluster_model
+
+    x, truth = make_moons(1200, noise=0.05, random_state=0)
+    x = x.astype(np.float32)
+    url = str(tmp_path / "codes.zarr")
+    create_array(url, x.shape, 256, "float32")[:] = x
+    plain = cluster_codes(url, str(tmp_path / "plain"), {}, 2, "none", 0, client)
+    merged = cluster_codes(url, str(tmp_path / "merged"), {}, 2, "none", 0, client, merge=True)
+    labels = open_array(merged.labels_url)[:]
+    assert adjusted_rand_score(truth, labels) > 0.95 > adjusted_rand_score(truth, open_array(plain.labels_url)[:])
+    model = load_cluster_model(str(tmp_path / "merged" / "model" / "clusterer.pkl"), {})
+    assert model.sub_centres is not None and model.sub_centres.shape == (10, 2)
+    assert (model.assign(x)[0] == labels).all()

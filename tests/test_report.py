@@ -50,3 +50,17 @@ def test_thumbnail_grid_packs_rows():
     sheet = grid(thumbs, cols=4, pad=2)
     assert sheet.size == (4 * 18 + 2, 3 * 18 + 2)
     assert np.asarray(sheet)[3, 3].tolist() == [200, 200, 200]
+
+
+def test_prototype_strips_have_attention_maps_only_where_the_encoder_has_a_feature_map():
+    """A conv encoder: prototype + 4 members with their attention overlays; a dense VAE: prototype + members."""
+    from imgclust.models import build_model
+    from tasks.report import prototype_and_attention
+
+    pixels = (np.random.default_rng(0).random((4, 1, 28, 28)) * 255).astype(np.uint8)
+    widths = {}
+    for arch, code in (("conv-vae", 10), ("dense-vae", 10)):
+        model = build_model({"architecture": arch, "image_size": [28, 28], "channels": 1, "code_dim": code}).eval()
+        strip = prototype_and_attention(model, np.zeros((3, code), np.float32), pixels)
+        widths[arch] = strip.size[0]
+    assert widths["conv-vae"] > widths["dense-vae"] > 96 * 4
