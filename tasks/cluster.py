@@ -187,6 +187,7 @@ def cluster_codes(codes_url: str, output: str, storage_options: dict[str, Any], 
         return Clustering.from_record(recorded)
     n, step = codes.shape[0], codes.chunks[0]
     curve: dict[int, float] = {}
+    sub_to_cluster: np.ndarray | None = None
     with dask.config.set(scheduler=client):
         x, mu, sd = standardise(da.from_zarr(codes))
         reducer = None
@@ -232,11 +233,13 @@ def cluster_codes(codes_url: str, output: str, storage_options: dict[str, Any], 
     found = int(labels.max()) + 1 if n else 0
     ordered = np.empty_like(centres)
     ordered[remap] = centres
-    density = {"reference": fit.reference, "reference_labels": remap[fit.reference_labels]} if method == "dbscan" else {}
-    if merge and method != "dbscan" and n_pieces > n_clusters:
-        density = {"sub_centres": sub_centres, "sub_to_cluster": remap[sub_to_cluster]}
-    save_cluster_model(ClusterModel(mu, sd, reducer, ordered[:found], **density), join(output, "model", "clusterer.pkl"),
-                       storage_options)
+    placement: dict[str, np.ndarray] = {}  # how new codes find their cluster, when not by the nearest centre
+    if method == "dbscan":
+        placement = {"reference": fit.reference, "reference_labels": remap[fit.reference_labels]}
+    elif sub_to_cluster is not None:
+        placement = {"sub_centres": sub_centres, "sub_to_cluster": remap[sub_to_cluster]}
+    save_cluster_model(ClusterModel(mu, sd, reducer, ordered[:found], **placement),
+                       join(output, "model", "clusterer.pkl"), storage_options)
     if found < n_clusters:
         logger.warning("cluster: only %d of %d clusters are non-empty", found, n_clusters)
         n_clusters = found
