@@ -55,6 +55,13 @@ class ShardLedger:
         blobs = fs.cat(names) if names else {}
         return {posixpath.basename(p)[:-5]: json.loads(blobs[p]) for p in names}
 
+    def result(self) -> Any | None:
+        """The payload of a stage recorded as one finished whole (``record_result``), else None."""
+        return self.done().get("result")
+
+    def record_result(self, payload: Any) -> None:
+        self.mark("result", payload)
+
     def done_rows(self) -> dict[int, Any]:
         """Finished shards by start row."""
         return {int(k): v for k, v in self.done().items() if k.isdigit()}

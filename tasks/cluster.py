@@ -82,10 +82,10 @@ class ClusterModel:
         x = self.features(codes)
         if getattr(self, "reference", None) is not None:
             lab = nearest_reference(x, self.reference, self.reference_labels)[:, 0].astype(np.int64)
-            return lab, np.sqrt(((x - self.centres[lab]) ** 2).sum(1))
+            return lab, _distance_to_centre(x, self.centres, lab)
         if getattr(self, "sub_centres", None) is not None:
             lab = self.sub_to_cluster[_assign(x, self.sub_centres)[:, 0].astype(np.int64)].astype(np.int64)
-            return lab, np.sqrt(((x - self.centres[lab]) ** 2).sum(1))
+            return lab, _distance_to_centre(x, self.centres, lab)
         out = _assign(x, self.centres)
         return out[:, 0].astype(np.int64), out[:, 1]
 
@@ -93,7 +93,7 @@ class ClusterModel:
         """Distance of each code to the centre of the cluster it was given (by a refiner, say)."""
         if len(codes) == 0:
             return np.zeros(0)
-        return np.sqrt(((self.features(codes) - self.centres[labels]) ** 2).sum(1))
+        return _distance_to_centre(self.features(codes), self.centres, labels)
 
 
 def save_cluster_model(model: ClusterModel, url: str, storage_options: dict[str, Any] | None) -> None:
@@ -181,7 +181,7 @@ def cluster_codes(codes_url: str, output: str, storage_options: dict[str, Any], 
     """
     codes = open_array(codes_url, storage_options)
     ledger = _ledger(codes, output, storage_options, n_clusters, embedding, seed, method, embedding_dim, merge)
-    recorded = ledger.done().get("result") if ledger is not None else None
+    recorded = ledger.result() if ledger is not None else None
     if recorded is not None:
         logger.info("cluster: already done for these codes and settings; reusing the clusters")
         return Clustering.from_record(recorded)
@@ -207,9 +207,7 @@ def cluster_codes(codes_url: str, output: str, storage_options: dict[str, Any], 
             labels0 = x.map_blocks(nearest_reference, fit.reference, fit.reference_labels,
                                    chunks=(x.chunks[0], (1,)), dtype=np.float64).compute()[:, 0].astype(np.int32)
             n_clusters = int(max(labels0.max(), fit.reference_labels.max())) + 1  # a sampled cluster may win no point
-            centres = _means(x, labels0, n_clusters)
-            out = np.stack([labels0.astype(np.float64),
-                            np.sqrt(((x.compute() - centres[labels0]) ** 2).sum(1))], axis=1)
+            centres, out = _labelled(x.compute(), labels0, n_clusters)
         else:
             if n_clusters is None:
                 n_clusters, curve = choose_k(sample, seed)
@@ -221,12 +219,10 @@ def cluster_codes(codes_url: str, output: str, storage_options: dict[str, Any], 
             centres = _kmeans(x, n_pieces, seed)
             out = x.map_blocks(_assign, centres, chunks=(x.chunks[0], (2,)), dtype=np.float64).compute()
             if n_pieces > n_clusters:
-                sub_centres, pieces = centres, out[:, 0].astype(np.int64)
+                sub_centres, pieces, xa = centres, out[:, 0].astype(np.int64), x.compute()
                 rows = sample_rows(n, UMAP_SAMPLE, seed)
-                sub_to_cluster = merge_subclusters(x[rows].compute(), pieces[rows], n_clusters, seed)
-                labels0 = sub_to_cluster[pieces]
-                centres = _means(x, labels0, n_clusters)
-                out = np.stack([labels0.astype(np.float64), np.sqrt(((x.compute() - centres[labels0]) ** 2).sum(1))], 1)
+                sub_to_cluster = merge_subclusters(xa[rows], pieces[rows], n_clusters, seed)
+                centres, out = _labelled(xa, sub_to_cluster[pieces], n_clusters)
                 logger.info("cluster: K-means cut %d pieces, joined into %d clusters along the manifold", n_pieces,
                             n_clusters)
     labels, remap = _relabel_by_size(out[:, 0].astype(np.int32), n_clusters)
@@ -252,7 +248,7 @@ def cluster_codes(codes_url: str, output: str, storage_options: dict[str, Any], 
     result = Clustering(labels_url, distances_url, features_url, n_clusters, sil, curve,
                         ledger.key if ledger is not None else "")
     if ledger is not None:
-        ledger.mark("result", result.as_record())
+        ledger.record_result(result.as_record())
     return result
 
 
@@ -274,17 +270,23 @@ def _kmeans(x: da.Array, k: int, seed: int) -> np.ndarray:
     return np.asarray(km.cluster_centers_, dtype=np.float64)
 
 
-def _means(x: da.Array, labels: np.ndarray, k: int) -> np.ndarray:
-    """Mean feature vector of each cluster, one pass over the chunks."""
-    sums, counts = np.zeros((k, x.shape[1])), np.zeros(k)
-    start = 0
-    for block in x.to_delayed().ravel():
-        b = np.asarray(block.compute(), np.float64)
-        lab = labels[start:start + len(b)]
-        np.add.at(sums, lab, b)
-        counts += np.bincount(lab, minlength=k)
-        start += len(b)
-    return sums / np.maximum(counts, 1)[:, None]
+def _means(x: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
+    """Mean feature vector (float64) of each of ``k`` clusters; an empty cluster's is zero."""
+    sums = np.zeros((k, x.shape[1]))
+    np.add.at(sums, labels, np.asarray(x, np.float64))
+    return sums / np.maximum(np.bincount(labels, minlength=k), 1)[:, None]
+
+
+def _distance_to_centre(x: np.ndarray, centres: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Euclidean distance of each row of ``x`` to the centre of the cluster it was given."""
+    return np.sqrt(((x - centres[labels]) ** 2).sum(1))
+
+
+def _labelled(x: np.ndarray, labels: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Centres of clusters that were not found by K-means (their means), and (label, distance) per
+    row in the layout ``_assign`` gives."""
+    centres = _means(x, labels, k)
+    return centres, np.stack([labels.astype(np.float64), _distance_to_centre(x, centres, labels)], axis=1)
 
 
 def _relabel_by_size(labels: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -28,6 +28,7 @@ from imgclust.zarr_store import aligned_spans, create_array, open_array
 from tasks.cluster import (
     K_SEARCH_SAMPLE,
     Clustering,
+    _distance_to_centre,
     _means,
     _relabel_by_size,
     _silhouette,
@@ -96,7 +97,7 @@ def refine_clusters(images_url: str, clu: Clustering, output: str, storage_optio
     if clu.key:  # resumable: a killed run that finished refining reuses it
         ledger = ShardLedger(output, so, "refine", fingerprint("refine", clu.key, seed, settings.as_dict()))
         ledger.clear_others()
-        recorded = ledger.done().get("result")
+        recorded = ledger.result()
         if recorded is not None:
             logger.info("refine: already done for these clusters and settings; reusing it")
             return Clustering.from_record(recorded["clustering"]), recorded["summary"]
@@ -128,10 +129,8 @@ def refine_clusters(images_url: str, clu: Clustering, output: str, storage_optio
         fs, root = open_fs(model_dir, so)
         fs.rm([f"{root}/refiner.pt", f"{root}/refiner.json"])
         return _recorded(ledger, clu, {**history, "rejected": f"collapsed to {found} of {k} clusters"})
-    import dask.array as da
-
-    centres = _means(da.from_array(f_all, chunks=(step, f_all.shape[1])), labels, found)
-    dist = np.sqrt(((f_all - centres[labels]) ** 2).sum(1)).astype(np.float32)
+    centres = _means(f_all, labels, found)
+    dist = _distance_to_centre(f_all, centres, labels).astype(np.float32)
     clusterer_url = join(model_dir, "clusterer.pkl")
     clusterer = load_cluster_model(clusterer_url, so)
     clusterer.centres = centres
@@ -156,7 +155,7 @@ def refine_clusters(images_url: str, clu: Clustering, output: str, storage_optio
 
 def _recorded(ledger: ShardLedger | None, clu: Clustering, summary: dict[str, Any]) -> tuple[Clustering, dict[str, Any]]:
     if ledger is not None:
-        ledger.mark("result", {"clustering": clu.as_record(), "summary": summary})
+        ledger.record_result({"clustering": clu.as_record(), "summary": summary})
     return clu, summary
 
 
