@@ -7,7 +7,8 @@ real local Dask cluster (2 worker processes, as a run starts) over the scale ben
 and measures the CPU seconds of all processes together (this client and scheduler, the workers)
 during ingest. Then, in this one process, a plain loop over the same files: Pillow alone (open,
 draft, convert, resize; ``scale.pillow_decode``). The ratio of images per CPU-second is the
-issue's "≥ 80 % of Pillow's rate". Prefect's own task overhead is not in this figure (the stage
+issue's "≥ 80 % of Pillow's rate". Last, the bare decoder the product's JPEG path uses (libjpeg-turbo
+through simplejpeg, read + scaled decode, nothing else): how close the stage is to the floor. Prefect's own task overhead is not in this figure (the stage
 timings of ``bench/scale.py`` include it).
 """
 
@@ -41,6 +42,18 @@ def tree_cpu() -> float:
     return total
 
 
+def decoder_loop(files: list[Path]) -> float | None:
+    """CPU seconds of the bare decoder the product's JPEG path calls, in a plain loop: the floor."""
+    try:
+        import simplejpeg
+    except ImportError:
+        return None
+    c0 = time.process_time()
+    for f in files:
+        simplejpeg.decode_jpeg(f.read_bytes(), colorspace="RGB", min_width=IMAGE_SIZE[1], min_height=IMAGE_SIZE[0])
+    return time.process_time() - c0
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=10000, help="corpus size (made once under bench/_work/scale)")
@@ -72,12 +85,17 @@ def main() -> None:
     for f in files:
         pillow_decode(f)
     pillow_cpu = time.process_time() - c0
+    decoder_cpu = decoder_loop(files)
     cpu, wall = best
     product, pillow = args.n / cpu, len(files) / pillow_cpu
     print(f"{args.n} JPEG files 256x256 -> {IMAGE_SIZE[0]}x{IMAGE_SIZE[1]} RGB")
     print(f"product ingest: {wall:.1f} s wall, {cpu:.1f} CPU-s, {product:.0f} img/CPU-s")
     print(f"Pillow alone:   {pillow_cpu:.1f} CPU-s, {pillow:.0f} img/CPU-s")
     print(f"ratio product/Pillow: {product / pillow:.2f} (target >= 0.80)")
+    if decoder_cpu is not None:
+        decoder = len(files) / decoder_cpu
+        print(f"libjpeg-turbo alone (simplejpeg, read + scaled decode): {decoder_cpu:.1f} CPU-s, {decoder:.0f} img/CPU-s;"
+              f" product/decoder {product / decoder:.2f}")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from imgclust.jpeg import decode_jpeg_scaled, jpeg_is_gray
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 GRAY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F", "La"}
 _ROTATED = {5, 6, 7, 8}  # EXIF orientations that swap width and height
@@ -60,64 +62,96 @@ def _draft_size(w: int, h: int, tw: int, th: int, fit: str) -> tuple[int, int]:
     return max(1, -(-w * th // h)), th
 
 
+_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+              5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+              8: Image.Transpose.ROTATE_90}  # EXIF orientation -> the transpose that undoes it
+
+
+def _draft_need(width: int, height: int, orientation: int, size: tuple[int, int], fit: str) -> tuple[int, int]:
+    """(width, height) of the stored image that a scaled JPEG decode must still cover."""
+    th, tw = size
+    rotated = orientation in _ROTATED
+    w, h = (height, width) if rotated else (width, height)
+    need = _draft_size(w, h, tw, th, fit)
+    return need[::-1] if rotated else need
+
+
+def _fit(arr: np.ndarray, orientation: int, size: tuple[int, int], fit: str) -> np.ndarray:
+    """Undo the EXIF orientation, then crop or pad to ``size``; a no-op when it already fits."""
+    th, tw = size
+    if orientation in _TRANSPOSE or arr.shape[:2] != (th, tw):
+        im = Image.fromarray(arr)
+        if orientation in _TRANSPOSE:
+            im = im.transpose(_TRANSPOSE[orientation])
+        if fit == "pad":
+            im = ImageOps.pad(im, (tw, th), method=Image.Resampling.BILINEAR, color=0)
+        else:
+            im = ImageOps.fit(im, (tw, th), method=Image.Resampling.BILINEAR)
+        arr = np.asarray(im, dtype=np.uint8)
+    return arr
+
+
+def _decode_with_pillow(data: bytes, size: tuple[int, int], gray: bool, fit: str) -> tuple[np.ndarray, int, int, str]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(io.BytesIO(data)) as im:
+            fmt = im.format or "unknown"
+            width, height = im.size
+            if width < 1 or height < 1:
+                raise ImageRejected(f"image has no pixels ({width}x{height})")
+            try:
+                im.seek(0)
+            except EOFError:
+                pass
+            orientation = im.getexif().get(0x0112, 1) if hasattr(im, "getexif") else 1
+            if fmt == "JPEG":
+                im.draft("L" if gray else "RGB", _draft_need(width, height, orientation, size, fit))
+            im.load()
+            arr = np.asarray(_to_mode(im, gray), dtype=np.uint8)
+    return _fit(arr, orientation, size, fit), width, height, fmt
+
+
 def decode_image(data: bytes, size: tuple[int, int], gray: bool, fit: str = "crop") -> DecodedImage:
     """Decode ``data`` to (C, H, W) uint8 at ``size`` = (height, width).
 
     EXIF orientation is applied; animated images give their first frame; JPEGs are decoded at a
-    reduced scale when that still covers the target (draft mode), which is much faster.
+    reduced scale when that still covers the target (draft mode), which is much faster, and
+    through libjpeg-turbo directly where that gives the same pixels (``imgclust.jpeg``).
     ``fit="crop"`` centre-crops to the target aspect, ``fit="pad"`` letterboxes on black.
     Raises ``ImageRejected`` with a readable reason for anything that cannot be decoded.
     """
     if not data:
         raise ImageRejected("empty file (0 bytes)")
-    th, tw = size
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as im:
-                fmt = im.format or "unknown"
-                width, height = im.size
-                if width < 1 or height < 1:
-                    raise ImageRejected(f"image has no pixels ({width}x{height})")
-                try:
-                    im.seek(0)
-                except EOFError:
-                    pass
-                orientation = im.getexif().get(0x0112, 1) if hasattr(im, "getexif") else 1
-                if fmt == "JPEG":
-                    w, h = (height, width) if orientation in _ROTATED else (width, height)
-                    need = _draft_size(w, h, tw, th, fit)
-                    if orientation in _ROTATED:
-                        need = need[::-1]
-                    im.draft("L" if gray else "RGB", need)
-                im.load()
-                if orientation != 1:  # exif_transpose copies the image even when there is nothing to do
-                    im = ImageOps.exif_transpose(im) or im
-                im = _to_mode(im, gray)
-                if fit == "pad":
-                    im = ImageOps.pad(im, (tw, th), method=Image.Resampling.BILINEAR, color=0)
-                else:
-                    im = ImageOps.fit(im, (tw, th), method=Image.Resampling.BILINEAR)
-                arr = np.asarray(im, dtype=np.uint8)
-    except ImageRejected:
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageRejected(f"too large to decode safely (decompression-bomb limit): {exc}") from None
-    except UnidentifiedImageError:
-        raise ImageRejected("not a recognised image format") from None
-    except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, KeyError, ZeroDivisionError) as exc:
-        msg = str(exc) or type(exc).__name__
-        if "truncated" in msg.lower():
-            raise ImageRejected(f"truncated image data: {msg}") from None
-        raise ImageRejected(f"corrupt or unsupported image data: {msg}") from None
-    except MemoryError:
-        raise ImageRejected("not enough memory to decode this image") from None
+    fast = decode_jpeg_scaled(data, gray, lambda w, h, o: _draft_need(w, h, o, size, fit))
+    if fast is not None:
+        arr, width, height, orientation = fast
+        arr, fmt = _fit(arr, orientation, size, fit), "JPEG"
+    else:
+        try:
+            arr, width, height, fmt = _decode_with_pillow(data, size, gray, fit)
+        except ImageRejected:
+            raise
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise ImageRejected(f"too large to decode safely (decompression-bomb limit): {exc}") from None
+        except UnidentifiedImageError:
+            raise ImageRejected("not a recognised image format") from None
+        except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, KeyError,
+                ZeroDivisionError) as exc:
+            msg = str(exc) or type(exc).__name__
+            if "truncated" in msg.lower():
+                raise ImageRejected(f"truncated image data: {msg}") from None
+            raise ImageRejected(f"corrupt or unsupported image data: {msg}") from None
+        except MemoryError:
+            raise ImageRejected("not enough memory to decode this image") from None
     pixels = arr[None, :, :] if arr.ndim == 2 else arr.transpose(2, 0, 1)
     return DecodedImage(np.ascontiguousarray(pixels), width, height, fmt)
 
 
 def probe_is_gray(data: bytes) -> bool | None:
     """Whether the image header says grayscale; None when unreadable. Reads only the header."""
+    fast = jpeg_is_gray(data)
+    if fast is not None:
+        return fast
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -16,7 +16,14 @@ from imgclust.dask_cluster import completed
 from imgclust.imagefile import IMAGE_EXTENSIONS, probe_is_gray
 from imgclust.progress import track
 from imgclust.resume import ShardLedger, fingerprint
-from imgclust.storage import StorageError, join, normalise_url, open_fs, write_parquet
+from imgclust.storage import (
+    StorageError,
+    join,
+    normalise_url,
+    open_fs,
+    read_files,
+    write_parquet,
+)
 
 logger = logging.getLogger("imgclust")
 HASH_BATCH = 256
@@ -72,7 +79,7 @@ def hash_batch(fs: fsspec.AbstractFileSystem, root: str, paths: list[str]) -> li
     """(path, sha256, error, is_gray) per file; runs on a Dask worker, reads each file once."""
     full = [f"{root.rstrip('/')}/{p}" for p in paths]
     out: list[tuple[str, str | None, str | None, bool | None]] = []
-    blobs = fs.cat(full, on_error="return") if full else {}
+    blobs = read_files(fs, full)
     for rel, path in zip(paths, full):
         data = blobs.get(path)
         if isinstance(data, BaseException) or data is None:

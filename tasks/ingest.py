@@ -22,6 +22,7 @@ from imgclust.storage import (
     join,
     move_tree,
     open_fs,
+    read_files,
     read_parquet,
     remove,
     write_parquet,
@@ -51,7 +52,7 @@ def ingest_shard(fs: fsspec.AbstractFileSystem, root: str, paths: list[str], sta
     channels = 1 if gray else 3
     block = np.zeros((len(paths), channels, *size), dtype=np.uint8)
     full = [f"{root.rstrip('/')}/{p}" for p in paths]
-    blobs = fs.cat(full, on_error="return") if full else {}
+    blobs = read_files(fs, full)
     meta: list[tuple[bool, int, int, str, str]] = []
     for i, path in enumerate(full):
         data = blobs.get(path)
