@@ -21,6 +21,9 @@ from tasks.train import load_model
 
 logger = logging.getLogger("imgclust")
 _MODELS: dict[str, torch.nn.Module] = {}
+# Decoding doubles encode's cost; the reconstruction MSE is a run-level quality signal, so a large
+# archive's is estimated on an evenly spaced sample of about this many images.
+MSE_SAMPLE = 20_000
 
 
 @dataclass(frozen=True)
@@ -40,23 +43,30 @@ def _cached_model(model_url: str, token: str, storage_options: dict[str, Any] | 
     return _MODELS[key]
 
 
-def encode_array(model: torch.nn.Module, pixels: np.ndarray, batch_size: int,
-                 device: torch.device | str = "cpu") -> tuple[np.ndarray, float]:
-    """Codes (N, D) float32 of uint8 images (N, C, H, W), and their summed reconstruction MSE."""
-    codes, sq = [], 0.0
+def encode_array(model: torch.nn.Module, pixels: np.ndarray, batch_size: int, device: torch.device | str = "cpu",
+                 every: int = 1, first: int = 0) -> tuple[np.ndarray, float, int]:
+    """Codes (N, D) float32 of uint8 images (N, C, H, W), and the summed reconstruction MSE of the
+    rows whose index ``first + i`` is a multiple of ``every``, with their count."""
+    codes, sq, counted = [], 0.0, 0
     with torch.inference_mode():
         for s in range(0, len(pixels), batch_size):
             x = torch.from_numpy(np.array(pixels[s:s + batch_size])).to(device).float().div_(255.0)
             z = model.encode(x)
-            sq += float(((model.decode(z) - x) ** 2).mean(dim=(1, 2, 3)).sum())
+            rows = np.flatnonzero((first + s + np.arange(len(x))) % every == 0)
+            if len(rows):
+                xs, zs = (x, z) if len(rows) == len(x) else (x[rows], z[rows])
+                sq += float(((model.decode(zs) - xs) ** 2).mean(dim=(1, 2, 3)).sum())
+                counted += len(rows)
             codes.append(z.float().cpu().numpy())
-    return (np.concatenate(codes) if codes else np.zeros((0, 0), np.float32)), sq
+    return (np.concatenate(codes) if codes else np.zeros((0, 0), np.float32)), sq, counted
 
 
 def encode_chunk(images_url: str, codes_url: str, model_url: str, token: str,
                  storage_options: dict[str, Any] | None, start: int, stop: int, batch_size: int,
-                 threads: dict[str, int] | None = None, ledger: ShardLedger | None = None) -> float:
-    """Encode rows [start, stop) on a worker and write them into codes.zarr; returns summed MSE.
+                 threads: dict[str, int] | None = None, ledger: ShardLedger | None = None,
+                 mse_every: int = 1) -> tuple[float, int]:
+    """Encode rows [start, stop) on a worker and write them into codes.zarr; returns the summed
+    MSE of the rows sampled for it (every ``mse_every``-th index) and their count.
 
     Workers with CUDA encode on their GPU; the others on CPU with the thread budget ``threads``
     gives their address, so that tasks x torch threads never exceed a host's cores.
@@ -65,11 +75,11 @@ def encode_chunk(images_url: str, codes_url: str, model_url: str, token: str,
     model = _cached_model(model_url, token, storage_options).to(device)
     pixels = open_array(images_url, storage_options)[start:stop]
     with torch_threads(worker_budget(threads) if device.type == "cpu" else torch.get_num_threads()):
-        codes, sq = encode_array(model, pixels, batch_size, device)
+        codes, sq, counted = encode_array(model, pixels, batch_size, device, mse_every, start)
     open_array(codes_url, storage_options, mode="r+")[start:stop] = codes
     if ledger is not None:
-        ledger.mark(start, sq)
-    return sq
+        ledger.mark(start, [sq, counted])
+    return sq, counted
 
 
 def encode(images_url: str, output: str, storage_options: dict[str, Any], model_url: str, token: str,
@@ -84,7 +94,7 @@ def encode(images_url: str, output: str, storage_options: dict[str, Any], model_
     codes_url = join(output, "codes.zarr")
     ledger, done = None, {}
     if start == 0:
-        key = fingerprint("encode", ingest_key or images_url, token, n)
+        key = fingerprint("encode", ingest_key or images_url, token, n, MSE_SAMPLE)
         existing = _open_codes(codes_url, storage_options)
         if existing is not None and existing.attrs.get("encode_key") == key and "reconstruction_mse" in existing.attrs:
             logger.info("encode: already done with these weights; reusing codes.zarr")
@@ -99,17 +109,20 @@ def encode(images_url: str, output: str, storage_options: dict[str, Any], model_
     else:
         open_array(codes_url, storage_options, mode="r+").resize((n, code_dim))
     threads = torch_threads_by_worker(client)
+    every = max(1, (n - start) // MSE_SAMPLE)
     futures = [client.submit(encode_chunk, images_url, codes_url, model_url, token, storage_options, a, b,
-                             batch_size, threads, ledger, pure=False)
+                             batch_size, threads, ledger, every, pure=False)
                for a, b in aligned_spans(start, n, step) if a not in done]
-    total = float(sum(done.values()))
+    total, counted = float(sum(d[0] for d in done.values())), int(sum(d[1] for d in done.values()))
     for fut in track(completed(client, futures), total=len(futures), desc="encode", unit="chunk"):
-        total += fut.result()
-    mse = total / max(n - start, 1)
+        sq, c = fut.result()
+        total, counted = total + sq, counted + c
+    mse = total / max(counted, 1)
     if ledger is not None:
         open_array(codes_url, storage_options, mode="r+").attrs["reconstruction_mse"] = mse  # marks it finished
         ledger.clear()
-    logger.info("encode: %d codes of %d dimensions, reconstruction MSE %.5f", n - start, code_dim, mse)
+    logger.info("encode: %d codes of %d dimensions, reconstruction MSE %.5f (on %d images)", n - start, code_dim,
+                mse, counted)
     return Encoded(codes_url, code_dim, mse, len(done))
 
 

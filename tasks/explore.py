@@ -63,7 +63,7 @@ def query_code(run_dir: str, image: str, storage_options: dict[str, Any] | None 
     except ImageRejected as exc:
         raise ValueError(f"{image}: {exc}") from None
     model = load_model(join(run_dir, "model"), so)
-    code, _ = encode_array(model, pixels[None], 1)
+    code, _, _ = encode_array(model, pixels[None], 1)
     return code[0].astype(np.float64), pixels, None
 
 

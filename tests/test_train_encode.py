@@ -3,7 +3,7 @@ import torch
 
 from imgclust.batches import iter_batches
 from imgclust.zarr_store import create_array, open_array
-from tasks.encode import encode
+from tasks.encode import encode, encode_array
 from imgclust.refiner import random_shift
 from tasks.train import load_model, train_autoencoder
 
@@ -51,6 +51,23 @@ def test_train_is_reproducible_and_loss_falls(tmp_path, client):
     direct = model.encode(torch.from_numpy(open_array(url)[:5]).float() / 255).detach().numpy()
     np.testing.assert_allclose(codes[:5], direct, rtol=1e-4, atol=1e-4)
     assert 0 < enc.reconstruction_mse < 0.2
+
+
+def test_reconstruction_error_on_every_kth_row_keeps_every_code():
+    torch.manual_seed(0)
+    from imgclust.models import build_model
+
+    model = build_model({"architecture": "conv-dense", "channels": 1, "image_size": [16, 16], "code_dim": 8}).eval()
+    pixels = np.random.default_rng(0).integers(0, 255, (23, 1, 16, 16), dtype=np.uint8)
+    codes, sq, n = encode_array(model, pixels, 5)
+    sampled, sq3, n3 = encode_array(model, pixels, 5, every=3, first=1)
+    np.testing.assert_array_equal(codes, sampled)
+    x = torch.from_numpy(pixels).float() / 255
+    with torch.no_grad():
+        per_row = ((model.decode(model.encode(x)) - x) ** 2).mean(dim=(1, 2, 3)).numpy()
+    rows = [i for i in range(23) if (1 + i) % 3 == 0]
+    assert (n, n3) == (23, len(rows)) == (23, 7)
+    np.testing.assert_allclose([sq, sq3], [per_row.sum(), per_row[rows].sum()], rtol=1e-5)
 
 
 def test_train_sample_trains_on_a_fixed_subset_and_a_finished_training_is_reused(tmp_path, caplog):
