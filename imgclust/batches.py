@@ -12,17 +12,27 @@ import zarr
 from imgclust.zarr_store import chunk_spans
 
 
-def iter_batches(array: zarr.Array, batch_size: int, rng: np.random.Generator, buffer_chunks: int = 4,
-                 rows: np.ndarray | None = None) -> Iterator[np.ndarray]:
+# Chunks mixed into one shuffle buffer: at least BUFFER_CHUNKS, and as many as fit in BUFFER_BYTES.
+BUFFER_CHUNKS, BUFFER_BYTES = 4, 256 << 20
+
+
+def iter_batches(array: zarr.Array, batch_size: int, rng: np.random.Generator, buffer_chunks: int = BUFFER_CHUNKS,
+                 rows: np.ndarray | None = None, buffer_bytes: int = BUFFER_BYTES) -> Iterator[np.ndarray]:
     """Yield uint8 batches (B, C, H, W) for one epoch.
 
-    Chunks are visited in random order and ``buffer_chunks`` of them are mixed and shuffled
-    together, so memory stays at a few chunks while batches still mix distant images. A
-    background thread reads the next chunk while the caller trains. ``rows`` restricts the epoch
-    to a sorted subset (a training sample).
+    Chunks are visited in random order and mixed and shuffled together in a buffer of at least
+    ``buffer_chunks`` chunks, or as many as ``buffer_bytes`` holds: a corpus that fits (70k 32x32
+    RGB images are 215 MB) is one uniform shuffle; a larger one keeps memory flat while batches
+    still mix distant images. Archives are listed in path order and folders group similar images,
+    so a small buffer gives batches of few classes, which starves a contrastive loss of negatives
+    (Fashion-10k, 4 of 10 chunks: 5-NN vote of the codes 0.80 instead of 0.84). A background
+    thread reads the next chunk while the caller trains. ``rows`` restricts the epoch to a sorted
+    subset (a training sample).
     """
     n = array.shape[0]
     step = array.chunks[0]
+    chunk_bytes = step * int(np.prod(array.shape[1:], dtype=np.int64)) * array.dtype.itemsize
+    buffer_chunks = max(buffer_chunks, buffer_bytes // max(1, chunk_bytes))
     spans = chunk_spans(n, step)
     order = rng.permutation(len(spans))
     keep = None if rows is None else np.zeros(n, dtype=bool)

@@ -70,7 +70,8 @@ def _three_block(channels: int, size: tuple[int, int]) -> Autoencoder:
 
 
 class _DenseEncoder(nn.Module):
-    def __init__(self, channels: int, size: tuple[int, int], widths: tuple[int, ...], code_dim: int):
+    def __init__(self, channels: int, size: tuple[int, int], widths: tuple[int, ...], code_dim: int,
+                 normed_code: bool = False):
         super().__init__()
         layers: list[nn.Module] = []
         cin = channels
@@ -82,7 +83,9 @@ class _DenseEncoder(nn.Module):
         for _ in widths:
             h, w = (h + 1) // 2, (w + 1) // 2
         self.map_shape = (cin, h, w)
-        self.fc = nn.Linear(cin * h * w, code_dim)
+        self.fc: nn.Module = nn.Linear(cin * h * w, code_dim)
+        if normed_code:  # the SimCLR backbone's last layer: its features are what the projection head sees
+            self.fc = nn.Sequential(self.fc, nn.BatchNorm1d(code_dim), nn.ReLU(inplace=True))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.features(x).flatten(1))
@@ -91,7 +94,12 @@ class _DenseEncoder(nn.Module):
 def _conv_dense(channels: int, size: tuple[int, int], code_dim: int = 32) -> Autoencoder:
     widths = (32, 64, 128)
     enc = _DenseEncoder(channels, size, widths, code_dim)
-    c, h, w = enc.map_shape
+    return Autoencoder(enc, _dense_decoder(channels, enc.map_shape, widths, code_dim), (code_dim,), (channels, *size))
+
+
+def _dense_decoder(channels: int, map_shape: tuple[int, int, int], widths: tuple[int, ...], code_dim: int) -> nn.Module:
+    """Mirror of ``_DenseEncoder``: dense to its last map, then stride-2 transposed convolutions."""
+    c, h, w = map_shape
     layers: list[nn.Module] = [nn.Linear(code_dim, c * h * w), nn.ReLU(inplace=True), nn.Unflatten(1, (c, h, w))]
     rev = list(widths[::-1]) + [channels]
     for i, (a, b) in enumerate(zip(rev[:-1], rev[1:])):
@@ -100,8 +108,32 @@ def _conv_dense(channels: int, size: tuple[int, int], code_dim: int = 32) -> Aut
             layers += [nn.BatchNorm2d(b), nn.ReLU(inplace=True)]
         else:
             layers += [nn.ReLU(inplace=True), nn.Conv2d(a // 2, channels, 3, padding=1)]
-    dec = nn.Sequential(*layers)
-    return Autoencoder(enc, dec, (code_dim,), (channels, *size))
+    return nn.Sequential(*layers)
+
+
+class ContrastiveAutoencoder(Autoencoder):
+    """An encoder trained contrastively (SimCLR, ``imgclust.contrastive``), then a decoder fitted to
+    its frozen codes, so that reconstructions, prototypes and the MSE signal still exist.
+
+    ``encode(x)``: the backbone's features (B, D), L2-normalised: the geometry the contrastive loss
+    shapes is the angle between features. ``features(x)``: the same before normalisation, which is
+    what the projection head trains on.
+    """
+
+    contrastive = True
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encoder(x).flatten(1)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.features(x), dim=1)
+
+
+def _conv_contrastive(channels: int, size: tuple[int, int], code_dim: int = 128) -> Autoencoder:
+    widths = (32, 64, 128)
+    enc = _DenseEncoder(channels, size, widths, code_dim, normed_code=True)
+    return ContrastiveAutoencoder(enc, _dense_decoder(channels, enc.map_shape, widths, code_dim), (code_dim,),
+                                  (channels, *size))
 
 
 class VariationalAutoencoder(Autoencoder):
@@ -171,8 +203,8 @@ class _VaeEncoder(nn.Module):
 
 
 ARCHITECTURES = {"seed-mnist": _seed_mnist, "three-block": _three_block, "conv-dense": _conv_dense,
-                 "conv-vae": _conv_vae, "dense-vae": _dense_vae}
-SIZED = {"conv-dense": 32, "conv-vae": 10, "dense-vae": 10}  # architectures with a code size (default)
+                 "conv-vae": _conv_vae, "dense-vae": _dense_vae, "conv-contrastive": _conv_contrastive}
+SIZED = {"conv-dense": 32, "conv-vae": 10, "dense-vae": 10, "conv-contrastive": 128}  # architectures with a code size (default)
 
 
 def build_model(spec: dict[str, Any]) -> Autoencoder:

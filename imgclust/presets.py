@@ -34,6 +34,12 @@ class Preset:
     # write-up's conv VAE collapses on small corpora (its means carry almost nothing; bench/research).
     kl_warmup: float = 0.0
     min_steps: int = 0  # a fixed ``epochs`` is raised to reach this many optimiser steps
+    # ``reconstruction``: the autoencoder learns to rebuild its input. ``contrastive``: the encoder
+    # learns SimCLR's augmentation invariance first, then the decoder is fitted to its frozen codes.
+    pretext: Literal["reconstruction", "contrastive"] = "reconstruction"
+    # ``epochs=None``: a budget of ``budget_epochs`` epochs' worth of steps within ``step_range`` (auto_epochs)
+    step_range: tuple[int, int] = (500, 1_500)
+    budget_epochs: int = 15
 
 
 PRESETS: dict[str, Preset] = {
@@ -41,6 +47,26 @@ PRESETS: dict[str, Preset] = {
     for p in [
         Preset(
             name="default",
+            architecture="conv-contrastive",
+            image_size=(32, 32),
+            epochs=None,
+            learning_rate=1e-3,
+            loss="mse",
+            embedding="umap",
+            augment=False,
+            one_cycle=True,
+            code_dim=128,
+            pretext="contrastive",
+            step_range=(1_875, 3_750),
+            budget_epochs=94,
+            refine=True,
+            description="Conv 32-64-128 (stride 2, BatchNorm) -> 128-d features trained contrastively "
+            "(SimCLR: crops, flips, contrast, erasing), then a decoder fitted to the frozen codes; 1,875-3,750 "
+            "steps (94 epochs' worth), 80 % of them contrastive; L2-normalised codes -> UMAP (10-d) -> "
+            "K-means -> refined by a neighbour-consistent conv net (SCAN-style, with self-labelling).",
+        ),
+        Preset(
+            name="cae-refine",
             architecture="conv-dense",
             image_size=(32, 32),
             epochs=None,
@@ -51,9 +77,9 @@ PRESETS: dict[str, Preset] = {
             one_cycle=True,
             code_dim=32,
             refine=True,
-            description="Conv 32-64-128 (stride 2, BatchNorm) -> dense 32-d code, one-cycle learning rate "
-            "over 500-1,500 steps; standardised codes -> UMAP (10-d) -> K-means -> refined by a "
-            "neighbour-consistent conv net (SCAN-style, with self-labelling).",
+            description="The default of sessions 1-3: Conv 32-64-128 (stride 2, BatchNorm) -> dense 32-d code, "
+            "one-cycle learning rate over 500-1,500 steps; standardised codes -> UMAP (10-d) -> K-means -> "
+            "refined by a neighbour-consistent conv net (SCAN-style, with self-labelling).",
         ),
         Preset(
             name="seed-mnist",
@@ -150,21 +176,22 @@ PRESETS: dict[str, Preset] = {
 }
 
 
-STEPS_PER_CORPUS = 15  # epochs' worth of steps, clipped to [MIN_STEPS, MAX_STEPS]
-MIN_STEPS, MAX_STEPS = 500, 1500
 
 
 def auto_epochs(preset: str, n_images: int, batch_size: int) -> int:
     """Epochs for ``preset`` on ``n_images``: the preset's own number (raised to its ``min_steps``),
     or a step budget.
 
-    The default trains for about 15 epochs' worth of steps, but never fewer than 500 steps (small
-    corpora need repetitions to converge) nor more than 1,500 (large corpora are redundant enough that
-    more steps buy little clustering quality and cost linear time).
+    Presets without a fixed number train for ``budget_epochs`` epochs' worth of steps, within the
+    preset's ``step_range``: never fewer than its lower bound (small corpora need repetitions to
+    converge) nor more than its upper (large corpora are redundant enough that more steps buy little
+    clustering quality and cost linear time). The default: 1,875 steps for the 1,797 digits, 3,750
+    from 10k images up.
     """
     fixed = PRESETS[preset].epochs
     per_epoch = max(1, -(-n_images // batch_size))
     if fixed is not None:
         return max(fixed, -(-PRESETS[preset].min_steps // per_epoch))
-    steps = min(max(STEPS_PER_CORPUS * per_epoch, MIN_STEPS), MAX_STEPS)
+    lo, hi = PRESETS[preset].step_range
+    steps = min(max(PRESETS[preset].budget_epochs * per_epoch, lo), hi)
     return max(1, -(-steps // per_epoch))

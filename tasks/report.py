@@ -88,7 +88,10 @@ def prototype_and_attention(model: Any, codes: np.ndarray, pixels: np.ndarray) -
     import torch.nn.functional as F
 
     with torch.inference_mode():
-        proto = model.decode(torch.from_numpy(codes.mean(0, keepdims=True)).float())
+        mean = torch.from_numpy(codes.mean(0, keepdims=True)).float()
+        if getattr(model, "contrastive", False):  # its decoder only ever saw unit-length codes
+            mean = F.normalize(mean, dim=1)
+        proto = model.decode(mean)
         x = torch.from_numpy(pixels[:4]).float() / 255
         fmap = model.feature_maps(x)
     tiles = to_rgb_thumbs((proto.numpy() * 255).astype(np.uint8), 96)

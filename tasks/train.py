@@ -17,6 +17,7 @@ from distributed import Client
 from prefect import task
 
 from imgclust.batches import iter_batches
+from imgclust.contrastive import ProjectionHead, augment_views, nt_xent, warmup_cosine
 from imgclust.dask_cluster import gpu_workers
 from imgclust.models import Autoencoder, build_model
 from imgclust.presets import PRESETS
@@ -28,6 +29,7 @@ from imgclust.threads import local_cores, torch_threads
 from imgclust.zarr_store import open_array
 
 logger = logging.getLogger("imgclust")
+PRETEXT_SHARE = 0.8  # contrastive presets: share of the epochs for the pretext, the rest for the decoder
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,9 @@ def reconstruction_loss(model: Autoencoder, x: torch.Tensor, target: torch.Tenso
     kl = None
     if getattr(model, "variational", False):
         code, kl = model.sample_code(x)
+    elif getattr(model, "contrastive", False):
+        with torch.no_grad():  # the decoder learns to read the frozen contrastive codes
+            code = model.encode(x)
     else:
         code = model.encode(x)
     logits = model.decode_logits(code)
@@ -65,6 +70,13 @@ def reconstruction_loss(model: Autoencoder, x: torch.Tensor, target: torch.Tenso
     if kl is not None:
         loss = loss + kl_weight * kl.mean() / target[0].numel()
     return loss
+
+
+def pretext_epochs(preset: str, epochs: int) -> int:
+    """Epochs of the contrastive pretext; the rest fit the decoder to the frozen codes (0: none)."""
+    if PRESETS[preset].pretext != "contrastive":
+        return 0
+    return max(1, min(epochs - 1, round(epochs * PRETEXT_SHARE)))
 
 
 def weights_token(weights: bytes) -> str:
@@ -168,11 +180,18 @@ def train_autoencoder(images_url: str, output: str, storage_options: dict[str, A
     model = build_model(spec).to(dev)
     if dev.type == "cpu":
         model = model.to(memory_format=torch.channels_last)
-    opt = torch.optim.Adam(model.parameters(), lr=learning_rate)
+    pretext = pretext_epochs(preset, epochs)
+    proj = ProjectionHead(int(np.prod(model.code_shape))).to(dev) if pretext else None
+    params = list(model.parameters()) + (list(proj.parameters()) if proj is not None else [])
+    opt = torch.optim.Adam(params, lr=learning_rate, weight_decay=1e-6 if pretext else 0.0)
     steps_per_epoch = max(1, -(-n_train // batch_size))
-    # One-cycle: warm up, then anneal. Faster, steadier convergence than a constant rate (measured).
-    sched = (torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=learning_rate, total_steps=epochs * steps_per_epoch,
-                                                 pct_start=0.1) if p.one_cycle else None)
+    if pretext:  # SimCLR's schedule for the pretext, then a fresh warm-up and anneal for the decoder
+        s1, s2 = pretext * steps_per_epoch, (epochs - pretext) * steps_per_epoch
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: warmup_cosine(s, s1) if s < s1 else warmup_cosine(s - s1, s2))
+    else:  # one-cycle: warm up, then anneal. Faster, steadier convergence than a constant rate (measured).
+        sched = (torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=learning_rate, total_steps=epochs * steps_per_epoch,
+                                                     pct_start=0.1) if p.one_cycle else None)
     warmup_steps = p.kl_warmup * epochs * steps_per_epoch
     use_amp = dev.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
@@ -183,6 +202,8 @@ def train_autoencoder(images_url: str, output: str, storage_options: dict[str, A
     state = _load_checkpoint(checkpoint_url, storage_options)
     if state is not None:
         model.load_state_dict(state["model"])
+        if proj is not None:
+            proj.load_state_dict(state["proj"])
         opt.load_state_dict(state["opt"])
         if sched is not None:
             sched.load_state_dict(state["sched"])
@@ -197,9 +218,11 @@ def train_autoencoder(images_url: str, output: str, storage_options: dict[str, A
     # A fixed thread count (all cores: the workers idle meanwhile) makes the weights independent of
     # whatever set torch's threads earlier in this process.
     with torch_threads(local_cores()):
-        model.train()
         last_save = float("-inf")
         for epoch in track(range(first, epochs), total=epochs - first, desc="train", unit="epoch"):
+            model.train()
+            if pretext and epoch >= pretext:
+                model.encoder.eval()  # frozen: its batch statistics stay those of the pretext
             t0, total, seen = time.perf_counter(), 0.0, 0
             for i, batch in enumerate(iter_batches(images, batch_size, rng, rows=rows)):
                 beta = min(1.0, (epoch * steps_per_epoch + i) / warmup_steps) if warmup_steps else 1.0
@@ -208,7 +231,11 @@ def train_autoencoder(images_url: str, output: str, storage_options: dict[str, A
                 if shift:
                     target = x
                 with torch.autocast(device_type=dev.type, dtype=torch.float16, enabled=use_amp):
-                    loss = reconstruction_loss(model, x, target, p.loss, beta)
+                    if epoch < pretext:
+                        views = torch.cat([augment_views(x, gen), augment_views(x, gen)])
+                        loss = nt_xent(proj(model.features(views)))
+                    else:
+                        loss = reconstruction_loss(model, x, target, p.loss, beta)
                 opt.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.step(opt)
@@ -218,16 +245,19 @@ def train_autoencoder(images_url: str, output: str, storage_options: dict[str, A
                 total += float(loss.detach()) * len(batch)
                 seen += len(batch)
             losses.append(total / max(seen, 1))
-            logger.info("train: epoch %d/%d loss %.5f (%.1f s)", epoch + 1, epochs, losses[-1], time.perf_counter() - t0)
+            logger.info("train: epoch %d/%d %s loss %.5f (%.1f s)", epoch + 1, epochs,
+                        "contrastive" if epoch < pretext else "reconstruction", losses[-1], time.perf_counter() - t0)
             if epoch + 1 < epochs and time.monotonic() - last_save >= CHECKPOINT_SECONDS:
                 _save_checkpoint(checkpoint_url, storage_options, {
                     "epoch": epoch + 1, "losses": losses, "model": model.state_dict(), "opt": opt.state_dict(),
+                    "proj": proj.state_dict() if proj is not None else None,
                     "sched": sched.state_dict() if sched is not None else None, "scaler": scaler.state_dict(),
                     "numpy_rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
                     "shift_rng": gen.get_state()})
                 last_save = time.monotonic()
     model = model.to(memory_format=torch.contiguous_format).cpu().eval()
-    spec.update(losses=losses, train_key=key, device=str(dev), train_sample=n_train, resumed_from_epoch=first)
+    spec.update(losses=losses, train_key=key, device=str(dev), train_sample=n_train, resumed_from_epoch=first,
+                pretext_epochs=pretext)
     token = save_model(model, spec, join(output, "model"), storage_options)
     remove(checkpoint_url, storage_options)
     code_dim = int(np.prod(model.code_shape))

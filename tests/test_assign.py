@@ -59,7 +59,8 @@ def test_assign_refuses_a_folder_without_a_run(tmp_path):
 
 
 def test_a_refined_run_assigns_new_images_with_its_cluster_net(tmp_path):
-    """The default refines K-means with a cluster net; new images must go through the same net."""
+    """A refined run (``--refine``) places K-means' clusters with a cluster net; new images must go
+    through the same net."""
     from sklearn.datasets import load_digits
 
     from tasks.refine import assign_pixels, load_refiner
@@ -73,7 +74,7 @@ def test_a_refined_run_assigns_new_images_with_its_cluster_net(tmp_path):
         Image.fromarray((d.images[i] * 15.9).astype(np.uint8)).resize((16, 16)).save(folder / f"{i}.png")
     out = tmp_path / "run"
     r = imgclust("run", str(src), str(out), "--image-size", "16", "--epochs", "20", "-k", "4", "--seed", "0",
-                 "--no-progress")
+                 "--no-progress", "--refine")
     assert r.returncode == 0, r.stderr[-3000:]
     record = json.loads((out / "run.json").read_text())
     assert {"warm", "neighbours", "selflabel"} <= set(record["refine"]), record["refine"]

@@ -23,7 +23,7 @@ from tests.corpus import digit_images
 
 LEASE = 15.0
 SETTINGS = ["--image-size", "16", "--shard-size", "8", "--epochs", "10", "--batch-size", "32", "-k", "5",
-            "--seed", "0", "--no-progress", "--n-workers", "2", "--lease-seconds", str(LEASE)]
+            "--seed", "0", "--no-progress", "--refine", "--n-workers", "2", "--lease-seconds", str(LEASE)]
 
 
 @pytest.fixture(scope="module")

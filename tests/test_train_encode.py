@@ -27,6 +27,17 @@ def test_batches_cover_each_image_once_per_epoch(tmp_path):
     assert seen.tolist() != list(range(103))  # shuffled
 
 
+def test_a_corpus_that_fits_the_buffer_is_shuffled_as_a_whole(tmp_path):
+    """Archives come in path order (folders group alike images): batches must still mix them all."""
+    url = str(tmp_path / "im.zarr")
+    arr = create_array(url, (400, 1, 2, 2), 10, "uint8")
+    arr[:] = (np.arange(400)[:, None, None, None] // 2).astype(np.uint8) * np.ones((1, 1, 2, 2), np.uint8)
+    whole = next(iter_batches(open_array(url), 32, np.random.default_rng(0)))[:, 0, 0, 0]
+    few = next(iter_batches(open_array(url), 32, np.random.default_rng(0), buffer_bytes=0))[:, 0, 0, 0]
+    assert len(np.unique(whole // 5)) > 20  # rows from more than 20 of the 40 chunks
+    assert len(np.unique(few // 5)) <= 4  # the bounded buffer: 4 chunks
+
+
 def test_random_shift_moves_content():
     x = torch.zeros(4, 1, 8, 8)
     x[:, :, 3:5, 3:5] = 1

@@ -1,0 +1,51 @@
+"""The contrastive pretext: views, loss, and the default's two-phase training."""
+
+import json
+
+import numpy as np
+import torch
+
+from imgclust.contrastive import augment_views, nt_xent, warmup_cosine
+from tests.test_train_encode import make_images
+
+
+def test_views_are_random_valid_images_and_reproducible():
+    x = torch.rand(16, 3, 32, 32)
+    a = augment_views(x, torch.Generator().manual_seed(0))
+    b = augment_views(x, torch.Generator().manual_seed(0))
+    c = augment_views(x, torch.Generator().manual_seed(1))
+    assert a.shape == x.shape and a.min() >= 0 and a.max() <= 1
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert not torch.allclose(a, x, atol=0.05)
+
+
+def test_nt_xent_rewards_matching_views():
+    a = torch.nn.functional.normalize(torch.randn(32, 16), dim=1)
+    matched = nt_xent(torch.cat([a, a + 0.01 * torch.randn_like(a)]))
+    unrelated = nt_xent(torch.randn(64, 16))
+    assert matched < unrelated - 1.0
+    assert torch.isfinite(nt_xent(torch.cat([a, a]).half()))
+
+
+def test_schedule_warms_up_then_anneals_to_zero():
+    f = [warmup_cosine(s, 100) for s in range(100)]
+    assert f[0] < f[4] == 1.0 and f[50] < 0.6 and f[-1] < 0.01
+
+
+def test_default_trains_the_encoder_contrastively_then_the_decoder(tmp_path):
+    from tasks.train import load_model, train_autoencoder
+
+    url = str(tmp_path / "images.zarr")
+    make_images(url, n=64, chunk=32)
+    a = train_autoencoder(url, str(tmp_path / "a"), {}, "default", 5, 16, 1e-3, 3, "cpu")
+    b = train_autoencoder(url, str(tmp_path / "b"), {}, "default", 5, 16, 1e-3, 3, "cpu")
+    assert a.model_token == b.model_token and a.code_dim == 128
+    spec = json.loads((tmp_path / "a" / "model" / "spec.json").read_text())
+    assert spec["pretext_epochs"] == 4  # 80 % of 5; the last epoch fits the decoder
+    assert a.losses[0] > 1.0 > a.losses[-1]  # NT-Xent (about log(2B)) first, then a pixel MSE
+    model = load_model(a.model_url)
+    x = torch.from_numpy(np.asarray(__import__("zarr").open_array(url)[:8])).float() / 255
+    with torch.no_grad():
+        codes = model.encode(x)
+        assert torch.allclose(codes.norm(dim=1), torch.ones(8), atol=1e-5)
+        assert model(x).shape == x.shape
