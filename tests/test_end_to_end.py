@@ -22,8 +22,8 @@ def test_outputs_exist_and_counts_add_up(finished_run):
     run = json.loads((out / "run.json").read_text())
     assert run["counts"] == {"found": counts["found"], "duplicates": counts["duplicates"],
                              "rejected": counts["rejected"], "accepted": counts["accepted"], "clusters": 3}
-    assert set(run["seconds"]) == {"discover", "ingest", "train", "encode", "cluster", "publish", "report"}
-    assert run["refine"] == {}  # the default does not refine (--refine does)
+    assert set(run["seconds"]) == {"discover", "ingest", "train", "encode", "cluster", "refine", "publish", "report"}
+    assert run["refine"] == {"skipped": "fewer than 50 images per cluster"}  # 60 images, k=3
     assert run["resolved"]["color"] == "gray" and run["config"]["batch_size"] == 16
     assert run["versions"]["torch"].startswith("2.")
     assert len(run["train_loss"]) == 2
