@@ -62,7 +62,7 @@ PRESETS: dict[str, Preset] = {
             refine=True,
             description="Conv 32-64-128 (stride 2, BatchNorm) -> 128-d features trained contrastively "
             "(SimCLR: crops, flips, contrast, erasing), then a decoder fitted to the frozen codes; 1,875-3,750 "
-            "steps (94 epochs' worth), 80 % of them contrastive; L2-normalised codes -> UMAP (10-d) -> "
+            "steps (94 epochs' worth), four fifths of them contrastive; L2-normalised codes -> UMAP (10-d) -> "
             "K-means -> refined by a neighbour-consistent conv net (SCAN-style, with self-labelling).",
         ),
         Preset(

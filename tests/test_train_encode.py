@@ -49,8 +49,8 @@ def test_random_shift_moves_content():
 def test_train_is_reproducible_and_loss_falls(tmp_path, client):
     url = str(tmp_path / "images.zarr")
     make_images(url)
-    a = train_autoencoder(url, str(tmp_path / "a"), {}, "default", 4, 16, 1e-3, 7, "cpu")
-    b = train_autoencoder(url, str(tmp_path / "b"), {}, "default", 4, 16, 1e-3, 7, "cpu")
+    a = train_autoencoder(url, str(tmp_path / "a"), {}, "cae-refine", 4, 16, 1e-3, 7, "cpu")
+    b = train_autoencoder(url, str(tmp_path / "b"), {}, "cae-refine", 4, 16, 1e-3, 7, "cpu")
     assert a.model_token == b.model_token
     assert a.losses[-1] < a.losses[0]
     model = load_model(a.model_url)
