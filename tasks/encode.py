@@ -16,11 +16,11 @@ from imgclust.progress import track
 from imgclust.resume import ShardLedger, fingerprint
 from imgclust.storage import join
 from imgclust.threads import torch_threads, worker_budget
+from imgclust.worker_cache import worker_cached
 from imgclust.zarr_store import aligned_spans, create_array, open_array
 from tasks.train import load_model
 
 logger = logging.getLogger("imgclust")
-_MODELS: dict[str, torch.nn.Module] = {}
 # Decoding doubles encode's cost; the reconstruction MSE is a run-level quality signal, so a large
 # archive's is estimated on an evenly spaced sample of about this many images.
 MSE_SAMPLE = 20_000
@@ -32,15 +32,6 @@ class Encoded:
     code_dim: int
     reconstruction_mse: float
     chunks_resumed: int = 0
-
-
-def _cached_model(model_url: str, token: str, storage_options: dict[str, Any] | None) -> torch.nn.Module:
-    """One model per worker process and weights version: tasks share it instead of reloading."""
-    key = f"{model_url}#{token}"
-    if key not in _MODELS:
-        _MODELS.clear()
-        _MODELS[key] = load_model(model_url, storage_options)
-    return _MODELS[key]
 
 
 def encode_array(model: torch.nn.Module, pixels: np.ndarray, batch_size: int, device: torch.device | str = "cpu",
@@ -72,7 +63,8 @@ def encode_chunk(images_url: str, codes_url: str, model_url: str, token: str,
     gives their address, so that tasks x torch threads never exceed a host's cores.
     """
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = _cached_model(model_url, token, storage_options).to(device)
+    model = worker_cached("autoencoder", f"{model_url}#{token}",
+                          lambda: load_model(model_url, storage_options)).to(device)
     pixels = open_array(images_url, storage_options)[start:stop]
     with torch_threads(worker_budget(threads) if device.type == "cpu" else torch.get_num_threads()):
         codes, sq, counted = encode_array(model, pixels, batch_size, device, mse_every, start)

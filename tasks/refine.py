@@ -24,6 +24,7 @@ from imgclust.refiner import ClusterNet, RefineSettings, predict, refine
 from imgclust.resume import ShardLedger, fingerprint
 from imgclust.storage import join, open_fs, write_bytes_atomic, write_json
 from imgclust.threads import local_cores, torch_threads, worker_budget
+from imgclust.worker_cache import worker_cached
 from imgclust.zarr_store import aligned_spans, create_array, open_array
 from tasks.cluster import (
     K_SEARCH_SAMPLE,
@@ -39,7 +40,6 @@ from tasks.cluster import (
 from tasks.train import weights_token
 
 logger = logging.getLogger("imgclust")
-_NETS: dict[str, ClusterNet] = {}
 MIN_PER_CLUSTER = 50  # fewer images per cluster than this: too little to train a classifier on
 
 
@@ -72,13 +72,10 @@ def assign_pixels(net: ClusterNet, pixels: np.ndarray, remap: np.ndarray) -> np.
 def predict_chunk(images_url: str, model_dir: str, token: str, storage_options: dict[str, Any] | None, start: int,
                   stop: int, threads: dict[str, int] | None = None) -> np.ndarray:
     """Raw cluster choice (before size ordering) of images [start, stop), on a worker."""
-    key = f"{model_dir}#{token}"
-    if key not in _NETS:
-        _NETS.clear()
-        _NETS[key] = load_refiner(model_dir, storage_options)
+    net = worker_cached("refiner", f"{model_dir}#{token}", lambda: load_refiner(model_dir, storage_options))
     pixels = open_array(images_url, storage_options)[start:stop]
     with torch_threads(worker_budget(threads)):
-        return predict(_NETS[key], torch.from_numpy(pixels).float().div_(255.0)).argmax(1).astype(np.int32)
+        return predict(net, torch.from_numpy(pixels).float().div_(255.0)).argmax(1).astype(np.int32)
 
 
 def refine_clusters(images_url: str, clu: Clustering, output: str, storage_options: dict[str, Any], seed: int,
