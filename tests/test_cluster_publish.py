@@ -1,10 +1,11 @@
 import json
 
+import dask.array as da
 import numpy as np
 
 from imgclust.storage import read_parquet, write_parquet
 from imgclust.zarr_store import create_array
-from tasks.cluster import _relabel_by_size, choose_k, cluster_codes
+from tasks.cluster import _relabel_by_size, choose_k, cluster_codes, standardise
 from tasks.publish import publish, size_balance
 
 
@@ -102,3 +103,17 @@ def test_merged_pieces_follow_long_groups_and_the_clusterer_places_codes_as_the_
     model = load_cluster_model(str(tmp_path / "merged" / "model" / "clusterer.pkl"), {})
     assert model.sub_centres is not None and model.sub_centres.shape == (10, 2)
     assert (model.assign(x)[0] == labels).all()
+
+
+def test_standardise_scales_each_dimension_but_keeps_unit_norm_codes_angles():
+    rng = np.random.default_rng(0)
+    raw = rng.normal(size=(500, 8)) * np.array([10, 1, 1, 1, 1, 1, 1, 0.1])
+    x, mu, sd = standardise(da.from_array(raw, chunks=100))
+    assert np.allclose(np.asarray(x).std(0), 1, atol=1e-6) and np.allclose(sd, raw.std(0))
+    # Contrastive codes live on the unit sphere: per-dimension scaling would distort the angles
+    # their loss shaped, so they are only centred (Euclidean distances unchanged).
+    unit = raw / np.linalg.norm(raw, axis=1, keepdims=True)
+    y, mu, sd = standardise(da.from_array(unit, chunks=100))
+    assert np.all(sd == 1.0) and np.allclose(mu, unit.mean(0))
+    d = lambda a: np.linalg.norm(a[:, None] - a[None], axis=-1)  # noqa: E731
+    assert np.allclose(d(np.asarray(y)), d(unit))
