@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -206,8 +207,10 @@ def cluster_codes(codes_url: str, output: str, storage_options: dict[str, Any], 
             x, reducer = umap_embed(x, seed, embedding_dim)
         features_url = join(output, "_work", "features.zarr")
         create_array(features_url, (n, x.shape[1]), step, "float32", storage_options)
-        da.store(x.rechunk((step, x.shape[1])).astype(np.float32), open_array(features_url, storage_options, "r+"),
-                 lock=False)
+        with warnings.catch_warnings():  # the fitted UMAP (tens of MB) is in the graph once, by design
+            warnings.filterwarnings("ignore", message="Sending large graph", category=UserWarning)
+            da.store(x.rechunk((step, x.shape[1])).astype(np.float32),
+                     open_array(features_url, storage_options, "r+"), lock=False)
         x = da.from_zarr(open_array(features_url, storage_options))
         sample = x[sample_rows(n, K_SEARCH_SAMPLE, seed)].compute()
         if method == "dbscan":
