@@ -102,6 +102,7 @@ def main() -> None:
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--work", default=str(HERE / "_work"), help="where corpora and runs are written")
     ap.add_argument("--results", default=str(HERE / "RESULTS-quality.md"))
+    ap.add_argument("--keep-runs", action="store_true", help="keep each run's output folder (printed) for inspection")
     a = ap.parse_args()
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -127,7 +128,10 @@ def main() -> None:
             rows.append({"dataset": dataset, "method": method, "seeds": len(results),
                          **{key: [r[key] for r in results if key in r]
                             for key in ("acc", "nmi", "ari", "purity", "clusters", "knn5", "seconds", "peak_mb")}})
-        shutil.rmtree(runs, ignore_errors=True)
+        if a.keep_runs:
+            print(f"runs of {dataset} kept in {runs}", flush=True)
+        else:
+            shutil.rmtree(runs, ignore_errors=True)
     lines = [f"Command: `python bench/quality.py --datasets {a.datasets} --seeds {a.seeds} --methods {a.methods}`",
              f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python "
              f"{platform.python_version()}", "",
