@@ -35,6 +35,7 @@ def code_neighbour_vote(run_dir: str, paths: pd.Series, labels: pd.Series,
     """5-NN majority-vote accuracy of the codes (standardised as for clustering), on a sample of at most 10k images."""
     import numpy as np
 
+    from imgclust.code_space import code_scale
     from imgclust.metrics import knn_vote_accuracy
     from imgclust.zarr_store import open_array
 
@@ -48,9 +49,9 @@ def code_neighbour_vote(run_dir: str, paths: pd.Series, labels: pd.Series,
     order = np.argsort(rows[pick])
     rows, lab = rows[pick][order], lab[pick][order]
     codes = open_array(join(run_dir, "codes.zarr"), storage_options).get_orthogonal_selection((rows, slice(None)))
-    sd = codes.std(0)
-    unit = len(codes) and np.allclose((codes.astype(np.float64) ** 2).sum(1), 1.0, atol=1e-3)
-    codes = (codes - codes.mean(0)) / (1.0 if unit else np.where(sd > 1e-8, sd, 1.0))  # as the cluster stage does
+    if len(codes):
+        sq = (codes.astype(np.float64) ** 2).sum(1)
+        codes = (codes - codes.mean(0)) / code_scale(codes.std(0), sq.min(), sq.max())
     return {"knn5_vote_accuracy": knn_vote_accuracy(codes, lab, 5), "knn5_vote_images": len(rows)}
 
 
