@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from imgclust.metrics import hungarian_accuracy
+
 logger = logging.getLogger("imgclust")
 
 
@@ -40,6 +42,7 @@ class RefineSettings:
     scan_learning_rate: float = 1e-3
     label_learning_rate: float = 2e-3
     entropy_weight: float = 5.0
+    heads: int = 1  # neighbour-consistency heads trained side by side; the one of lowest loss is kept
     zoom: float = 0.1  # random zoom in [1 - zoom, 1 + zoom]
     shift_fraction: float = 1 / 14  # random shift up to this share of the image side (2 px at 28)
     width: int = 32
@@ -139,27 +142,53 @@ def fit_on_labels(net: ClusterNet, x: torch.Tensor, rows: np.ndarray, targets: n
     return net
 
 
+def scan_loss(p: torch.Tensor, q: torch.Tensor, entropy_weight: float) -> torch.Tensor:
+    """SCAN's loss for probabilities (B, k) of images ``p`` and of their neighbours ``q``:
+    -log <p, q>, minus ``entropy_weight`` times the entropy of the mean prediction."""
+    consistency = -torch.log((p * q).sum(1).clamp_min(1e-7)).mean()
+    mean = torch.cat([p, q]).mean(0)
+    return consistency + entropy_weight * (mean * torch.log(mean.clamp_min(1e-7))).sum()
+
+
 def fit_neighbour_consistency(net: ClusterNet, x: torch.Tensor, neighbours: np.ndarray, settings: RefineSettings,
                               gen: torch.Generator) -> ClusterNet:
-    """SCAN's loss: -log <p(a), p(n)> for an image a and a random one of its neighbours n, minus
-    ``entropy_weight`` times the entropy of the mean prediction (which keeps all clusters alive)."""
+    """Train ``net`` so an image a and a random one of its neighbours n fall in the same cluster
+    (``scan_loss``, which keeps all clusters alive). With ``settings.heads`` > 1, that many heads
+    share the features; the head of lowest loss over the whole sample becomes ``net.head``, as
+    SCAN does: one head's outcome depends on its start, and the loss tells the better ones."""
     n_rows, n_nb = neighbours.shape
     nb = torch.from_numpy(neighbours)
-    opt, sched = _optimiser(net, settings.scan_learning_rate, settings.scan_steps)
+    heads = nn.ModuleList([net.head] + [nn.Linear(net.head.in_features, net.head.out_features)
+                                        for _ in range(settings.heads - 1)])
+    opt, sched = _optimiser(nn.ModuleList([net.features, heads]), settings.scan_learning_rate, settings.scan_steps)
     bs = settings.batch_size
     net.train()
     for _ in range(settings.scan_steps):
         a = torch.randint(0, n_rows, (bs,), generator=gen)
         n = nb[a, torch.randint(0, n_nb, (bs,), generator=gen)]
-        p = F.softmax(net(augment(torch.cat([x[a], x[n]]), settings, gen)), 1)
-        consistency = -torch.log((p[:bs] * p[bs:]).sum(1).clamp_min(1e-7)).mean()
-        mean = p.mean(0)
-        loss = consistency + settings.entropy_weight * (mean * torch.log(mean.clamp_min(1e-7))).sum()
+        f = net.features(augment(torch.cat([x[a], x[n]]), settings, gen))
+        loss = sum(scan_loss(F.softmax(h(f[:bs]), 1), F.softmax(h(f[bs:]), 1), settings.entropy_weight)
+                   for h in heads)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
+    if len(heads) > 1:
+        losses = head_losses(net, heads, x, nb[:, 0].numpy(), settings.entropy_weight)
+        net.head = heads[int(np.argmin(losses))]
+        logger.info("refine: neighbour-consistency loss per head %s; kept head %d",
+                    " ".join(f"{v:.3f}" for v in losses), int(np.argmin(losses)))
     return net
+
+
+@torch.inference_mode()
+def head_losses(net: ClusterNet, heads: nn.ModuleList, x: torch.Tensor, partner: np.ndarray,
+                entropy_weight: float, batch_size: int = 1024) -> list[float]:
+    """Each head's ``scan_loss`` over all of ``x`` paired with ``x[partner]`` (no augmentation)."""
+    net.eval()
+    feats = torch.cat([net.features(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
+    pt = torch.from_numpy(partner)
+    return [float(scan_loss(F.softmax(h(feats), 1), F.softmax(h(feats[pt]), 1), entropy_weight)) for h in heads]
 
 
 @torch.inference_mode()
@@ -178,6 +207,12 @@ def nearest_neighbours(features: np.ndarray, k: int) -> np.ndarray:
     return NearestNeighbors(n_neighbors=k + 1).fit(features).kneighbors(features, return_distance=False)[:, 1:]
 
 
+def agreement(labels: np.ndarray, clusters: np.ndarray) -> float:
+    """Share of rows on which two clusterings agree, under the best matching of their cluster ids
+    (a head other than the warm-started one numbers its clusters its own way)."""
+    return hungarian_accuracy(labels, clusters)
+
+
 def refine(x: torch.Tensor, features: np.ndarray, labels: np.ndarray, confidence: np.ndarray, k: int,
            settings: RefineSettings, seed: int) -> tuple[ClusterNet, dict[str, float]]:
     """Train the cluster net on a sample: images ``x`` (S, C, H, W) in [0, 1], their manifold
@@ -192,10 +227,10 @@ def refine(x: torch.Tensor, features: np.ndarray, labels: np.ndarray, confidence
     net = ClusterNet(channels, k, settings.width)
     rows = confident_subset(labels, confidence, k, settings.keep)
     net = fit_on_labels(net, x, rows, labels[rows], settings.warm_steps, settings, gen)
-    history["warm"] = float((predict(net, x).argmax(1) == labels).mean())
+    history["warm"] = agreement(labels, predict(net, x).argmax(1))
     net = fit_neighbour_consistency(net, x, nearest_neighbours(features, settings.neighbours), settings, gen)
     p = predict(net, x)
-    history["neighbours"] = float((p.argmax(1) == labels).mean())
+    history["neighbours"] = agreement(labels, p.argmax(1))
     logger.info("refine: agreement with K-means after warm-up %.3f, after neighbour consistency %.3f",
                 history["warm"], history["neighbours"])
     if settings.selflabel_steps:
@@ -204,6 +239,6 @@ def refine(x: torch.Tensor, features: np.ndarray, labels: np.ndarray, confidence
         torch.manual_seed(seed + 7)
         net = fit_on_labels(ClusterNet(channels, k, settings.width), x, rows, own[rows], settings.selflabel_steps,
                             settings, gen)
-        history["selflabel"] = float((predict(net, x).argmax(1) == labels).mean())
+        history["selflabel"] = agreement(labels, predict(net, x).argmax(1))
         logger.info("refine: after self-labelling %.3f", history["selflabel"])
     return net.eval(), history

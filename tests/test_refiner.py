@@ -1,9 +1,23 @@
 """The cluster net of the refinement stage: shapes, sample selection, step bounds, and that it learns."""
 
 import numpy as np
+import pytest
 import torch
+from torch import nn
 
-from imgclust.refiner import ClusterNet, RefineSettings, augment, confident_subset, nearest_neighbours, predict, refine
+from imgclust.refiner import (
+    ClusterNet,
+    RefineSettings,
+    agreement,
+    augment,
+    confident_subset,
+    fit_on_labels,
+    head_losses,
+    nearest_neighbours,
+    predict,
+    refine,
+    scan_loss,
+)
 
 
 def bars(n_per: int = 40, size: int = 16, seed: int = 0) -> tuple[torch.Tensor, np.ndarray]:
@@ -42,7 +56,34 @@ def test_epochs_bound_every_refinement_phase():
     assert RefineSettings().bounded(None, 300) == RefineSettings()
 
 
-def test_refinement_repairs_noisy_initial_labels():
+def test_scan_loss_rewards_agreeing_neighbours_and_penalises_unused_clusters():
+    eye = torch.eye(4)
+    agree = scan_loss(eye, eye, entropy_weight=1.0)
+    disagree = scan_loss(eye, eye.roll(1, 0), entropy_weight=1.0)
+    collapsed = scan_loss(eye[[0, 0, 0, 0]], eye[[0, 0, 0, 0]], entropy_weight=1.0)
+    assert agree < disagree
+    assert agree < collapsed  # same agreement, but one cluster for everything
+
+
+def test_agreement_ignores_how_clusters_are_numbered():
+    a = np.array([0, 0, 1, 1, 2, 2])
+    assert agreement(a, (a + 1) % 3) == 1.0
+    assert agreement(a, np.array([0, 0, 1, 1, 2, 0])) == pytest.approx(5 / 6)
+
+
+def test_head_losses_rank_a_trained_head_below_an_untrained_one():
+    x, y = bars()
+    settings = RefineSettings(batch_size=32)
+    net = fit_on_labels(ClusterNet(1, 4), x, np.arange(len(y)), y, 60, settings, torch.Generator().manual_seed(0))
+    torch.manual_seed(1)
+    heads = nn.ModuleList([net.head, nn.Linear(net.head.in_features, 4)])
+    partner = nearest_neighbours(x.flatten(1).numpy(), 1)[:, 0]
+    trained, untrained = head_losses(net, heads, x, partner, entropy_weight=1.0)
+    assert trained < untrained
+
+
+@pytest.mark.parametrize("heads", [1, 3])
+def test_refinement_repairs_noisy_initial_labels(heads):
     x, y = bars()
     rng = np.random.default_rng(1)
     noisy = y.copy()
@@ -51,10 +92,12 @@ def test_refinement_repairs_noisy_initial_labels():
     confidence = np.where(flip, 0.0, 1.0)  # K-means would be less sure about its mistakes
     features = x.flatten(1).numpy()
     assert nearest_neighbours(features, 5).shape == (len(y), 5)
-    settings = RefineSettings(warm_steps=60, scan_steps=60, selflabel_steps=60, batch_size=32, neighbours=5)
+    settings = RefineSettings(warm_steps=60, scan_steps=60, selflabel_steps=60, batch_size=32, neighbours=5,
+                              heads=heads)
     net, history = refine(x, features, noisy, confidence, 4, settings, seed=0)
     pred = predict(net, x).argmax(1)
-    assert (pred == y).mean() > 0.95 > (noisy == y).mean()
+    assert agreement(y, pred) > 0.95 > (noisy == y).mean()
+    assert net.state_dict().keys() == ClusterNet(1, 4).state_dict().keys()  # what load_refiner rebuilds
     assert set(history) == {"warm", "neighbours", "selflabel"}
     again, _ = refine(x, features, noisy, confidence, 4, settings, seed=0)
     assert (predict(again, x).argmax(1) == pred).all()  # seeded: reproducible
