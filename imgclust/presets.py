@@ -57,11 +57,11 @@ PRESETS: dict[str, Preset] = {
             one_cycle=True,
             code_dim=128,
             pretext="contrastive",
-            step_range=(1_875, 3_750),
+            step_range=(1_875, 7_500),
             budget_epochs=94,
             refine=True,
             description="Conv 32-64-128 (stride 2, BatchNorm) -> 128-d features trained contrastively "
-            "(SimCLR: crops, flips, contrast, erasing), then a decoder fitted to the frozen codes; 1,875-3,750 "
+            "(SimCLR: crops, flips, contrast, erasing), then a decoder fitted to the frozen codes; 1,875-7,500 "
             "steps (94 epochs' worth), four fifths of them contrastive; L2-normalised codes -> UMAP (10-d) -> "
             "K-means -> refined by a neighbour-consistent conv net (SCAN-style, with self-labelling).",
         ),
@@ -186,7 +186,7 @@ def auto_epochs(preset: str, n_images: int, batch_size: int) -> int:
     preset's ``step_range``: never fewer than its lower bound (small corpora need repetitions to
     converge) nor more than its upper (large corpora are redundant enough that more steps buy little
     clustering quality and cost linear time). The default: 1,875 steps for the 1,797 digits, 3,750
-    from 10k images up.
+    for 10k images, 7,500 from 20k up.
     """
     fixed = PRESETS[preset].epochs
     per_epoch = max(1, -(-n_images // batch_size))

@@ -19,7 +19,7 @@ def test_preset_fixes_its_own_size():
     from imgclust.presets import auto_epochs
     assert auto_epochs("seed-mnist", 50_000, 256) == 10
     assert auto_epochs("cae-refine", 1797, 256) == 63 and auto_epochs("cae-refine", 70_000, 256) == 6
-    assert auto_epochs("default", 1797, 256) == 235 and auto_epochs("default", 70_000, 256) == 14  # 1,875 / 3,750 steps
+    assert auto_epochs("default", 1797, 256) == 235 and auto_epochs("default", 70_000, 256) == 28  # 1,875 / 7,500 steps
     assert auto_epochs("default", 10_000, 256) == 94
     # The conv VAE presets reach at least 1,500 optimiser steps: 30 epochs of 1,797 images are 240.
     assert auto_epochs("seed-vae", 1797, 256) == 188 and auto_epochs("seed-vae", 60_000, 128) == 30
