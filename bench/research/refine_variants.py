@@ -5,7 +5,9 @@
 Re-runs only the refine step (imgclust.refiner.refine) with each variant on the run's sample and
 scores every image's cluster against its parent folder. Labels are used for scoring only.
 Variants: base (the product's settings), noself (no self-labelling round), backbone (the cluster
-net starts from the run's trained encoder, no self-labelling), backbone-long (same, 2,000 SCAN steps).
+net starts from the run's trained encoder, no self-labelling), backbone-long (same, 2,000 SCAN steps),
+or NAME:KEY=VALUE[+KEY=VALUE...] for RefineSettings fields, e.g. ``heads1:heads=1`` or
+``ent2:entropy_weight=2+heads=1`` (session 6's table in bench/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import os
 import sys
 import time
 from dataclasses import replace
+from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numpy as np
@@ -24,7 +27,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-import imgclust.refiner as refiner
+from imgclust import refiner
 from imgclust.metrics import score
 from imgclust.zarr_store import open_array
 from tasks.cluster import sample_rows
@@ -43,6 +46,16 @@ class BackboneNet(nn.Module):
         return self.head(self.features(x).flatten(1))
 
 
+def overrides(text: str) -> dict:
+    """``key=value+key=value`` -> RefineSettings fields, each cast to the type of its default."""
+    defaults = refiner.RefineSettings()
+    out = {}
+    for item in filter(None, text.split("+")):
+        key, _, value = item.partition("=")
+        out[key] = type(getattr(defaults, key))(float(value))
+    return out
+
+
 def run_variant(run: str, variant: str, seed: int) -> dict:
     images = open_array(f"{run}/images.zarr")
     labels0 = open_array(f"{run}/_work/labels.zarr")[:]
@@ -52,7 +65,9 @@ def run_variant(run: str, variant: str, seed: int) -> dict:
     k = int(labels0.max()) + 1
     settings = refiner.RefineSettings()
     original = refiner.ClusterNet
-    if variant != "base":
+    if ":" in variant:
+        settings = replace(settings, **overrides(variant.partition(":")[2]))
+    elif variant != "base":
         settings = replace(settings, selflabel_steps=0)
     if variant == "backbone-long":
         settings = replace(settings, scan_steps=2000)
@@ -73,7 +88,7 @@ def run_variant(run: str, variant: str, seed: int) -> dict:
     s, s0 = score(truth, pred), score(truth, labels0)
     return {"run": run, "variant": variant, "acc": round(s["accuracy"], 4), "nmi": round(s["nmi"], 4),
             "kmeans_acc": round(s0["accuracy"], 4), "kmeans_nmi": round(s0["nmi"], 4),
-            "clusters_used": int(len(np.unique(pred))), "history": history, "seconds": round(seconds, 1)}
+            "clusters_used": len(np.unique(pred)), "history": history, "seconds": round(seconds, 1)}
 
 
 def main() -> None:
@@ -85,7 +100,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     for run in args.runs:
-        seed = args.seed if args.seed is not None else json.load(open(f"{run}/run.json"))["config"]["seed"]
+        seed = args.seed if args.seed is not None else json.loads(Path(f"{run}/run.json").read_text())["config"]["seed"]
         for v in args.variants.split(","):
             print(json.dumps(run_variant(run, v, seed)), flush=True)
 
