@@ -77,3 +77,17 @@ def test_cluster_class_starts_the_named_cluster():
                      cluster_kwargs={"n_workers": 1, "processes": False, "dashboard_address": ":0"}) as client:
         assert client.submit(lambda: 41 + 1).result() == 42
         assert len(client.scheduler_info()["workers"]) == 1
+
+
+def test_cli_help_states_the_config_defaults(capsys):
+    """The CLI passes only what the user gives, so its help must repeat RunConfig's defaults."""
+    from imgclust.cli import build_parser
+    from imgclust.presets import PRESETS
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["run", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert f"batch size (default {RunConfig.model_fields['batch_size'].default})" in text
+    assert f"(default {RunConfig.model_fields['seed'].default})" in text
+    lo, hi = PRESETS["default"].step_range
+    assert f"{lo:,}-{hi:,}" in text  # the default preset's step budget
