@@ -53,7 +53,7 @@ def test_vaes_start_from_keras_initialisation():
     for arch in ("conv-vae", "dense-vae"):
         model = build_model({"architecture": arch, "image_size": [28, 28], "channels": 1, "code_dim": 10})
         layers = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
-        assert layers and all(float(m.bias.abs().max()) == 0.0 for m in layers)
+        assert layers and all(float(m.bias.detach().abs().max()) == 0.0 for m in layers)
         first = layers[0]
         fan_in = first.weight[0].numel()
         fan_out = first.weight.shape[0] * first.weight[0, 0].numel() if first.weight.dim() == 4 else first.weight.shape[0]
