@@ -57,4 +57,4 @@ def test_vaes_start_from_keras_initialisation():
         first = layers[0]
         fan_in = first.weight[0].numel()
         fan_out = first.weight.shape[0] * first.weight[0, 0].numel() if first.weight.dim() == 4 else first.weight.shape[0]
-        assert float(first.weight.abs().max()) <= (6 / (fan_in + fan_out)) ** 0.5 + 1e-6
+        assert float(first.weight.detach().abs().max()) <= (6 / (fan_in + fan_out)) ** 0.5 + 1e-6
