@@ -52,8 +52,10 @@ def _add_run_parser(sub: argparse._SubParsersAction) -> None:
                    "letterbox on black (default crop)")
     p.add_argument("--preset", choices=list(PRESETS), help="model preset (default: default). " + " | ".join(
         f"{k}: {v.description}" for k, v in PRESETS.items()))
-    p.add_argument("--epochs", type=int, help="training epochs (default: the preset's; for default, 94 epochs' "
-                   "worth of steps within 1,875-7,500); also bounds each refinement phase")
+    default = PRESETS["default"]
+    p.add_argument("--epochs", type=int, help="training epochs (default: the preset's; for default, "
+                   f"{default.budget_epochs} epochs' worth of steps within {default.step_range[0]:,}-"
+                   f"{default.step_range[1]:,}); also bounds each refinement phase")
     p.add_argument("--batch-size", type=int, help="training and encoding batch size (default 256)")
     p.add_argument("--learning-rate", type=float, help="Adam learning rate (default: the preset's)")
     p.add_argument("--n-clusters", "-k", type=int, help="number of clusters (default: chosen from the data by "

@@ -40,8 +40,11 @@ class RunConfig(BaseModel):
     fit: Literal["crop", "pad"] = Field(
         default="crop", description="crop: centre-crop to the target aspect; pad: letterbox on black.")
     preset: str = Field(default="default", description="Model preset: " + ", ".join(PRESETS))
-    epochs: int | None = Field(default=None, ge=1, le=10_000, description="Training epochs (default: the preset's; for default, 94 "
-                                  "epochs' worth of steps within 1,875-7,500); also bounds each refinement phase.")
+    epochs: int | None = Field(
+        default=None, ge=1, le=10_000,
+        description=f"Training epochs (default: the preset's; for default, {PRESETS['default'].budget_epochs} epochs' "
+        f"worth of steps within {PRESETS['default'].step_range[0]:,}-{PRESETS['default'].step_range[1]:,}); also "
+        "bounds each refinement phase.")
     batch_size: int = Field(default=256, ge=1, le=65_536, description="Training and encoding batch size.")
     learning_rate: float | None = Field(default=None, gt=0, lt=1, description="Adam learning rate (default: preset's).")
     n_clusters: int | None = Field(

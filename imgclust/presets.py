@@ -63,7 +63,8 @@ PRESETS: dict[str, Preset] = {
             description="Conv 32-64-128 (stride 2, BatchNorm) -> 128-d features trained contrastively "
             "(SimCLR: crops, flips, contrast, erasing), then a decoder fitted to the frozen codes; 1,875-7,500 "
             "steps (94 epochs' worth), four fifths of them contrastive; L2-normalised codes -> UMAP (10-d) -> "
-            "K-means -> refined by a neighbour-consistent conv net (SCAN-style: five heads, the lowest-loss one kept, then self-labelling).",
+            "K-means -> refined by a neighbour-consistent conv net (SCAN-style: five heads, the lowest-loss "
+            "one kept, then self-labelling).",
         ),
         Preset(
             name="cae-refine",
@@ -79,7 +80,8 @@ PRESETS: dict[str, Preset] = {
             refine=True,
             description="The default of sessions 1-3: Conv 32-64-128 (stride 2, BatchNorm) -> dense 32-d code, "
             "one-cycle learning rate over 500-1,500 steps; standardised codes -> UMAP (10-d) -> K-means -> "
-            "refined by a neighbour-consistent conv net (SCAN-style: five heads, the lowest-loss one kept, then self-labelling).",
+            "refined by a neighbour-consistent conv net (SCAN-style: five heads, the lowest-loss one kept, "
+            "then self-labelling).",
         ),
         Preset(
             name="seed-mnist",

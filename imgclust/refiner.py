@@ -176,7 +176,7 @@ def fit_neighbour_consistency(net: ClusterNet, x: torch.Tensor, neighbours: np.n
         opt.step()
         sched.step()
     if len(heads) > 1:
-        losses = head_losses(net, heads, x, nb[:, 0].numpy(), settings.entropy_weight)
+        losses = head_losses(net, heads, x, neighbours[:, 0], settings.entropy_weight)
         net.head = heads[int(np.argmin(losses))]
         logger.info("refine: neighbour-consistency loss per head %s; kept head %d",
                     " ".join(f"{v:.3f}" for v in losses), int(np.argmin(losses)))
@@ -209,12 +209,6 @@ def nearest_neighbours(features: np.ndarray, k: int) -> np.ndarray:
     return NearestNeighbors(n_neighbors=k + 1).fit(features).kneighbors(features, return_distance=False)[:, 1:]
 
 
-def agreement(labels: np.ndarray, clusters: np.ndarray) -> float:
-    """Share of rows on which two clusterings agree, under the best matching of their cluster ids
-    (a head other than the warm-started one numbers its clusters its own way)."""
-    return hungarian_accuracy(labels, clusters)
-
-
 def refine(x: torch.Tensor, features: np.ndarray, labels: np.ndarray, confidence: np.ndarray, k: int,
            settings: RefineSettings, seed: int) -> tuple[ClusterNet, dict[str, float]]:
     """Train the cluster net on a sample: images ``x`` (S, C, H, W) in [0, 1], their manifold
@@ -229,10 +223,12 @@ def refine(x: torch.Tensor, features: np.ndarray, labels: np.ndarray, confidence
     net = ClusterNet(channels, k, settings.width)
     rows = confident_subset(labels, confidence, k, settings.keep)
     net = fit_on_labels(net, x, rows, labels[rows], settings.warm_steps, settings, gen)
-    history["warm"] = agreement(labels, predict(net, x).argmax(1))
+    # Agreement with K-means under the best matching of cluster ids: a head other than the
+    # warm-started one numbers its clusters its own way.
+    history["warm"] = hungarian_accuracy(labels, predict(net, x).argmax(1))
     net = fit_neighbour_consistency(net, x, nearest_neighbours(features, settings.neighbours), settings, gen)
     p = predict(net, x)
-    history["neighbours"] = agreement(labels, p.argmax(1))
+    history["neighbours"] = hungarian_accuracy(labels, p.argmax(1))
     logger.info("refine: agreement with K-means after warm-up %.3f, after neighbour consistency %.3f",
                 history["warm"], history["neighbours"])
     if settings.selflabel_steps:
@@ -241,6 +237,6 @@ def refine(x: torch.Tensor, features: np.ndarray, labels: np.ndarray, confidence
         torch.manual_seed(seed + 7)
         net = fit_on_labels(ClusterNet(channels, k, settings.width), x, rows, own[rows], settings.selflabel_steps,
                             settings, gen)
-        history["selflabel"] = agreement(labels, predict(net, x).argmax(1))
+        history["selflabel"] = hungarian_accuracy(labels, predict(net, x).argmax(1))
         logger.info("refine: after self-labelling %.3f", history["selflabel"])
     return net.eval(), history

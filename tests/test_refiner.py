@@ -5,10 +5,10 @@ import pytest
 import torch
 from torch import nn
 
+from imgclust.metrics import hungarian_accuracy
 from imgclust.refiner import (
     ClusterNet,
     RefineSettings,
-    agreement,
     augment,
     confident_subset,
     fit_on_labels,
@@ -65,12 +65,6 @@ def test_scan_loss_rewards_agreeing_neighbours_and_penalises_unused_clusters():
     assert agree < collapsed  # same agreement, but one cluster for everything
 
 
-def test_agreement_ignores_how_clusters_are_numbered():
-    a = np.array([0, 0, 1, 1, 2, 2])
-    assert agreement(a, (a + 1) % 3) == 1.0
-    assert agreement(a, np.array([0, 0, 1, 1, 2, 0])) == pytest.approx(5 / 6)
-
-
 def test_head_losses_rank_a_trained_head_below_an_untrained_one():
     x, y = bars()
     settings = RefineSettings(batch_size=32)
@@ -96,7 +90,9 @@ def test_refinement_repairs_noisy_initial_labels(heads):
                               heads=heads)
     net, history = refine(x, features, noisy, confidence, 4, settings, seed=0)
     pred = predict(net, x).argmax(1)
-    assert agreement(y, pred) > 0.95 > (noisy == y).mean()
+    assert hungarian_accuracy(y, pred) > 0.95 > (noisy == y).mean()
+    if heads == 1:  # one head keeps the warm start's numbering; another head numbers clusters its own way
+        assert (pred == y).mean() > 0.95
     assert net.state_dict().keys() == ClusterNet(1, 4).state_dict().keys()  # what load_refiner rebuilds
     assert set(history) == {"warm", "neighbours", "selflabel"}
     again, _ = refine(x, features, noisy, confidence, 4, settings, seed=0)
