@@ -12,18 +12,21 @@ from prefect import flow, get_run_logger
 
 from imgclust.config import ConfigError, RunConfig
 from imgclust.dask_cluster import dask_client
-from imgclust.lease import Lease, acquire_lease
+from imgclust.models.refiner import RefineSettings
+from imgclust.models.training import TrainPlan
 from imgclust.preflight import clear_previous_run, preflight
 from imgclust.presets import PRESETS, auto_epochs
-from imgclust.resume import resume_url
-from imgclust.storage import remove
+from imgclust.stages.cluster import ClusterSettings
+from imgclust.stages.ingest import PixelSpec
+from imgclust.stages.publish import write_run_record
+from imgclust.state.lease import Lease, acquire_lease
+from imgclust.io.storage import remove
 from tasks.cluster import cluster_task
 from tasks.discover import discover_task
 from tasks.encode import encode_task
 from tasks.ingest import ingest_task
-from tasks.publish import publish_task, write_run_record
+from tasks.publish import publish_task, report_task
 from tasks.refine import refine_task
-from tasks.report import report_task
 from tasks.train import train_task
 
 if logging.getLogger("imgclust").level == logging.NOTSET:
@@ -46,69 +49,69 @@ def cluster_archive(config: RunConfig) -> dict[str, Any]:
     """
     log = get_run_logger()
     preflight(config)
-    so, out = config.storage_options, config.output
-    with acquire_lease(out, so, "cluster-archive", config.lease_seconds, config.force_unlock) as lease:
+    store = config.store
+    with acquire_lease(store, "cluster-archive", config.lease_seconds, config.force_unlock) as lease:
         if config.overwrite:
             clear_previous_run(config)
         record = _stages(config, lease)
     log.info("report: %s", record["report"])
     log.info("cluster-archive: %d images -> %d clusters; results in %s", record["counts"]["accepted"],
-             record["counts"]["clusters"], out)
+             record["counts"]["clusters"], store.url)
     return record
 
 
 def _stages(config: RunConfig, lease: Lease) -> dict[str, Any]:
-    so, out, preset = config.storage_options, config.output, PRESETS[config.preset]
+    store, source, preset = config.store, config.source_location, PRESETS[config.preset]
     size = config.resolved_image_size
     sec: dict[str, float] = {}
     with dask_client(config.dask_address, config.n_workers, config.dask_cluster_class,
                      config.dask_cluster_kwargs) as client:
         address = client.scheduler.address
         with _timed(sec, "discover"):
-            found = discover_task(config.source, out, so, address)
+            found = discover_task(source, store, address)
         if config.n_clusters is not None and config.n_clusters > found.n_unique:
             raise ConfigError("n_clusters", f"{config.n_clusters} clusters asked for but only {found.n_unique} "
                               "distinct images were found")
         gray = found.gray if config.color == "auto" else config.color == "gray"
         lease.check()
         with _timed(sec, "ingest"):
-            ing = ingest_task(config.source, out, so, found.unique_url, found.unreadable_url, size, gray, config.fit,
-                              config.shard_size, address)
+            ing = ingest_task(source, store, PixelSpec(size, gray, config.fit), config.shard_size, address)
         if ing.n_accepted < max(2, config.n_clusters or 2):
             raise ConfigError("n_clusters" if config.n_clusters else "source",
-                              f"only {ing.n_accepted} images could be decoded; see {out}/rejected.parquet")
+                              f"only {ing.n_accepted} images could be decoded; see {store.rejected}")
         n_train = min(ing.n_accepted, config.train_sample or ing.n_accepted)
         epochs = config.epochs or auto_epochs(config.preset, n_train, config.batch_size)
+        plan = TrainPlan(config.preset, epochs, config.batch_size, config.resolved_learning_rate, config.seed,
+                         config.device, config.train_sample)
         lease.check()
         with _timed(sec, "train"):
-            model = train_task(ing.images_url, out, so, config.preset, epochs, config.batch_size,
-                               config.resolved_learning_rate, config.seed, config.device, address, ing.key,
-                               config.train_sample)
+            model = train_task(store, plan, ing.key, address)
         lease.check()
         with _timed(sec, "encode"):
-            enc = encode_task(ing.images_url, out, so, model.model_url, model.model_token, model.code_dim,
-                              config.batch_size, address, ing.key)
+            enc = encode_task(store, model, config.batch_size, ing.key, address)
         lease.check()
         merge = preset.merge if config.merge is None else config.merge
+        settings = ClusterSettings(config.n_clusters, preset.embedding, config.seed, preset.method,
+                                   preset.embedding_dim, merge)
         with _timed(sec, "cluster"):
-            clu = cluster_task(enc.codes_url, out, so, config.n_clusters, preset.embedding, config.seed, address,
-                               preset.method, preset.embedding_dim, merge)
+            clu = cluster_task(store, settings, address)
         refined: dict[str, Any] = {}
         if (preset.refine if config.refine is None else config.refine) and clu.n_clusters >= 2:
             lease.check()
             with _timed(sec, "refine"):
-                clu, refined = refine_task(ing.images_url, clu, out, so, config.seed, address, config.epochs)
+                clu, refined = refine_task(store, clu, config.seed,
+                                           RefineSettings().bounded(config.epochs, ing.n_accepted), address)
         lease.check()
         with _timed(sec, "publish"):
-            quality = publish_task(out, so, clu.labels_url, clu.distances_url)
+            quality = publish_task(store, clu)
     counts = {"found": found.n_found, "duplicates": found.n_duplicates, "rejected": ing.n_rejected,
               "accepted": ing.n_accepted, "clusters": clu.n_clusters}
     record = {
         "config": config.public_dict(),
         "resolved": {"image_size": list(size), "color": "gray" if gray else "rgb", "epochs": epochs,
                      "train_images": n_train, "learning_rate": config.resolved_learning_rate,
-                     "embedding": preset.embedding, "method": preset.method, "merge": merge, "code_dim": model.code_dim, "device": model.device,
-                     "n_clusters": clu.n_clusters},
+                     "embedding": preset.embedding, "method": preset.method, "merge": merge,
+                     "code_dim": model.code_dim, "device": model.device, "n_clusters": clu.n_clusters},
         "counts": counts,
         "refine": refined,
         "resumed": {"ingest_shards": ing.shards_resumed, "train_from_epoch": model.resumed_from_epoch,
@@ -120,9 +123,9 @@ def _stages(config: RunConfig, lease: Lease) -> dict[str, Any]:
     }
     lease.check()
     with _timed(sec, "report"):
-        record["report"] = report_task(out, so, config.seed, record)
-    remove(resume_url(out), so)  # every stage finished: its resume records have served
-    write_run_record(out, so, record)  # last: run.json is what marks the run finished
+        record["report"] = report_task(store, config.seed, record)
+    remove(store.resume(), store.storage_options)  # every stage finished: its resume records have served
+    write_run_record(store, record)  # last: run.json is what marks the run finished
     return record
 
 

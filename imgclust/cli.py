@@ -172,7 +172,7 @@ def cmd_run(ns: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from imgclust.config import ConfigError, RunConfig
-    from imgclust.lease import LeaseHeld, LeaseLost, check_free
+    from imgclust.state.lease import LeaseHeld, LeaseLost, check_free
 
     if getattr(ns, "no_progress", False):
         os.environ["IMGCLUST_PROGRESS"] = "0"
@@ -182,7 +182,7 @@ def cmd_run(ns: argparse.Namespace) -> int:
 
         n = preflight(config)
         if not config.force_unlock:
-            check_free(config.output, config.storage_options)
+            check_free(config.store)
     except ValidationError as exc:
         return _fail(_validation_message(exc))
     except ConfigError as exc:
@@ -209,45 +209,51 @@ def cmd_run(ns: argparse.Namespace) -> int:
 
 def cmd_evaluate(ns: argparse.Namespace) -> int:
     from imgclust.evaluate import evaluate_run, format_metrics
+    from imgclust.runstore import RunStore
 
-    so = ns.storage_options or {}
     try:
-        metrics = evaluate_run(ns.run_dir, ns.labels, so)
+        metrics = evaluate_run(RunStore(ns.run_dir, ns.storage_options or {}), ns.labels)
     except (FileNotFoundError, ValueError) as exc:
         return _fail(str(exc))
     print(format_metrics(metrics))
     return 0
 
 
-def _finished_run_missing(run_dir: str, so: dict[str, Any], marker: str = "run.json") -> str | None:
-    """The usage error when ``run_dir`` lacks ``marker`` (a file every finished run of this version has)."""
-    from imgclust.storage import exists, join
+def _finished_run_missing(ns: argparse.Namespace) -> str | None:
+    """The usage error when RUN_DIR holds no finished run, or one whose model this version cannot read."""
+    from imgclust.runmodel import ModelFormatError, RunModel
+    from imgclust.runstore import Location, RunStore
 
-    if exists(join(run_dir, marker), so):
-        return None
-    return f"run_dir: {run_dir} holds no finished run of this version ({marker} missing)"
+    store = RunStore(ns.run_dir, ns.storage_options or {})
+    if not store.is_finished:
+        return f"run_dir: {ns.run_dir} holds no finished run (run.json missing)"
+    try:
+        RunModel.load(Location(store.model, store.storage_options))
+    except ModelFormatError as exc:
+        return f"run_dir: {exc}"
+    return None
 
 
 def cmd_report(ns: argparse.Namespace) -> int:
-    from tasks.report import write_report
+    from imgclust.report.build import write_report
+    from imgclust.runstore import RunStore
 
-    so = ns.storage_options or {}
-    if missing := _finished_run_missing(ns.run_dir, so):
+    if missing := _finished_run_missing(ns):
         return _fail(missing)
-    print(write_report(ns.run_dir, so))
+    print(write_report(RunStore(ns.run_dir, ns.storage_options or {})))
     return 0
 
 
 def cmd_neighbors(ns: argparse.Namespace) -> int:
-    from tasks.explore import nearest_neighbours
+    from imgclust.runstore import RunStore
+    from imgclust.stages.explore import nearest_neighbours
 
-    so = ns.storage_options or {}
     if ns.k < 1:
         return _fail("k: must be at least 1")
-    if missing := _finished_run_missing(ns.run_dir, so, "model/clusterer.pkl"):
+    if missing := _finished_run_missing(ns):
         return _fail(missing)
     try:
-        found = nearest_neighbours(ns.run_dir, ns.image, ns.k, so, ns.out)
+        found = nearest_neighbours(RunStore(ns.run_dir, ns.storage_options or {}), ns.image, ns.k, ns.out)
     except (FileNotFoundError, ValueError) as exc:
         return _fail(f"image: {exc}")
     for n in found:
@@ -265,7 +271,7 @@ def _lease_settings(ns: argparse.Namespace) -> dict[str, Any]:
 def cmd_recluster(ns: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from flows.recluster import ReclusterConfig, recluster_flow
+    from imgclust.config import ReclusterConfig
 
     so = ns.storage_options or {}
     try:
@@ -274,9 +280,10 @@ def cmd_recluster(ns: argparse.Namespace) -> int:
     except ValidationError as exc:
         return _fail(_validation_message(exc))
 
-    if missing := _finished_run_missing(ns.run_dir, so):
+    if missing := _finished_run_missing(ns):
         return _fail(missing)
-    from imgclust.lease import LeaseHeld
+    from flows.recluster import recluster_flow
+    from imgclust.state.lease import LeaseHeld
 
     try:
         res = recluster_flow(cfg)
@@ -292,7 +299,7 @@ def cmd_recluster(ns: argparse.Namespace) -> int:
 def cmd_assign(ns: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from flows.assign_new import AssignConfig, assign_new_flow
+    from imgclust.config import AssignConfig
 
     so = ns.storage_options or {}
     try:
@@ -300,15 +307,16 @@ def cmd_assign(ns: argparse.Namespace) -> int:
                            **_lease_settings(ns))
     except ValidationError as exc:
         return _fail(_validation_message(exc))
-    if missing := _finished_run_missing(ns.run_dir, so, "model/clusterer.pkl"):
+    if missing := _finished_run_missing(ns):
         return _fail(missing)
-    from tasks.discover import list_images
+    from imgclust.stages.discover import list_images
 
     try:
-        list_images(ns.source, so)
+        list_images(cfg.source_location)
     except Exception as exc:  # noqa: BLE001 - any listing failure (fsspec, auth, network) is shown as one line
         return _fail(f"source: {exc}")
-    from imgclust.lease import LeaseHeld
+    from flows.assign_new import assign_new_flow
+    from imgclust.state.lease import LeaseHeld
 
     try:
         s = assign_new_flow(cfg)

@@ -12,6 +12,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from imgclust.presets import PRESETS
+from imgclust.runstore import Location, RunStore
 
 
 class ConfigError(ValueError):
@@ -129,7 +130,7 @@ class RunConfig(BaseModel):
 
     @model_validator(mode="after")
     def _output_outside_source(self) -> RunConfig:
-        from imgclust.storage import normalise_url
+        from imgclust.io.storage import normalise_url
 
         src, out = normalise_url(self.source), normalise_url(self.output)
         if out == src or out.startswith(src.rstrip("/") + "/"):
@@ -145,11 +146,61 @@ class RunConfig(BaseModel):
     def resolved_learning_rate(self) -> float:
         return self.learning_rate or PRESETS[self.preset].learning_rate
 
+    @property
+    def source_location(self) -> Location:
+        return Location(self.source, dict(self.storage_options))
+
+    @property
+    def store(self) -> RunStore:
+        """The run's output store."""
+        return RunStore(self.output, dict(self.storage_options))
+
     def public_dict(self) -> dict[str, Any]:
         """The config as written to run.json: storage options are replaced by their key names."""
         d = self.model_dump(mode="json")
         d["storage_options"] = {k: "***" for k in self.storage_options}
         return d
+
+
+class AssignConfig(BaseModel):
+    """Parameters of ``assign-new``: which finished run to extend, and where to look for new images."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    run_dir: str = Field(description="Output folder/URL of a finished cluster-archive run.")
+    source: str = Field(description="Folder or fsspec URL to scan for images the run has not seen.")
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+    dask_address: str | None = None
+    n_workers: int | None = Field(default=None, ge=1)
+    lease_seconds: float = Field(default=120.0, ge=1, le=86_400, description="Lease on run_dir; see RunConfig.")
+    force_unlock: bool = Field(default=False, description="Take run_dir's lease even if another run holds it.")
+
+    @property
+    def store(self) -> RunStore:
+        return RunStore(self.run_dir, dict(self.storage_options))
+
+    @property
+    def source_location(self) -> Location:
+        return Location(self.source, dict(self.storage_options))
+
+
+class ReclusterConfig(BaseModel):
+    """Parameters of ``recluster``: which run, which cluster, how many sub-clusters."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    run_dir: str = Field(description="Output folder/URL of a finished cluster-archive run.")
+    cluster: int = Field(ge=0, description="Cluster id to split.")
+    n_clusters: int | None = Field(default=None, ge=2, description="Sub-clusters; default chosen by silhouette.")
+    seed: int = Field(default=0, ge=0)
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+    dask_address: str | None = None
+    lease_seconds: float = Field(default=120.0, ge=1, le=86_400, description="Lease on run_dir; see RunConfig.")
+    force_unlock: bool = Field(default=False, description="Take run_dir's lease even if another run holds it.")
+
+    @property
+    def store(self) -> RunStore:
+        return RunStore(self.run_dir, dict(self.storage_options))
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:

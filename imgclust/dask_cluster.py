@@ -51,7 +51,7 @@ def dask_client(address: str | None = None, n_workers: int | None = None, cluste
     # The workers' statistical profiler walks the running task's stack every 10 ms on the event
     # loop: a few per cent of every core (bench/ingest.py), for a dashboard page batch runs never open.
     with dask.config.set({"distributed.worker.profile.enabled": False}), LocalCluster(
-        n_workers=n, threads_per_worker=1, processes=True, dashboard_address=":0",
+        n_workers=n, threads_per_worker=1, processes=True, dashboard_address="127.0.0.1:0",
         host="127.0.0.1", env=env,
     ) as cluster, Client(cluster, set_as_default=False) as client:
         logger.info("started a local Dask cluster with %d worker processes", n)

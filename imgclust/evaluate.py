@@ -8,8 +8,9 @@ from typing import Any
 
 import pandas as pd
 
+from imgclust.io.storage import open_fs, read_parquet, write_json
 from imgclust.metrics import score
-from imgclust.storage import exists, join, open_fs, read_parquet, write_json
+from imgclust.runstore import RunStore
 
 
 def read_labels(spec: str, paths: pd.Series, storage_options: dict[str, Any] | None = None) -> pd.Series:
@@ -30,48 +31,50 @@ def read_labels(spec: str, paths: pd.Series, storage_options: dict[str, Any] | N
 KNN_SAMPLE = 10_000
 
 
-def code_neighbour_vote(run_dir: str, paths: pd.Series, labels: pd.Series,
-                        storage_options: dict[str, Any] | None) -> dict[str, Any]:
+def code_neighbour_vote(store: RunStore, paths: pd.Series, labels: pd.Series) -> dict[str, Any]:
     """5-NN majority-vote accuracy of the codes (standardised as for clustering), on a sample of at most 10k images."""
     import numpy as np
 
-    from imgclust.code_space import code_scale
+    from imgclust.cluster.code_space import code_scale
+    from imgclust.io.arrays import open_array
     from imgclust.metrics import knn_vote_accuracy
-    from imgclust.zarr_store import open_array
 
-    if not exists(join(run_dir, "codes.zarr"), storage_options):
+    if not store.exists("codes.zarr"):
         return {}
-    manifest = read_parquet(join(run_dir, "manifest.parquet"), storage_options)
+    manifest = read_parquet(store.manifest, store.storage_options)
     index = paths.map(dict(zip(manifest["path"], manifest["index"]))).to_numpy()
     ok = ~pd.isna(index)
     rows, lab = index[ok].astype(np.int64), labels.to_numpy()[ok].astype(str)
     pick = np.sort(np.random.default_rng(0).choice(len(rows), size=min(KNN_SAMPLE, len(rows)), replace=False))
     order = np.argsort(rows[pick])
     rows, lab = rows[pick][order], lab[pick][order]
-    codes = open_array(join(run_dir, "codes.zarr"), storage_options).get_orthogonal_selection((rows, slice(None)))
+    codes = open_array(store.codes, store.storage_options).get_orthogonal_selection((rows, slice(None)))
     if len(codes):
         sq = (codes.astype(np.float64) ** 2).sum(1)
         codes = (codes - codes.mean(0)) / code_scale(codes.std(0), sq.min(), sq.max())
     return {"knn5_vote_accuracy": knn_vote_accuracy(codes, lab, 5), "knn5_vote_images": len(rows)}
 
 
-def evaluate_run(run_dir: str, labels: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
-    if not exists(join(run_dir, "assignments.parquet"), storage_options):
-        raise FileNotFoundError(f"{run_dir} holds no finished run (assignments.parquet missing)")
-    assignments = read_parquet(join(run_dir, "assignments.parquet"), storage_options)
-    lab = read_labels(labels, assignments["path"], storage_options)
+def evaluate_run(store: RunStore, labels: str) -> dict[str, Any]:
+    """Score a finished run against ``labels`` (a path,label table or ``parent-folder``); writes
+    ``metrics.json`` and, when the run has a report, shows the scores there too."""
+    so = store.storage_options
+    if not store.exists("assignments.parquet"):
+        raise FileNotFoundError(f"{store.url} holds no finished run (assignments.parquet missing)")
+    assignments = read_parquet(store.assignments, so)
+    lab = read_labels(labels, assignments["path"], so)
     known = lab.notna()
     if not known.any():
         raise ValueError("no image of the run has a label")
     metrics = score(lab[known].astype(str).to_numpy(), assignments.loc[known, "cluster"].to_numpy())
     metrics["unlabelled"] = int((~known).sum())
     metrics["labels"] = labels
-    metrics.update(code_neighbour_vote(run_dir, assignments.loc[known, "path"], lab[known], storage_options))
-    write_json(join(run_dir, "metrics.json"), metrics, storage_options)
-    if exists(join(run_dir, "report", "index.html"), storage_options):
-        from tasks.report import render_index
+    metrics.update(code_neighbour_vote(store, assignments.loc[known, "path"], lab[known]))
+    write_json(store.metrics, metrics, so)
+    if store.exists("report", "index.html"):
+        from imgclust.report.build import render_index
 
-        render_index(run_dir, storage_options)
+        render_index(store)
     return metrics
 
 

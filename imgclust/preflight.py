@@ -3,19 +3,15 @@
 from __future__ import annotations
 
 from imgclust.config import ConfigError, RunConfig
-from imgclust.storage import StorageError, exists, join, open_fs, remove
-from tasks.discover import list_images
-
-OUTPUTS = ("run.json", "images.zarr", "codes.zarr", "model", "_work", "manifest.parquet", "rejected.parquet",
-           "duplicates.parquet", "assignments.parquet", "clusters.json", "report", "metrics.json", "neighbors",
-           "recluster")
+from imgclust.io.storage import StorageError, remove
+from imgclust.runstore import RunStore
+from imgclust.stages.discover import list_images
 
 
 def preflight(config: RunConfig) -> int:
     """Validate source, output and k against storage; returns how many image files were found."""
-    so = config.storage_options
     try:
-        paths = list_images(config.source, so)
+        paths = list_images(config.source_location)
     except StorageError as exc:
         raise ConfigError("source", str(exc)) from None
     except Exception as exc:  # credentials, endpoint, DNS: the library's message is what helps
@@ -27,8 +23,9 @@ def preflight(config: RunConfig) -> int:
         raise ConfigError("n_clusters", f"{config.n_clusters} clusters asked for but only {len(paths)} image "
                           f"files were found under {config.source}")
     try:
-        finished = exists(join(config.output, "run.json"), so)
-        fs, root = open_fs(config.output, so)
+        store = config.store
+        finished = store.is_finished
+        fs, root = store.fs()
         if fs.exists(root) and not fs.isdir(root):
             raise ConfigError("output", f"{config.output} exists and is not a folder")
     except ConfigError:
@@ -42,5 +39,6 @@ def preflight(config: RunConfig) -> int:
 
 def clear_previous_run(config: RunConfig) -> None:
     """Remove only what a run writes; anything else the user keeps in output stays."""
-    for name in OUTPUTS:
-        remove(join(config.output, name), config.storage_options)
+    store = config.store
+    for name in RunStore.OUTPUTS:
+        remove(store.path(name), store.storage_options)

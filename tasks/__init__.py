@@ -1,1 +1,5 @@
-"""Stages of a run: plain functions that do the work, and thin Prefect tasks over them."""
+"""Prefect tasks: a few lines each over the plain stage functions of ``imgclust.stages``.
+
+Each task connects to the flow's Dask cluster by address and calls one library function; retries
+and names are Prefect's concern, everything else is the library's.
+"""

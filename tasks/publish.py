@@ -1,75 +1,22 @@
-"""Stage 6: assignments, per-cluster summaries and the run record, written atomically."""
+"""Tasks: the tables, the report and the run record (``imgclust.stages.publish``, ``imgclust.report``)."""
 
 from __future__ import annotations
 
-import logging
-from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
-import numpy as np
-import pandas as pd
 from prefect import task
 
-from imgclust.storage import join, read_parquet, write_json, write_parquet
-from imgclust.zarr_store import open_array
-
-logger = logging.getLogger("imgclust")
-NEAREST = 9
-PACKAGES = ("imgclust", "torch", "prefect", "prefect-dask", "dask", "distributed", "dask-ml", "zarr",
-            "pillow", "scikit-learn", "umap-learn", "numpy", "pandas", "s3fs", "fsspec")
-
-
-def package_versions() -> dict[str, str]:
-    out = {}
-    for name in PACKAGES:
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            out[name] = "not installed"
-    return out
-
-
-def cluster_summaries(assignments: pd.DataFrame, nearest: int = NEAREST) -> list[dict[str, Any]]:
-    """One entry per cluster: id, size, and the paths closest to its centre."""
-    out = []
-    for cid, grp in assignments.groupby("cluster", sort=True):
-        close = grp.sort_values(["distance", "path"], kind="stable").head(nearest)
-        out.append({"id": int(cid), "size": len(grp), "nearest": close["path"].tolist(),
-                    "mean_distance": float(grp["distance"].mean())})
-    return out
-
-
-def size_balance(sizes: np.ndarray) -> float:
-    """Normalised entropy of cluster sizes: 1 = all equal, towards 0 = one cluster holds all."""
-    if len(sizes) < 2:
-        return 0.0
-    p = sizes / sizes.sum()
-    return float(-(p * np.log(p)).sum() / np.log(len(sizes)))
-
-
-def publish(output: str, storage_options: dict[str, Any], labels_url: str, distances_url: str) -> dict[str, Any]:
-    """Write assignments.parquet and clusters.json; return label-free quality signals."""
-    manifest = read_parquet(join(output, "manifest.parquet"), storage_options)
-    labels = open_array(labels_url, storage_options)[:]
-    dist = open_array(distances_url, storage_options)[:]
-    assignments = pd.DataFrame({
-        "path": manifest["path"].to_numpy(), "sha256": manifest["sha256"].to_numpy(),
-        "cluster": labels.astype(np.int64), "distance": dist.astype(np.float64),
-    })
-    summaries = cluster_summaries(assignments)
-    write_parquet(join(output, "assignments.parquet"), assignments, storage_options)
-    write_json(join(output, "clusters.json"), summaries, storage_options)
-    sizes = np.array([c["size"] for c in summaries], dtype=float)
-    logger.info("publish: %d images in %d clusters (sizes %s)", len(assignments), len(summaries),
-                ", ".join(str(int(s)) for s in sizes[:30]))
-    return {"cluster_sizes": sizes.astype(int).tolist(), "size_balance": size_balance(sizes)}
-
-
-def write_run_record(output: str, storage_options: dict[str, Any], record: dict[str, Any]) -> None:
-    """run.json is written last: its presence marks a finished run."""
-    write_json(join(output, "run.json"), {**record, "versions": package_versions()}, storage_options)
+from imgclust.report.build import write_report
+from imgclust.runstore import RunStore
+from imgclust.stages.cluster import Clustering
+from imgclust.stages.publish import publish
 
 
 @task(name="publish", retries=2, retry_delay_seconds=5)
-def publish_task(output: str, storage_options: dict[str, Any], labels_url: str, distances_url: str) -> dict[str, Any]:
-    return publish(output, storage_options, labels_url, distances_url)
+def publish_task(store: RunStore, clu: Clustering) -> dict[str, Any]:
+    return publish(store, clu.labels_url, clu.distances_url)
+
+
+@task(name="report", retries=1, retry_delay_seconds=5)
+def report_task(store: RunStore, seed: int, run: dict[str, Any]) -> str:
+    return write_report(store, seed, run)

@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from imgclust.zarr_store import open_array
+from imgclust.io.arrays import open_array
 from tests.test_cli import imgclust
 
 
@@ -63,7 +63,8 @@ def test_a_refined_run_assigns_new_images_with_its_cluster_net(tmp_path):
     through the same net."""
     from sklearn.datasets import load_digits
 
-    from tasks.refine import assign_pixels, load_refiner
+    from imgclust.runmodel import RunModel
+    from imgclust.runstore import Location
 
     d = load_digits()
     keep = np.flatnonzero(d.target < 4)
@@ -78,10 +79,10 @@ def test_a_refined_run_assigns_new_images_with_its_cluster_net(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     record = json.loads((out / "run.json").read_text())
     assert {"warm", "neighbours", "selflabel"} <= set(record["refine"]), record["refine"]
-    net = load_refiner(str(out / "model"))
-    remap = np.asarray(json.loads((out / "model" / "refiner.json").read_text())["remap"])
+    model = RunModel.load(Location(str(out / "model")))
+    assert model.refiner is not None and len(model.refiner_spec["remap"]) == 4
     a = pd.read_parquet(out / "assignments.parquet")
-    own = assign_pixels(net, open_array(str(out / "images.zarr"))[:], remap)
+    own = model.refine_labels(open_array(str(out / "images.zarr"))[:])
     assert (own == a["cluster"].to_numpy()).all()  # the net reproduces the run's own assignments
 
     r = imgclust("assign", str(out), str(new))

@@ -3,7 +3,7 @@ from sklearn.cluster import KMeans
 from sklearn.datasets import make_moons
 
 from imgclust.metrics import score
-from tasks.cluster_merge import merge_subclusters, subcluster_count
+from imgclust.cluster.merge import merge_subclusters, subcluster_count
 
 
 def test_pieces_joined_along_the_manifold_recover_shapes_that_kmeans_cuts():
@@ -24,12 +24,11 @@ def test_small_corpora_are_not_cut_into_pieces_too_small_to_link():
 
 def test_new_codes_take_the_cluster_of_their_nearest_piece():
     """A merged cluster is not convex: its own centre may lie nearer another cluster's points."""
-    from tasks.cluster import ClusterModel
+    from imgclust.cluster.placement import ClusterPlacement
 
     sub_centres = np.array([[0.0, 0.0], [10.0, 0.0], [5.0, 1.0]])
-    model = ClusterModel(mean=np.zeros(2), std=np.ones(2), reducer=None,
-                         centres=np.array([[5.0, 0.0], [5.0, 1.0]]),
-                         sub_centres=sub_centres, sub_to_cluster=np.array([0, 0, 1]))
+    model = ClusterPlacement(centres=np.array([[5.0, 0.0], [5.0, 1.0]]), sub_centres=sub_centres,
+                             sub_to_cluster=np.array([0, 0, 1]))
     labels, dist = model.assign(np.array([[0.5, 0.0], [9.0, 0.0], [5.0, 1.2]]))
     assert labels.tolist() == [0, 0, 1]  # the nearest centre of the first two would be cluster 1's
     assert np.allclose(dist, [4.5, 4.0, 0.2])

@@ -3,10 +3,29 @@ import json
 import dask.array as da
 import numpy as np
 
-from imgclust.storage import read_parquet, write_parquet
-from imgclust.zarr_store import create_array
-from tasks.cluster import _relabel_by_size, choose_k, cluster_codes, standardise
-from tasks.publish import publish, size_balance
+from imgclust.io.storage import read_parquet, write_parquet
+from imgclust.io.arrays import create_array
+from imgclust.cluster.code_space import standardise
+from imgclust.cluster.kmeans import choose_k, relabel_by_size
+from imgclust.runmodel import RunModel
+from imgclust.runstore import Location, RunStore
+from imgclust.stages.cluster import ClusterSettings, cluster_codes
+from imgclust.stages.publish import publish, size_balance
+
+
+def cluster_at(url, out, k, embedding, client, **settings):
+    """The cluster stage's function on codes at ``url``, results under ``out``."""
+    return cluster_codes(Location(str(url)), RunStore(str(out)), ClusterSettings(k, embedding, 0, **settings), client)
+
+
+def saved_and_loaded(fit, folder):
+    """The fitted clusters as a run's model stores them, read back."""
+    RunModel(None, {}, fit.code_space, fit.placement).save(Location(str(folder)))
+    return RunModel.load(Location(str(folder)))
+
+
+def place(model, codes):
+    return model.placement.assign(model.features(codes))
 
 
 def blobs(n_per=60, k=4, d=8, seed=0):
@@ -20,18 +39,18 @@ def test_kmeans_on_codes_recovers_separated_groups(tmp_path, client):
     x, truth = blobs()
     url = str(tmp_path / "codes.zarr")
     create_array(url, x.shape, 64, "float32")[:] = x
-    res = cluster_codes(url, str(tmp_path), {}, 4, "none", 0, client)
-    from imgclust.zarr_store import open_array
+    fit = cluster_at(url, tmp_path, 4, "none", client)
+    res = fit.clustering
+    from imgclust.io.arrays import open_array
     labels = open_array(res.labels_url)[:]
     assert res.n_clusters == 4 and len(labels) == len(x)
     from sklearn.metrics import adjusted_rand_score
     assert adjusted_rand_score(truth, labels) > 0.99
-    again = cluster_codes(url, str(tmp_path / "again"), {}, 4, "none", 0, client)
+    again = cluster_at(url, tmp_path / "again", 4, "none", client).clustering
     assert (open_array(again.labels_url)[:] == labels).all()
-    # The saved clusterer places codes exactly where the run put them.
-    from tasks.cluster import load_cluster_model
-    model = load_cluster_model(str(tmp_path / "model" / "clusterer.pkl"), {})
-    lab, dist = model.assign(x)
+    # The saved model places codes exactly where the run put them.
+    model = saved_and_loaded(fit, tmp_path / "model")
+    lab, dist = place(model, x)
     assert (lab == labels).all()
     np.testing.assert_allclose(dist, open_array(res.distances_url)[:], rtol=1e-4, atol=1e-4)
 
@@ -39,18 +58,18 @@ def test_kmeans_on_codes_recovers_separated_groups(tmp_path, client):
 def test_dbscan_on_a_2d_map_finds_the_groups_itself_and_places_new_codes(tmp_path, client):
     from sklearn.metrics import adjusted_rand_score
 
-    from imgclust.zarr_store import open_array
-    from tasks.cluster import load_cluster_model
+    from imgclust.io.arrays import open_array
 
     x, truth = blobs(n_per=80, k=3)
     url = str(tmp_path / "codes.zarr")
     create_array(url, x.shape, 64, "float32")[:] = x
-    res = cluster_codes(url, str(tmp_path), {}, None, "tsne", 0, client, method="dbscan", embedding_dim=2)
+    fit = cluster_at(url, tmp_path, None, "tsne", client, method="dbscan", embedding_dim=2)
+    res = fit.clustering
     labels = open_array(res.labels_url)[:]
     assert res.n_clusters == 3 and adjusted_rand_score(truth, labels) > 0.99
-    model = load_cluster_model(str(tmp_path / "model" / "clusterer.pkl"), {})
+    model = saved_and_loaded(fit, tmp_path / "model")
     new = x[::10] + np.random.default_rng(1).normal(0, 0.1, x[::10].shape).astype(np.float32)
-    lab, dist = model.assign(new)
+    lab, dist = place(model, new)
     assert (lab == labels[::10]).all() and (dist >= 0).all()
 
 
@@ -62,7 +81,7 @@ def test_k_is_chosen_from_the_data_when_not_given():
 
 def test_relabel_orders_by_size_and_removes_gaps():
     labels = np.array([3, 3, 3, 1, 1, 0])
-    new, remap = _relabel_by_size(labels, 4)
+    new, remap = relabel_by_size(labels, 4)
     assert new.tolist() == [0, 0, 0, 1, 1, 2] and remap.tolist() == [2, 1, 3, 0]
 
 
@@ -74,7 +93,7 @@ def test_publish_tables(tmp_path):
         "width": 1, "height": 1, "format": "PNG"}))
     create_array(f"{out}/l.zarr", (n,), 8, "int32")[:] = np.arange(n) % 3
     create_array(f"{out}/d.zarr", (n,), 8, "float32")[:] = np.arange(n, dtype=np.float32)
-    q = publish(out, {}, f"{out}/l.zarr", f"{out}/d.zarr")
+    q = publish(RunStore(out), f"{out}/l.zarr", f"{out}/d.zarr")
     a = read_parquet(f"{out}/assignments.parquet")
     assert list(a.columns) == ["path", "sha256", "cluster", "distance"] and len(a) == n
     assert a["cluster"].dtype == np.int64
@@ -89,20 +108,19 @@ def test_merged_pieces_follow_long_groups_and_the_clusterer_places_codes_as_the_
     from sklearn.datasets import make_moons
     from sklearn.metrics import adjusted_rand_score
 
-    from imgclust.zarr_store import open_array
-    from tasks.cluster import load_cluster_model
+    from imgclust.io.arrays import open_array
 
     x, truth = make_moons(1200, noise=0.05, random_state=0)
     x = x.astype(np.float32)
     url = str(tmp_path / "codes.zarr")
     create_array(url, x.shape, 256, "float32")[:] = x
-    plain = cluster_codes(url, str(tmp_path / "plain"), {}, 2, "none", 0, client)
-    merged = cluster_codes(url, str(tmp_path / "merged"), {}, 2, "none", 0, client, merge=True)
-    labels = open_array(merged.labels_url)[:]
+    plain = cluster_at(url, tmp_path / "plain", 2, "none", client).clustering
+    fit = cluster_at(url, tmp_path / "merged", 2, "none", client, merge=True)
+    labels = open_array(fit.clustering.labels_url)[:]
     assert adjusted_rand_score(truth, labels) > 0.95 > adjusted_rand_score(truth, open_array(plain.labels_url)[:])
-    model = load_cluster_model(str(tmp_path / "merged" / "model" / "clusterer.pkl"), {})
-    assert model.sub_centres is not None and model.sub_centres.shape == (10, 2)
-    assert (model.assign(x)[0] == labels).all()
+    model = saved_and_loaded(fit, tmp_path / "merged" / "model")
+    assert model.placement.sub_centres is not None and model.placement.sub_centres.shape == (10, 2)
+    assert (place(model, x)[0] == labels).all()
 
 
 def test_standardise_scales_each_dimension_but_keeps_unit_norm_codes_angles():

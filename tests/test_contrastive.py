@@ -5,7 +5,7 @@ import json
 import numpy as np
 import torch
 
-from imgclust.contrastive import augment_views, nt_xent, warmup_cosine
+from imgclust.models.contrastive import augment_views, nt_xent, warmup_cosine
 from tests.test_train_encode import make_images
 
 
@@ -33,18 +33,19 @@ def test_schedule_warms_up_then_anneals_to_zero():
 
 
 def test_default_trains_the_encoder_contrastively_then_the_decoder(tmp_path):
-    from tasks.train import load_model, train_autoencoder
+    from imgclust.runmodel import RunModel
+    from imgclust.runstore import Location
+    from tests.test_train_encode import train_at
 
-    url = str(tmp_path / "images.zarr")
-    make_images(url, n=64, chunk=32)
-    a = train_autoencoder(url, str(tmp_path / "a"), {}, "default", 5, 16, 1e-3, 3, "cpu")
-    b = train_autoencoder(url, str(tmp_path / "b"), {}, "default", 5, 16, 1e-3, 3, "cpu")
+    store, a = train_at(tmp_path / "a", "default", 5, 16, 1e-3, 3, n=64)
+    _, b = train_at(tmp_path / "b", "default", 5, 16, 1e-3, 3, n=64)
     assert a.model_token == b.model_token and a.code_dim == 128
-    spec = json.loads((tmp_path / "a" / "model" / "spec.json").read_text())
-    assert spec["pretext_epochs"] == 4  # 80 % of 5; the last epoch fits the decoder
+    saved = RunModel.load(Location(store.model))
+    assert saved.spec["pretext_epochs"] == 4  # 80 % of 5; the last epoch fits the decoder
+    assert saved.spec["loss_kinds"] == ["contrastive"] * 4 + ["reconstruction"]
     assert a.losses[0] > 1.0 > a.losses[-1]  # NT-Xent (about log(2B)) first, then a pixel MSE
-    model = load_model(a.model_url)
-    x = torch.from_numpy(np.asarray(__import__("zarr").open_array(url)[:8])).float() / 255
+    model = saved.autoencoder
+    x = torch.from_numpy(np.asarray(__import__("zarr").open_array(store.images)[:8])).float() / 255
     with torch.no_grad():
         codes = model.encode(x)
         assert torch.allclose(codes.norm(dim=1), torch.ones(8), atol=1e-5)

@@ -1,13 +1,14 @@
 import pandas as pd
 import pytest
 
-from imgclust.storage import StorageError, read_parquet
-from tasks.discover import discover, list_images, split_duplicates
+from imgclust.io.storage import StorageError, read_parquet
+from imgclust.runstore import Location, RunStore
+from imgclust.stages.discover import UNIQUE, discover, list_images, split_duplicates
 
 
 def test_list_images_by_extension_any_case_relative_sorted(corpus):
     root, counts = corpus
-    paths = list_images(str(root))
+    paths = list_images(Location(str(root)))
     assert len(paths) == counts["found"]
     assert paths == sorted(paths)
     assert "readme.txt" not in paths
@@ -18,7 +19,7 @@ def test_list_images_by_extension_any_case_relative_sorted(corpus):
 
 def test_missing_source_is_a_clear_error(tmp_path):
     with pytest.raises(StorageError, match="source not found"):
-        list_images(str(tmp_path / "nope"))
+        list_images(Location(str(tmp_path / "nope")))
 
 
 def test_first_sorted_path_is_the_original():
@@ -32,13 +33,13 @@ def test_first_sorted_path_is_the_original():
 
 def test_discover_writes_duplicates(corpus, client, tmp_path):
     root, counts = corpus
-    found = discover(str(root), str(tmp_path), {}, client)
+    found = discover(Location(str(root)), RunStore(str(tmp_path)), client)
     assert found.n_found == counts["found"]
     assert found.n_duplicates == counts["duplicates"]
     assert found.gray is False  # a quarter of the corpus was saved as RGB
     dups = read_parquet(str(tmp_path / "duplicates.parquet"))
     assert set(dups.columns) == {"path", "sha256", "duplicate_of"}
     assert sorted(dups["path"]) == ["x-copies/copy-a.png", "x-copies/copy-b.png", "x-copies/copy-c.jpg"]
-    unique = read_parquet(found.unique_url)
+    unique = read_parquet(RunStore(str(tmp_path)).work(UNIQUE))
     assert not set(dups["path"]) & set(unique["path"])
     assert set(dups["duplicate_of"]) <= set(unique["path"])

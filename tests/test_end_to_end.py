@@ -6,12 +6,12 @@ import numpy as np
 import pandas as pd
 
 from imgclust.config import RunConfig
-from imgclust.zarr_store import open_array
+from imgclust.io.arrays import open_array
 
 
 def test_outputs_exist_and_counts_add_up(finished_run):
     _, out, counts, r = finished_run
-    for name in ("images.zarr", "codes.zarr", "model/weights.pt", "model/spec.json", "manifest.parquet",
+    for name in ("images.zarr", "codes.zarr", "model/weights.pt", "model/model.json", "model/clustering.npz", "manifest.parquet",
                  "rejected.parquet", "duplicates.parquet", "assignments.parquet", "clusters.json", "run.json"):
         assert (out / name).exists(), name
     manifest = pd.read_parquet(out / "manifest.parquet")

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imgclust.imagefile import ImageRejected, decode_image, probe_is_gray
+from imgclust.io.imagefile import ImageRejected, decode_image, probe_is_gray
 from tests.corpus import png_header_only
 
 
@@ -101,12 +101,12 @@ def test_probe_is_gray():
 @pytest.mark.parametrize("w, h, tw, th, fit", [(256, 256, 32, 32, "crop"), (3000, 2000, 64, 64, "crop"),
                                                (3000, 2000, 64, 64, "pad"), (641, 479, 24, 16, "crop"),
                                                (100, 7, 32, 32, "pad"), (7, 100, 32, 32, "crop")])
-def test_draft_size_is_the_smallest_that_covers_the_target(w, h, tw, th, fit):
-    from imgclust.imagefile import _draft_size
+def testdraft_size_is_the_smallest_that_covers_the_target(w, h, tw, th, fit):
+    from imgclust.io.imagefile import draft_size
 
-    nw, nh = _draft_size(w, h, tw, th, fit)
+    nw, nh = draft_size(w, h, tw, th, fit)
     scale = max(tw / w, th / h) if fit == "crop" else min(tw / w, th / h)
     assert (nw, nh) == (max(1, int(np.ceil(w * scale - 1e-9))), max(1, int(np.ceil(h * scale - 1e-9))))
     if fit == "crop":
         assert nw >= tw and nh >= th
-    assert _draft_size(256, 256, 32, 32, "crop") == (32, 32)  # not 33: that would decode at 64x64
+    assert draft_size(256, 256, 32, 32, "crop") == (32, 32)  # not 33: that would decode at 64x64

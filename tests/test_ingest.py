@@ -1,16 +1,17 @@
 import numpy as np
 
-from imgclust.storage import read_parquet
-from imgclust.zarr_store import open_array
-from tasks.discover import discover
-from tasks.ingest import ingest
+from imgclust.io.storage import read_parquet
+from imgclust.io.arrays import open_array
+from imgclust.runstore import Location, RunStore
+from imgclust.stages.discover import discover
+from imgclust.stages.ingest import PixelSpec, ingest
 
 
 def test_ingest_accounts_for_every_file(corpus, client, tmp_path):
     root, counts = corpus
     out = str(tmp_path)
-    found = discover(str(root), out, {}, client)
-    ing = ingest(str(root), out, {}, found.unique_url, found.unreadable_url, (20, 20), False, "crop", 16, client)
+    discover(Location(str(root)), RunStore(out), client)
+    ing = ingest(Location(str(root)), RunStore(out), PixelSpec((20, 20), False, "crop"), 16, client)
     manifest = read_parquet(f"{out}/manifest.parquet")
     rejected = read_parquet(f"{out}/rejected.parquet")
     dups = read_parquet(f"{out}/duplicates.parquet")
@@ -27,7 +28,7 @@ def test_ingest_accounts_for_every_file(corpus, client, tmp_path):
     assert "decompression-bomb" in reasons["broken/deeper/huge.png"]
     assert "decompression-bomb" in reasons["broken/deeper/warn-range.png"]
     assert "truncated" in reasons["broken/deeper/truncated.jpg"]
-    images = open_array(ing.images_url)
+    images = open_array(f"{out}/images.zarr")
     assert images.shape == (counts["accepted"], 3, 20, 20) and images.dtype == np.uint8
     assert images.chunks[0] == 16
     # Rows follow the manifest: every stored image has content (digits are never all black).
@@ -40,17 +41,17 @@ def test_without_rejects_the_staging_array_is_moved_into_place(tmp_path, client)
     """The common case writes every pixel once: no compaction copy, and rows still follow the manifest."""
     from PIL import Image
 
-    from imgclust.storage import exists
+    from imgclust.io.storage import exists
 
     src = tmp_path / "src"
     src.mkdir()
     for i in range(37):
         Image.fromarray(np.full((12, 12), 7 * i, np.uint8), "L").save(src / f"{i:02d}.png")
     out = str(tmp_path / "out")
-    found = discover(str(src), out, {}, client)
-    ing = ingest(str(src), out, {}, found.unique_url, found.unreadable_url, (8, 8), True, "crop", 16, client)
+    discover(Location(str(src)), RunStore(out), client)
+    ing = ingest(Location(str(src)), RunStore(out), PixelSpec((8, 8), True, "crop"), 16, client)
     manifest = read_parquet(f"{out}/manifest.parquet")
-    images = open_array(ing.images_url)
+    images = open_array(f"{out}/images.zarr")
     assert ing.n_accepted == 37 and images.shape == (37, 1, 8, 8) and images.chunks[0] == 16
     assert not exists(f"{out}/_work/staging.zarr")
     assert images.attrs["color"] == "gray" and images.attrs["ingest_key"] == ing.key

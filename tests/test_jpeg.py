@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 import imgclust.jpeg as jpeg
-from imgclust.imagefile import ImageRejected, decode_image
+from imgclust.io.imagefile import ImageRejected, decode_image
 
 pytestmark = pytest.mark.skipif(jpeg.simplejpeg is None, reason="simplejpeg is not installed")
 
@@ -118,7 +118,7 @@ def test_pillow_draft_size(w, h, need, want):
 
 @pytest.mark.parametrize("mode", ["L", "RGB", "CMYK"])
 def test_gray_probe_agrees_with_pillow(mode):
-    from imgclust.imagefile import GRAY_MODES, probe_is_gray
+    from imgclust.io.imagefile import GRAY_MODES, probe_is_gray
 
     data = jpeg_bytes(photo(32, 32).convert(mode))
     with Image.open(io.BytesIO(data)) as im:

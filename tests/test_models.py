@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from imgclust.models import build_model
+from imgclust.models.autoencoders import build_model
 from imgclust.presets import PRESETS
 
 

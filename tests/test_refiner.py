@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from imgclust.metrics import hungarian_accuracy
-from imgclust.refiner import (
+from imgclust.models.refiner import (
     ClusterNet,
     RefineSettings,
     augment,

@@ -5,7 +5,7 @@ from html.parser import HTMLParser
 import numpy as np
 from PIL import Image
 
-from tasks.report import grid, to_rgb_thumbs
+from imgclust.report.figures import grid, to_rgb_thumbs
 
 
 class Collect(HTMLParser):
@@ -54,8 +54,8 @@ def test_thumbnail_grid_packs_rows():
 
 def test_prototype_strips_have_attention_maps_only_where_the_encoder_has_a_feature_map():
     """A conv encoder: prototype + 4 members with their attention overlays; a dense VAE: prototype + members."""
-    from imgclust.models import build_model
-    from tasks.report import prototype_and_attention
+    from imgclust.models.autoencoders import build_model
+    from imgclust.report.figures import prototype_and_attention
 
     pixels = (np.random.default_rng(0).random((4, 1, 28, 28)) * 255).astype(np.uint8)
     widths = {}

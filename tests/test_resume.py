@@ -114,7 +114,7 @@ def test_killed_runs_resume_to_the_uninterrupted_result(digits_folder, tmp_path)
 
 @pytest.mark.parametrize("where", ["local", "s3"])
 def test_ledger_records_finished_shards_per_key(where, tmp_path, request):
-    from imgclust.resume import ShardLedger, fingerprint
+    from imgclust.state.resume import ShardLedger, fingerprint
 
     if where == "s3":
         import s3fs
@@ -124,15 +124,18 @@ def test_ledger_records_finished_shards_per_key(where, tmp_path, request):
         out = "s3://ledgers/run"
     else:
         so, out = {}, str(tmp_path)
+    from imgclust.runstore import RunStore
+
+    store = RunStore(out, so)
     key = fingerprint("ingest", ["a.png", "b.png"], 16)
     assert key == fingerprint("ingest", ["a.png", "b.png"], 16) != fingerprint("ingest", ["a.png", "b.png"], 32)
-    ledger = ShardLedger(out, so, "ingest", key)
+    ledger = ShardLedger(store, "ingest", key)
     assert ledger.done() == {}
     ledger.mark(0, [[True, 1, 1, "PNG", ""]])
     ledger.mark(1024, [[False, 0, 0, "", "broken"]])
     ledger.mark("batch-ab", {"x": 1})
     assert ledger.done_rows() == {0: [[True, 1, 1, "PNG", ""]], 1024: [[False, 0, 0, "", "broken"]]}
-    other = ShardLedger(out, so, "ingest", fingerprint("changed settings"))
+    other = ShardLedger(store, "ingest", fingerprint("changed settings"))
     other.mark(0, [])
     ledger.clear_others()  # records under another key are stale
     assert other.done() == {} and len(ledger.done()) == 3

@@ -1,11 +1,15 @@
 import numpy as np
 import torch
 
-from imgclust.batches import iter_batches
-from imgclust.zarr_store import create_array, open_array
-from tasks.encode import encode, encode_array
-from imgclust.refiner import random_shift
-from tasks.train import load_model, train_autoencoder
+from imgclust.io.arrays import create_array, open_array
+from imgclust.models.batches import iter_batches
+from imgclust.models.encoding import encode_array
+from imgclust.models.refiner import random_shift
+from imgclust.models.training import TrainPlan
+from imgclust.runmodel import RunModel
+from imgclust.runstore import Location, RunStore
+from imgclust.stages.encode import encode
+from imgclust.stages.train import train
 
 
 def make_images(url: str, n: int = 100, chunk: int = 32) -> None:
@@ -16,6 +20,19 @@ def make_images(url: str, n: int = 100, chunk: int = 32) -> None:
         r = i % 4
         base[i, 0, r * 4:(r + 1) * 4, :] = 255
     arr[:] = np.clip(base.astype(int) + rng.integers(0, 20, base.shape), 0, 255).astype(np.uint8)
+
+
+def train_at(folder, preset, epochs, batch_size, learning_rate, seed, ingest_key="", train_sample=None, n=100):
+    """The train stage on a run store at ``folder`` holding ``make_images``'s images."""
+    store = RunStore(str(folder))
+    if not store.exists("images.zarr"):
+        make_images(store.images, n=n)
+    return store, train(store, TrainPlan(preset, epochs, batch_size, learning_rate, seed, "cpu", train_sample),
+                        ingest_key)
+
+
+def saved_spec(store):
+    return RunModel.load(Location(store.model)).spec
 
 
 def test_batches_cover_each_image_once_per_epoch(tmp_path):
@@ -47,17 +64,16 @@ def test_random_shift_moves_content():
 
 
 def test_train_is_reproducible_and_loss_falls(tmp_path, client):
-    url = str(tmp_path / "images.zarr")
-    make_images(url)
-    a = train_autoencoder(url, str(tmp_path / "a"), {}, "cae-refine", 4, 16, 1e-3, 7, "cpu")
-    b = train_autoencoder(url, str(tmp_path / "b"), {}, "cae-refine", 4, 16, 1e-3, 7, "cpu")
+    store, a = train_at(tmp_path / "a", "cae-refine", 4, 16, 1e-3, 7)
+    _, b = train_at(tmp_path / "b", "cae-refine", 4, 16, 1e-3, 7)
     assert a.model_token == b.model_token
     assert a.losses[-1] < a.losses[0]
-    model = load_model(a.model_url)
+    model = RunModel.load(Location(store.model)).autoencoder
     assert model.encode(torch.rand(3, 1, 16, 16)).shape == (3, a.code_dim)
+    url = store.images
 
-    enc = encode(url, str(tmp_path / "a"), {}, a.model_url, a.model_token, a.code_dim, 16, client)
-    codes = open_array(enc.codes_url)[:]
+    enc = encode(store, a.model_token, a.code_dim, 16, client)
+    codes = open_array(store.codes)[:]
     assert codes.shape == (100, 32) and np.isfinite(codes).all()
     direct = model.encode(torch.from_numpy(open_array(url)[:5]).float() / 255).detach().numpy()
     np.testing.assert_allclose(codes[:5], direct, rtol=1e-4, atol=1e-4)
@@ -66,7 +82,7 @@ def test_train_is_reproducible_and_loss_falls(tmp_path, client):
 
 def test_reconstruction_error_on_every_kth_row_keeps_every_code():
     torch.manual_seed(0)
-    from imgclust.models import build_model
+    from imgclust.models.autoencoders import build_model
 
     model = build_model({"architecture": "conv-dense", "channels": 1, "image_size": [16, 16], "code_dim": 8}).eval()
     pixels = np.random.default_rng(0).integers(0, 255, (23, 1, 16, 16), dtype=np.uint8)
@@ -82,23 +98,20 @@ def test_reconstruction_error_on_every_kth_row_keeps_every_code():
 
 
 def test_train_sample_trains_on_a_fixed_subset_and_a_finished_training_is_reused(tmp_path, caplog):
-    import json
     import logging
 
-    from tasks.train import training_rows
+    from imgclust.models.training import training_rows
 
     rows = training_rows(100, 30, 3)
     assert len(rows) == 30 and (np.diff(rows) > 0).all() and (rows == training_rows(100, 30, 3)).all()
     assert training_rows(100, 200, 3) is None
-    url = str(tmp_path / "images.zarr")
-    make_images(url)
-    a = train_autoencoder(url, str(tmp_path / "a"), {}, "default", 2, 16, 1e-3, 7, "cpu", "k", train_sample=30)
-    spec = json.loads((tmp_path / "a" / "model" / "spec.json").read_text())
+    store, a = train_at(tmp_path / "a", "default", 2, 16, 1e-3, 7, "k", train_sample=30)
+    spec = saved_spec(store)
     assert spec["train_sample"] == 30
-    full = train_autoencoder(url, str(tmp_path / "b"), {}, "default", 2, 16, 1e-3, 7, "cpu", "k")
+    _, full = train_at(tmp_path / "b", "default", 2, 16, 1e-3, 7, "k")
     assert full.model_token != a.model_token
     with caplog.at_level(logging.INFO, logger="imgclust"):
-        again = train_autoencoder(url, str(tmp_path / "a"), {}, "default", 2, 16, 1e-3, 7, "cpu", "k", train_sample=30)
+        _, again = train_at(tmp_path / "a", "default", 2, 16, 1e-3, 7, "k", train_sample=30)
     assert again.model_token == a.model_token and "already done" in caplog.text
 
 
@@ -110,15 +123,13 @@ def test_weights_do_not_depend_on_torch_threads_set_earlier_in_the_process(tmp_p
         import pytest
 
         pytest.skip("needs 2 cores to differ from a 1-thread setting")
-    url = str(tmp_path / "images.zarr")
-    make_images(url, n=200)
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        a = train_autoencoder(url, str(tmp_path / "a"), {}, "default", 3, 32, 1e-3, 3, "cpu")
+        _, a = train_at(tmp_path / "a", "default", 3, 32, 1e-3, 3, n=200)
         assert torch.get_num_threads() == 1  # put back afterwards
         torch.set_num_threads(local_cores())
-        b = train_autoencoder(url, str(tmp_path / "b"), {}, "default", 3, 32, 1e-3, 3, "cpu")
+        _, b = train_at(tmp_path / "b", "default", 3, 32, 1e-3, 3, n=200)
     finally:
         torch.set_num_threads(before)
     assert a.model_token == b.model_token

@@ -1,31 +1,29 @@
-"""UMAP fitted on a sample, the other codes placed by ``transform`` on the Dask workers.
+"""UMAP fitted on a sample, the other codes placed on its manifold on the Dask workers.
 
 Kept apart from test_cluster_publish (and after test_end_to_end in collection order): fitting UMAP
-in the test process before the in-process reproducibility test coincided with one run whose
-assignments differed from the CLI's; under investigation.
+in the test process first changes nothing, but keeps the order the suite has always run in.
 """
 
 
-from imgclust.zarr_store import create_array
-from tasks.cluster import cluster_codes
-from tests.test_cluster_publish import blobs
+from imgclust.io.arrays import create_array
+from tests.test_cluster_publish import blobs, cluster_at, place, saved_and_loaded
 
 
 def test_umap_fitted_on_a_sample_places_the_other_codes_on_the_workers(tmp_path, client, monkeypatch):
-    """Above UMAP_SAMPLE codes, UMAP is fitted on a sample and the rest go through ``transform``
-    on the Dask workers; the saved clusterer must place codes where the run did."""
+    """Above UMAP_SAMPLE codes, UMAP is fitted on a sample and the rest are placed on its manifold
+    on the Dask workers; the saved model must place codes where the run did."""
     from sklearn.metrics import adjusted_rand_score
 
-    import tasks.cluster
-    from imgclust.zarr_store import open_array
-    from tasks.cluster import load_cluster_model
+    import imgclust.cluster.embedding
+    from imgclust.io.arrays import open_array
 
-    monkeypatch.setattr(tasks.cluster, "UMAP_SAMPLE", 120)
+    monkeypatch.setattr(imgclust.cluster.embedding, "UMAP_SAMPLE", 120)
     x, truth = blobs(n_per=100, k=3)
     url = str(tmp_path / "codes.zarr")
     create_array(url, x.shape, 50, "float32")[:] = x
-    res = cluster_codes(url, str(tmp_path), {}, 3, "umap", 0, client)
-    labels = open_array(res.labels_url)[:]
+    fit = cluster_at(url, tmp_path, 3, "umap", client)
+    labels = open_array(fit.clustering.labels_url)[:]
     assert adjusted_rand_score(truth, labels) > 0.99
-    model = load_cluster_model(str(tmp_path / "model" / "clusterer.pkl"), {})
-    assert model.reducer is not None and (model.assign(x)[0] == labels).mean() > 0.99
+    model = saved_and_loaded(fit, tmp_path / "model")
+    assert model.code_space.reference is not None and len(model.code_space.reference) == 120
+    assert (place(model, x)[0] == labels).mean() > 0.99

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from imgclust.jpeg import decode_jpeg_scaled, jpeg_is_gray
+from imgclust.io.jpeg import decode_jpeg_scaled, jpeg_is_gray
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 GRAY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F", "La"}
@@ -51,7 +51,7 @@ def _to_mode(im: Image.Image, gray: bool) -> Image.Image:
     return im if im.mode == target else im.convert(target)
 
 
-def _draft_size(w: int, h: int, tw: int, th: int, fit: str) -> tuple[int, int]:
+def draft_size(w: int, h: int, tw: int, th: int, fit: str) -> tuple[int, int]:
     """Smallest (width, height) that still covers the ``tw`` x ``th`` target after ``fit``, in exact
     integers: JPEG draft mode decodes at 1/2, 1/4 or 1/8 scale only while the result is at least
     this big, so one pixel too many (e.g. 33 for a 256 px image and a 32 px target) costs a 2x
@@ -72,7 +72,7 @@ def _draft_need(width: int, height: int, orientation: int, size: tuple[int, int]
     th, tw = size
     rotated = orientation in _ROTATED
     w, h = (height, width) if rotated else (width, height)
-    need = _draft_size(w, h, tw, th, fit)
+    need = draft_size(w, h, tw, th, fit)
     return need[::-1] if rotated else need
 
 

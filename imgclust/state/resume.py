@@ -12,18 +12,13 @@ import json
 import posixpath
 from typing import Any
 
-from imgclust.storage import join, open_fs, remove, write_json
-
-RESUME_DIR = ("_work", "resume")
+from imgclust.io.storage import join, open_fs, remove, write_json
+from imgclust.runstore import RunStore
 
 
 def fingerprint(*parts: Any) -> str:
     """A stable sha256 of JSON-able ``parts``: the identity of a unit of work."""
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def resume_url(output: str, *name: str) -> str:
-    return join(output, *RESUME_DIR, *name)
 
 
 class ShardLedger:
@@ -33,11 +28,11 @@ class ShardLedger:
     Plain strings only, so a ledger travels to Dask workers.
     """
 
-    def __init__(self, output: str, storage_options: dict[str, Any] | None, stage: str, key: str):
+    def __init__(self, store: RunStore, stage: str, key: str):
         self.stage, self.key = stage, key
-        self.url = resume_url(output, f"{stage}-{key[:16]}")
-        self.parent = resume_url(output)
-        self.storage_options = dict(storage_options or {})
+        self.url = store.resume(f"{stage}-{key[:16]}")
+        self.parent = store.resume()
+        self.storage_options = dict(store.storage_options)
 
     def mark(self, name: int | str, payload: Any) -> None:
         """Record ``name`` (a shard's start row, or a batch's fingerprint) as finished."""

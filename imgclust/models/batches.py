@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import numpy as np
 import zarr
 
-from imgclust.zarr_store import chunk_spans
+from imgclust.io.arrays import chunk_spans
 
 
 # Chunks mixed into one shuffle buffer: at least BUFFER_CHUNKS, and as many as fit in BUFFER_BYTES.

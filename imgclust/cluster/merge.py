@@ -5,9 +5,8 @@ ones together (Fashion-MNIST: bags split, sandals merged into sneakers). Cutting
 ``SUBCLUSTERS_PER_CLUSTER`` times more K-means pieces and joining the pieces by spectral clustering of
 how densely the k-NN graph links them follows the manifold's shape instead.
 
-Opt-in (``--merge``), not the default: whole runs with refinement, ACC without -> with merging
-(bench/RESULTS.md): Fashion-10k seed 0 0.635 -> 0.692, seed 1 0.611 -> 0.599; digits seed 0
-0.98 -> 0.933, seed 1 0.98 -> 0.973. It can fix K-means' worst cuts, but not reliably enough yet.
+Opt-in (``--merge``), not the default: it can fix K-means' worst cuts, but does not reliably
+improve whole runs (bench/RESULTS.md).
 """
 
 from __future__ import annotations

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import dask.array as da
 import numpy as np
 
+from imgclust.cluster.sampling import sample_rows
+
 logger = logging.getLogger("imgclust")
 DENSITY_SAMPLE = 10_000
 MIN_SAMPLES = 5
@@ -70,8 +72,6 @@ def attach_noise(points: np.ndarray, labels: np.ndarray) -> np.ndarray:
 
 def fit_density(x: da.Array, embedding: str, seed: int) -> DensityFit:
     """Embed a sample of standardised codes in 2-D, run DBSCAN on the map, keep the sample as reference."""
-    from tasks.cluster import sample_rows
-
     rows = sample_rows(x.shape[0], DENSITY_SAMPLE, seed)
     sample = np.asarray(x[rows].compute(), np.float32)
     points = embed_2d(sample, embedding, seed)

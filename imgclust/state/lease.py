@@ -24,7 +24,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from imgclust.storage import is_local, join, open_fs, read_json, write_json
+from imgclust.io.storage import is_local, open_fs, read_json, write_json
+from imgclust.runstore import RunStore
 
 logger = logging.getLogger("imgclust")
 LEASE_FILE = "_lease.json"
@@ -148,15 +149,14 @@ def _read_lease(url: str, so: dict[str, Any], tries: int = 3) -> dict[str, Any] 
     return None
 
 
-def acquire_lease(output: str, storage_options: dict[str, Any] | None, purpose: str, ttl: float = 120.0,
-                  force: bool = False, settle: float = 0.5) -> Lease:
-    """Take the lease on ``output`` or raise ``LeaseHeld`` naming the holder.
+def acquire_lease(store: RunStore, purpose: str, ttl: float = 120.0, force: bool = False,
+                  settle: float = 0.5) -> Lease:
+    """Take the lease on ``store`` or raise ``LeaseHeld`` naming the holder.
 
     An expired lease (no heartbeat for ``ttl`` seconds) is taken over with a warning; ``force``
     takes over a live one (the holder notices at its next heartbeat and stops).
     """
-    so = dict(storage_options or {})
-    url = join(output, LEASE_FILE)
+    so, url, output = dict(store.storage_options), store.lease, store.url
     owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
     lease = Lease(url, so, owner, purpose, float(ttl), time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     local = is_local(url)
@@ -177,20 +177,19 @@ def acquire_lease(output: str, storage_options: dict[str, Any] | None, purpose: 
     return lease.start()
 
 
-def check_free(output: str, storage_options: dict[str, Any] | None = None) -> None:
-    """Raise ``LeaseHeld`` now when a live run holds ``output``: a preflight that fails in seconds."""
-    current = _read_lease(join(output, LEASE_FILE), dict(storage_options or {}))
+def check_free(store: RunStore) -> None:
+    """Raise ``LeaseHeld`` now when a live run holds ``store``: a preflight that fails in seconds."""
+    current = _read_lease(store.lease, dict(store.storage_options))
     if current is not None and _is_live(current):
-        raise _held(output, current)
+        raise _held(store.url, current)
 
 
-def force_unlock(output: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any] | None:
+def force_unlock(store: RunStore) -> dict[str, Any] | None:
     """Remove the lease file; returns what it held (None if there was none)."""
-    url = join(output, LEASE_FILE)
     try:
-        current = read_json(url, storage_options)
+        current = read_json(store.lease, store.storage_options)
     except FileNotFoundError:
         return None
-    fs, path = open_fs(url, storage_options)
+    fs, path = open_fs(store.lease, store.storage_options)
     fs.rm(path)
     return current

@@ -8,7 +8,7 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
-from imgclust.storage import zarr_options
+from imgclust.io.storage import zarr_options
 
 # Tasks write whole chunks of images or codes, which are never all zero: zarr's default check for
 # "empty" chunks scans each one first and costs as much CPU as compressing it (bench/ingest.py).
@@ -54,3 +54,10 @@ def aligned_spans(start: int, stop: int, chunk_rows: int) -> list[tuple[int, int
         spans.append((a, b))
         a = b
     return spans
+
+
+def read_rows(array: zarr.Array, idx: np.ndarray) -> np.ndarray:
+    """Rows ``idx`` (sorted indices) of a Zarr array, read chunk by chunk."""
+    if len(idx) == 0:
+        return np.zeros((0, *array.shape[1:]), array.dtype)
+    return array.get_orthogonal_selection((np.asarray(idx),))

@@ -1,0 +1,94 @@
+"""K-means on features: choosing k, robust starts, dask-ml's fit, and the helpers around labels."""
+
+from __future__ import annotations
+
+import dask.array as da
+import numpy as np
+
+from imgclust.cluster.sampling import sample_rows
+
+K_SEARCH_SAMPLE = 4_000  # rows the silhouette of each candidate k is measured on
+K_MAX = 20
+INIT_SAMPLE = 50_000  # rows the k-means++ restarts run on
+
+
+def choose_k(x: np.ndarray, seed: int, k_max: int = K_MAX) -> tuple[int, dict[int, float]]:
+    """k in 2..``k_max`` with the best silhouette on a sample (N, d), and the whole curve."""
+    from sklearn.cluster import KMeans
+    from sklearn.metrics import silhouette_score
+
+    curve: dict[int, float] = {}
+    for k in range(2, min(k_max, len(x) - 1) + 1):
+        labels = KMeans(n_clusters=k, n_init=3, random_state=seed).fit_predict(x)
+        curve[k] = float(silhouette_score(x, labels, random_state=seed)) if len(set(labels)) > 1 else -1.0
+    best = max(curve, key=lambda k: curve[k])
+    return best, curve
+
+
+def initial_centres(x: da.Array, k: int, seed: int) -> np.ndarray:
+    """Centres (k, d) of the best of 10 k-means++ runs on a sample; dask-ml then refines them on all rows.
+
+    dask-ml's single k-means|| start lands in poor local minima now and then (digits: 0.79 vs 0.86
+    accuracy for one seed in three); restarts are cheap on a sample of the low-dimensional features.
+    """
+    from sklearn.cluster import KMeans as SkKMeans
+
+    sample = x[sample_rows(x.shape[0], INIT_SAMPLE, seed)].compute()
+    return SkKMeans(n_clusters=k, n_init=10, random_state=seed).fit(sample).cluster_centers_
+
+
+def fit_kmeans(x: da.Array, k: int, seed: int) -> np.ndarray:
+    """dask-ml K-means over all rows of ``x`` (N, d) from ``initial_centres``; centres (k, d) float64."""
+    from dask_ml.cluster import KMeans
+
+    km = KMeans(n_clusters=k, init=initial_centres(x, k, seed), random_state=seed, max_iter=300)
+    km.fit(x)
+    return np.asarray(km.cluster_centers_, dtype=np.float64)
+
+
+def nearest_centre(block: np.ndarray, centres: np.ndarray) -> np.ndarray:
+    """(N, 2) float64: index of the nearest of ``centres`` (k, d) and the distance to it."""
+    d2 = ((block[:, None, :] - centres[None, :, :]) ** 2).sum(-1)
+    lab = d2.argmin(1)
+    return np.stack([lab.astype(np.float64), np.sqrt(d2[np.arange(len(block)), lab])], axis=1)
+
+
+def cluster_means(x: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
+    """Mean feature vector (k, d) float64 of each of ``k`` clusters; an empty cluster's is zero."""
+    sums = np.zeros((k, x.shape[1]))
+    np.add.at(sums, labels, np.asarray(x, np.float64))
+    return sums / np.maximum(np.bincount(labels, minlength=k), 1)[:, None]
+
+
+def distance_to_centre(x: np.ndarray, centres: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Euclidean distance (N,) of each row of ``x`` to the centre of the cluster it was given."""
+    return np.sqrt(((x - centres[labels]) ** 2).sum(1))
+
+
+def centres_of_labels(x: np.ndarray, labels: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Centres of clusters not found by K-means (their means), and (label, distance) per row in
+    the layout of ``nearest_centre``."""
+    centres = cluster_means(x, labels, k)
+    return centres, np.stack([labels.astype(np.float64), distance_to_centre(x, centres, labels)], axis=1)
+
+
+def relabel_by_size(labels: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Cluster 0 is the largest, ids are dense: stable, meaningful to read, and no empty cluster.
+
+    Returns the new labels and ``remap`` (old id -> new id).
+    """
+    counts = np.bincount(labels, minlength=k)
+    order = np.lexsort((np.arange(k), -counts))
+    remap = np.empty(k, dtype=np.int32)
+    remap[order] = np.arange(k, dtype=np.int32)
+    return remap[labels], remap
+
+
+def silhouette(x: np.ndarray, labels: np.ndarray, seed: int) -> float | None:
+    """Silhouette of a sample, or None when it is undefined (one cluster, too few rows)."""
+    from sklearn.metrics import silhouette_score
+
+    n_labels = len(set(labels.tolist()))
+    if n_labels < 2 or len(x) < 3 or n_labels > len(x) - 1:
+        return None
+    return float(silhouette_score(x, labels, random_state=seed))

@@ -1,0 +1,224 @@
+"""The training loop of every preset's autoencoder, streamed from a Zarr image array, resumable."""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import zarr
+
+from imgclust.models.autoencoders import Autoencoder, build_model
+from imgclust.models.batches import iter_batches
+from imgclust.models.contrastive import ProjectionHead, augment_views, nt_xent, warmup_cosine
+from imgclust.models.refiner import random_shift
+from imgclust.presets import PRESETS
+from imgclust.progress import track
+from imgclust.threads import local_cores, torch_threads
+
+logger = logging.getLogger("imgclust")
+PRETEXT_SHARE = 0.8  # contrastive presets: share of the epochs for the pretext, the rest for the decoder
+CHECKPOINT_SECONDS = 5.0  # a killed run loses at most this much training (plus the epoch in progress)
+
+
+@dataclass(frozen=True)
+class TrainPlan:
+    """What to train and how: the settings that shape the weights (and key a resumed training)."""
+
+    preset: str
+    epochs: int
+    batch_size: int
+    learning_rate: float
+    seed: int
+    device: str = "auto"
+    train_sample: int | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto``: CUDA when present, else CPU; ``cuda`` without CUDA is an error."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device=cuda was asked for but CUDA is not available on this machine")
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def reconstruction_loss(model: Autoencoder, x: torch.Tensor, target: torch.Tensor, kind: str,
+                        kl_weight: float = 1.0) -> torch.Tensor:
+    """Mean per-pixel loss; a VAE adds its KL term per pixel (the Keras example's sum, rescaled),
+    times ``kl_weight`` (ramped up from 0 while the decoder learns to use the code)."""
+    kl = None
+    if getattr(model, "variational", False):
+        code, kl = model.sample_code(x)
+    elif getattr(model, "contrastive", False):
+        with torch.no_grad():  # the decoder learns to read the frozen contrastive codes
+            code = model.encode(x)
+    else:
+        code = model.encode(x)
+    logits = model.decode_logits(code)
+    if kind == "bce":
+        loss = F.binary_cross_entropy_with_logits(logits, target)
+    else:
+        loss = F.mse_loss(torch.sigmoid(logits), target)
+    if kl is not None:
+        loss = loss + kl_weight * kl.mean() / target[0].numel()
+    return loss
+
+
+def pretext_epochs(preset: str, epochs: int) -> int:
+    """Epochs of the contrastive pretext; the rest fit the decoder to the frozen codes (0: none)."""
+    if PRESETS[preset].pretext != "contrastive":
+        return 0
+    return max(1, min(epochs - 1, round(epochs * PRETEXT_SHARE)))
+
+
+def to_float(batch: np.ndarray, device: torch.device) -> torch.Tensor:
+    """uint8 (B, C, H, W) -> float in [0, 1] on ``device`` (pinned, non-blocking copies to CUDA)."""
+    t = torch.from_numpy(batch)
+    if device.type == "cuda":
+        t = t.pin_memory().to(device, non_blocking=True)
+    return t.float().div_(255.0)
+
+
+def training_rows(n: int, train_sample: int | None, seed: int) -> np.ndarray | None:
+    """Sorted rows of a fixed random training sample, or None to train on all ``n`` images."""
+    if train_sample is None or train_sample >= n:
+        return None
+    return np.sort(np.random.default_rng([seed, 1]).choice(n, size=train_sample, replace=False))
+
+
+def checkpoint_bytes(state: dict[str, Any]) -> bytes:
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    return buf.getvalue()
+
+
+def read_checkpoint(data: bytes) -> dict[str, Any]:
+    """A training checkpoint: tensors and plain values only (``weights_only``: no code runs)."""
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+
+@dataclass
+class TrainResult:
+    """The trained model (on the CPU, in eval mode), the spec that rebuilds it, the loss per epoch."""
+
+    model: Autoencoder
+    spec: dict[str, Any]
+    losses: list[float]
+    device: str
+    resumed_from_epoch: int
+
+
+def train_autoencoder(images: zarr.Array, plan: TrainPlan,
+                      load_checkpoint: Callable[[], bytes | None] = lambda: None,
+                      save_checkpoint: Callable[[bytes], None] = lambda data: None) -> TrainResult:
+    """Train ``plan.preset``'s autoencoder on uint8 images (N, C, H, W), logging the loss per epoch.
+
+    Every few seconds the whole training state (weights, optimiser, schedule, random generators)
+    goes to ``save_checkpoint``; when ``load_checkpoint`` returns one, training continues from it
+    and ends with the same weights as an uninterrupted run.
+    """
+    p = PRESETS[plan.preset]
+    n, channels, h, w = images.shape
+    epochs, batch_size, seed = plan.epochs, plan.batch_size, plan.seed
+    rows = training_rows(n, plan.train_sample, seed)
+    n_train = n if rows is None else len(rows)
+    dev = resolve_device(plan.device)
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    gen = torch.Generator().manual_seed(seed)
+    spec = {"architecture": p.architecture, "channels": channels, "image_size": [h, w],
+            "code_dim": p.code_dim, "preset": plan.preset, "loss": p.loss}
+    model = build_model(spec).to(dev)
+    if dev.type == "cpu":
+        model = model.to(memory_format=torch.channels_last)
+    pretext = pretext_epochs(plan.preset, epochs)
+    proj = ProjectionHead(int(np.prod(model.code_shape))).to(dev) if pretext else None
+    params = list(model.parameters()) + (list(proj.parameters()) if proj is not None else [])
+    opt = torch.optim.Adam(params, lr=plan.learning_rate, weight_decay=1e-6 if pretext else 0.0)
+    steps_per_epoch = max(1, -(-n_train // batch_size))
+    if pretext:  # SimCLR's schedule for the pretext, then a fresh warm-up and anneal for the decoder
+        s1, s2 = pretext * steps_per_epoch, (epochs - pretext) * steps_per_epoch
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: warmup_cosine(s, s1) if s < s1 else warmup_cosine(s - s1, s2))
+    else:  # one-cycle: warm up, then anneal. Faster, steadier convergence than a constant rate (measured).
+        sched = (torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=plan.learning_rate,
+                                                     total_steps=epochs * steps_per_epoch, pct_start=0.1)
+                 if p.one_cycle else None)
+    warmup_steps = p.kl_warmup * epochs * steps_per_epoch
+    use_amp = dev.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    shift = max(1, round(min(h, w) / 14)) if p.augment else 0
+    losses: list[float] = []
+    first = 0
+    saved = load_checkpoint()
+    if saved is not None:
+        state = read_checkpoint(saved)
+        model.load_state_dict(state["model"])
+        if proj is not None:
+            proj.load_state_dict(state["proj"])
+        opt.load_state_dict(state["opt"])
+        if sched is not None:
+            sched.load_state_dict(state["sched"])
+        scaler.load_state_dict(state["scaler"])
+        rng.bit_generator.state = state["numpy_rng"]
+        torch.set_rng_state(state["torch_rng"])
+        gen.set_state(state["shift_rng"])
+        losses, first = list(state["losses"]), int(state["epoch"])
+        logger.info("train: resuming from the checkpoint after epoch %d of %d", first, epochs)
+    logger.info("train: %s on %d of %d images of %dx%dx%d, %d epochs, device %s", plan.preset, n_train, n, channels,
+                h, w, epochs, dev)
+    # A fixed thread count (all cores: the workers idle meanwhile) makes the weights independent of
+    # whatever set torch's threads earlier in this process.
+    with torch_threads(local_cores()):
+        last_save = float("-inf")
+        for epoch in track(range(first, epochs), total=epochs - first, desc="train", unit="epoch"):
+            model.train()
+            if pretext and epoch >= pretext:
+                model.encoder.eval()  # frozen: its batch statistics stay those of the pretext
+            t0, total, seen = time.perf_counter(), 0.0, 0
+            for i, batch in enumerate(iter_batches(images, batch_size, rng, rows=rows)):
+                beta = min(1.0, (epoch * steps_per_epoch + i) / warmup_steps) if warmup_steps else 1.0
+                target = to_float(batch, dev)
+                x = random_shift(target, shift, gen) if shift else target
+                if shift:
+                    target = x
+                with torch.autocast(device_type=dev.type, dtype=torch.float16, enabled=use_amp):
+                    if epoch < pretext:
+                        views = torch.cat([augment_views(x, gen), augment_views(x, gen)])
+                        loss = nt_xent(proj(model.features(views)))
+                    else:
+                        loss = reconstruction_loss(model, x, target, p.loss, beta)
+                opt.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+                if sched is not None:
+                    sched.step()
+                total += float(loss.detach()) * len(batch)
+                seen += len(batch)
+            losses.append(total / max(seen, 1))
+            logger.info("train: epoch %d/%d %s loss %.5f (%.1f s)", epoch + 1, epochs,
+                        "contrastive" if epoch < pretext else "reconstruction", losses[-1], time.perf_counter() - t0)
+            if epoch + 1 < epochs and time.monotonic() - last_save >= CHECKPOINT_SECONDS:
+                save_checkpoint(checkpoint_bytes({
+                    "epoch": epoch + 1, "losses": losses, "model": model.state_dict(), "opt": opt.state_dict(),
+                    "proj": proj.state_dict() if proj is not None else None,
+                    "sched": sched.state_dict() if sched is not None else None, "scaler": scaler.state_dict(),
+                    "numpy_rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
+                    "shift_rng": gen.get_state()}))
+                last_save = time.monotonic()
+    model = model.to(memory_format=torch.contiguous_format).cpu().eval()
+    spec.update(losses=losses, device=str(dev), train_sample=n_train, resumed_from_epoch=first,
+                pretext_epochs=pretext, loss_kinds=["contrastive" if e < pretext else "reconstruction"
+                                                    for e in range(epochs)])
+    return TrainResult(model, spec, losses, str(dev), first)

@@ -1,0 +1,144 @@
+"""A self-contained HTML report of a run: what people look at to judge clusters.
+
+Thumbnails are packed into one grid PNG per cluster (never one file per image), charts are
+matplotlib PNGs, every picture is an ``<img>`` with ``alt`` text and a relative ``src``.
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+from typing import Any
+
+import numpy as np
+
+from imgclust.io.arrays import open_array, read_rows
+from imgclust.io.storage import open_fs, read_json, read_parquet, write_bytes_atomic
+from imgclust.progress import track
+from imgclust.report.figures import (
+    NEAREST_IN_GRID,
+    charts,
+    cluster_members,
+    grid,
+    map_2d,
+    png_bytes,
+    prototype_and_attention,
+    reconstructions,
+    to_rgb_thumbs,
+)
+from imgclust.runmodel import RunModel
+from imgclust.runstore import Location, RunStore
+
+logger = logging.getLogger("imgclust")
+MAP_SAMPLE = 2000
+
+
+def _img(src: str, alt: str, cls: str = "") -> str:
+    return f'<img src="{html.escape(src)}" alt="{html.escape(alt)}"{f" class={cls!r}" if cls else ""}>'
+
+
+def render_html(run: dict[str, Any], clusters: list[dict[str, Any]], metrics: dict[str, Any] | None,
+                reclustered: list[int] | None = None) -> str:
+    q = run.get("quality", {})
+    counts = run.get("counts", {})
+    signals = [("images", counts.get("accepted")), ("clusters", counts.get("clusters")),
+               ("rejected", counts.get("rejected")), ("duplicates", counts.get("duplicates")),
+               ("reconstruction MSE", q.get("reconstruction_mse")), ("silhouette (sample)", q.get("silhouette_sample")),
+               ("size balance (1 = equal)", q.get("size_balance"))]
+    if metrics:
+        signals += [("accuracy (Hungarian)", metrics.get("accuracy")), ("NMI", metrics.get("nmi")),
+                    ("ARI", metrics.get("ari")), ("purity", metrics.get("purity"))]
+    rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{v:.4f}</td></tr>" if isinstance(v, float)
+                   else f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in signals)
+    nav = " ".join(f'<a href="#cluster-{c["id"]}">{c["id"]}</a>' for c in clusters)
+    sections = []
+    for c in clusters:
+        cid = c["id"]
+        near = "".join(f"<li>{html.escape(p)}</li>" for p in c["nearest"][:9])
+        sub = (f'<p><a href="recluster-{cid}.html">Cluster {cid} re-clustered</a></p>'
+               if cid in (reclustered or []) else "")
+        sections.append(
+            f'<section id="cluster-{cid}"><h2>Cluster {cid} <small>{c["size"]} images</small></h2>{sub}'
+            f'<p>Top rows: the {NEAREST_IN_GRID} images closest to the centre; last row: random members.</p>'
+            f'{_img(f"cluster-{cid}.png", f"sample images of cluster {cid}", "grid")}'
+            f'<p>Prototype (the cluster\'s mean code, decoded), then members with their attention maps.</p>'
+            f'{_img(f"cluster-{cid}-prototype.png", f"prototype and attention maps of cluster {cid}")}'
+            f'<details><summary>Paths closest to the centre</summary><ol>{near}</ol></details></section>')
+    cfg = run.get("config", {})
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>imgclust report: {html.escape(str(cfg.get('source', '')))}</title>
+<style>
+body{{font-family:system-ui,sans-serif;margin:2rem auto;max-width:1100px;padding:0 1rem;color:#222}}
+img{{max-width:100%;image-rendering:pixelated}} table{{border-collapse:collapse}} th,td{{padding:2px 10px;text-align:left}}
+section{{border-top:1px solid #ccc;margin-top:1.5rem}} nav a{{margin-right:.4rem}} small{{color:#666;font-weight:normal}}
+.charts img{{max-height:340px;margin-right:1rem}}
+</style></head><body>
+<h1>Clusters of {html.escape(str(cfg.get('source', '')))}</h1>
+<p>Preset <b>{html.escape(str(cfg.get('preset')))}</b>, seed {html.escape(str(cfg.get('seed')))},
+output {html.escape(str(cfg.get('output')))}.</p>
+<table>{rows}</table>
+<div class="charts">{_img("sizes.png", "bar chart of cluster sizes")}{_img("loss.png", "training loss per epoch")}</div>
+{_img("map.png", "2-D map of a sample of the clustered features coloured by cluster")}
+<h2>Reconstructions</h2><p>Originals (top) and the autoencoder's reconstructions (bottom).</p>
+{_img("reconstructions.png", "original images above their reconstructions")}
+<nav>Clusters: {nav}</nav>
+{''.join(sections)}
+</body></html>
+"""
+
+
+def write_report(store: RunStore, seed: int = 0, run: dict[str, Any] | None = None) -> str:
+    """Write ``RUN/report/``; returns the URL of index.html.
+
+    ``run`` is the run record when the flow reports before writing run.json (which marks the run
+    finished); otherwise run.json is read.
+    """
+    so = store.storage_options
+    run = run if run is not None else read_json(store.run_record, so)
+    clusters = read_json(store.clusters, so)
+    assignments = read_parquet(store.assignments, so)
+    images = open_array(store.images, so)
+    codes = open_array(store.codes, so)
+    model = RunModel.load(Location(store.model, so))
+    autoencoder = model.autoencoder
+    for c in track(clusters, total=len(clusters), desc="report", unit="cluster"):
+        near, rand = cluster_members(assignments, c["id"], seed)
+        idx = np.concatenate([near, rand]).astype(int)
+        write_bytes_atomic(store.report_file(f"cluster-{c['id']}.png"),
+                           png_bytes(grid(to_rgb_thumbs(read_rows(images, idx)))), so)
+        members = assignments.index[assignments["cluster"] == c["id"]].to_numpy()
+        sample = np.sort(np.random.default_rng(seed).choice(members, size=min(2000, len(members)), replace=False))
+        strip = prototype_and_attention(autoencoder, read_rows(codes, sample), read_rows(images, near[:4]))
+        write_bytes_atomic(store.report_file(f"cluster-{c['id']}-prototype.png"), png_bytes(strip), so)
+    n = len(assignments)
+    pick = np.sort(np.random.default_rng(seed).choice(n, size=min(8, n), replace=False))
+    write_bytes_atomic(store.report_file("reconstructions.png"),
+                       png_bytes(reconstructions(autoencoder, read_rows(images, pick))), so)
+    sample = np.sort(np.random.default_rng(seed).choice(n, size=min(MAP_SAMPLE, n), replace=False))
+    xy = map_2d(read_rows(open_array(store.work("features.zarr"), so), sample), seed)
+    labels = assignments["cluster"].to_numpy()[sample]
+    embedded = model.code_space is not None and model.code_space.embedding is not None
+    features = "UMAP features" if embedded or run.get("resolved", {}).get("embedding") == "umap" else "codes"
+    pictures = charts([c["size"] for c in clusters], run.get("train_loss", []), xy, labels,
+                      model.spec.get("loss_kinds"), features)
+    for name, data in pictures.items():
+        write_bytes_atomic(store.report_file(name), data, so)
+    return render_index(store, run)
+
+
+def render_index(store: RunStore, run: dict[str, Any] | None = None) -> str:
+    """(Re)write index.html only: after ``imgclust evaluate`` it shows the metrics too."""
+    so = store.storage_options
+    run = run if run is not None else read_json(store.run_record, so)
+    clusters = read_json(store.clusters, so)
+    try:
+        metrics = read_json(store.metrics, so)
+    except FileNotFoundError:
+        metrics = None
+    fs, root = open_fs(store.report, so)
+    pages = fs.glob(f"{root}/recluster-*.html") if fs.exists(root) else []
+    reclustered = sorted(int(p.rsplit("-", 1)[1].split(".")[0]) for p in pages)
+    url = store.report_file("index.html")
+    write_bytes_atomic(url, render_html(run, clusters, metrics, reclustered).encode(), so)
+    logger.info("report: %s", url)
+    return url

@@ -1,0 +1,130 @@
+"""Where things live: a location (URL + fsspec options), and the run store that knows every file of a run."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import fsspec
+
+from imgclust.io.storage import exists, join, open_fs
+
+
+@dataclass(frozen=True)
+class Location:
+    """A folder or prefix on any fsspec filesystem, with the options needed to reach it.
+
+    Parameters
+    ----------
+    url:
+        Local path or fsspec URL (``s3://bucket/prefix``).
+    storage_options:
+        fsspec options (``endpoint_url``, ``key``, ...). Compared but never hashed.
+    """
+
+    url: str
+    storage_options: dict[str, Any] = field(default_factory=dict, hash=False)
+
+    def path(self, *parts: str) -> str:
+        """URL of ``parts`` under this location, ``/``-joined."""
+        return join(self.url, *parts) if parts else self.url
+
+    def child(self, *parts: str) -> Location:
+        return Location(self.path(*parts), self.storage_options)
+
+    def fs(self) -> tuple[fsspec.AbstractFileSystem, str]:
+        """Filesystem and protocol-less root path."""
+        return open_fs(self.url, self.storage_options)
+
+    def exists(self, *parts: str) -> bool:
+        return exists(self.path(*parts), self.storage_options)
+
+
+@dataclass(frozen=True)
+class RunStore(Location):
+    """The output of one run: the path of every file it writes, in one place.
+
+    Stages take a ``RunStore`` instead of ``(output, storage_options)`` pairs, so a file's name is
+    written down once (here) and every reader and writer agrees on it.
+    """
+
+    # Tables and the run record
+    @property
+    def manifest(self) -> str:
+        return self.path("manifest.parquet")
+
+    @property
+    def duplicates(self) -> str:
+        return self.path("duplicates.parquet")
+
+    @property
+    def rejected(self) -> str:
+        return self.path("rejected.parquet")
+
+    @property
+    def assignments(self) -> str:
+        return self.path("assignments.parquet")
+
+    @property
+    def clusters(self) -> str:
+        return self.path("clusters.json")
+
+    @property
+    def run_record(self) -> str:
+        return self.path("run.json")
+
+    @property
+    def metrics(self) -> str:
+        return self.path("metrics.json")
+
+    # Arrays
+    @property
+    def images(self) -> str:
+        return self.path("images.zarr")
+
+    @property
+    def codes(self) -> str:
+        return self.path("codes.zarr")
+
+    # The fitted model (imgclust.runmodel.RunModel)
+    @property
+    def model(self) -> str:
+        return self.path("model")
+
+    # What people look at
+    @property
+    def report(self) -> str:
+        return self.path("report")
+
+    def report_file(self, name: str) -> str:
+        return self.path("report", name)
+
+    def neighbors_file(self, name: str) -> str:
+        return self.path("neighbors", name)
+
+    def recluster(self, cluster: int) -> RunStore:
+        """The store of a re-clustering of one cluster (``recluster/cluster-<c>/``)."""
+        return RunStore(self.path("recluster", f"cluster-{cluster}"), self.storage_options)
+
+    # Intermediate work
+    def work(self, *parts: str) -> str:
+        """``_work/...``: intermediate arrays and tables of the stages."""
+        return self.path("_work", *parts)
+
+    def resume(self, *parts: str) -> str:
+        """``_work/resume/...``: what an unfinished run has recorded as done."""
+        return self.path("_work", "resume", *parts)
+
+    @property
+    def lease(self) -> str:
+        return self.path("_lease.json")
+
+    @property
+    def is_finished(self) -> bool:
+        """A finished run has its run record (written last)."""
+        return self.exists("run.json")
+
+    # Every file or folder a run writes, for ``--overwrite``
+    OUTPUTS = ("manifest.parquet", "duplicates.parquet", "rejected.parquet", "images.zarr", "codes.zarr", "model",
+               "assignments.parquet", "clusters.json", "run.json", "metrics.json", "report", "neighbors",
+               "recluster", "_work")

@@ -1,0 +1,143 @@
+"""Stage 1: list the image files of a source, hash their content, split off exact duplicates."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+import pandas as pd
+from distributed import Client
+
+from imgclust.dask_cluster import completed
+from imgclust.io.imagefile import IMAGE_EXTENSIONS, probe_is_gray
+from imgclust.io.storage import StorageError, normalise_url, read_files, write_parquet
+from imgclust.progress import track
+from imgclust.runstore import Location, RunStore
+from imgclust.state.resume import ShardLedger, fingerprint
+
+logger = logging.getLogger("imgclust")
+HASH_BATCH = 256
+UNIQUE, UNREADABLE = "unique.parquet", "unreadable.parquet"  # under _work/: what ingest decodes
+
+
+@dataclass(frozen=True)
+class Discovery:
+    """What discovery found; tables live in the output store, only counts travel."""
+
+    n_found: int
+    n_unique: int
+    n_duplicates: int
+    n_unreadable: int
+    gray: bool
+
+
+def list_images(source: Location) -> list[str]:
+    """Image paths under ``source``, relative to it with ``/`` separators, sorted."""
+    return [p for p, _ in list_images_stamped(source)]
+
+
+def _stamp(info: dict[str, Any]) -> str:
+    """Size and modification mark of a listed file: what tells a changed file without reading it."""
+    mark = info.get("mtime") or info.get("LastModified") or info.get("ETag") or info.get("last_modified") or ""
+    return f"{info.get('size')}:{mark}"
+
+
+def list_images_stamped(source: Location) -> list[tuple[str, str]]:
+    """(path, stamp) of every image under ``source``, sorted by path."""
+    try:
+        fs, root = source.fs()
+        try:
+            info = fs.info(root)  # unlike exists(), this lets network and permission errors through
+        except FileNotFoundError:
+            raise StorageError(f"source not found: {source.url}") from None
+        if info.get("type") != "directory":
+            raise StorageError(f"source is not a folder or prefix: {source.url}")
+        found = fs.find(root, withdirs=False, detail=True)
+    except StorageError:
+        raise
+    except PermissionError as exc:
+        raise StorageError(f"no permission to list source {source.url}: {exc}") from exc
+    except Exception as exc:  # endpoint unreachable, bad credentials, ...: the library's words help most
+        raise StorageError(f"cannot list source {source.url}: {type(exc).__name__}: {exc}") from exc
+    prefix = root.rstrip("/") + "/"
+    rel = {(p.removeprefix(prefix)): _stamp(i) for p, i in found.items()}
+    return sorted((p, st) for p, st in rel.items() if p.lower().endswith(IMAGE_EXTENSIONS))
+
+
+def hash_batch(fs: fsspec.AbstractFileSystem, root: str, paths: list[str]) -> list[tuple[str, str | None, str | None, bool | None]]:
+    """(path, sha256, error, is_gray) per file; runs on a Dask worker, reads each file once."""
+    full = [f"{root.rstrip('/')}/{p}" for p in paths]
+    out: list[tuple[str, str | None, str | None, bool | None]] = []
+    blobs = read_files(fs, full)
+    for rel, path in zip(paths, full):
+        data = blobs.get(path)
+        if isinstance(data, BaseException) or data is None:
+            reason = f"unreadable: {type(data).__name__}: {data}" if data is not None else "unreadable: missing"
+            out.append((rel, None, reason, None))
+            continue
+        out.append((rel, hashlib.sha256(data).hexdigest(), None, probe_is_gray(data)))
+    return out
+
+
+def hash_files(fs: fsspec.AbstractFileSystem, root: str, paths: list[str], client: Client,
+                ledger: ShardLedger | None = None, stamps: list[str] | None = None) -> pd.DataFrame:
+    """(path, sha256, reason, gray) of every path, hashed in parallel batches on the cluster.
+
+    With a ledger, each batch's result is recorded under its paths and stamps (size, mtime): a
+    rerun after a crash hashes only batches it has not seen, without reading those files again.
+    """
+    spans = [(i, min(i + HASH_BATCH, len(paths))) for i in range(0, len(paths), HASH_BATCH)]
+    done = ledger.done() if ledger is not None else {}
+    rows: list[tuple[str, str | None, str | None, bool | None]] = []
+    futures = {}
+    for a, b in spans:
+        name = fingerprint(paths[a:b], (stamps or [])[a:b])[:32]
+        if name in done:
+            rows.extend(tuple(r) for r in done[name])
+        else:
+            futures[client.submit(hash_batch, fs, root, paths[a:b], pure=False)] = name
+    if done:
+        logger.info("discover: %d of %d batches hashed by an earlier attempt", len(spans) - len(futures), len(spans))
+    for fut in track(completed(client, futures), total=len(futures), desc="discover", unit="batch"):
+        result = fut.result()
+        if ledger is not None and all(r[1] is not None for r in result):  # retry unreadable files next time
+            ledger.mark(futures[fut], result)
+        rows.extend(result)
+    return pd.DataFrame(rows, columns=["path", "sha256", "reason", "gray"]).sort_values("path").reset_index(drop=True)
+
+
+def split_duplicates(hashed: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Unique files and duplicates: the first path in sorted order of each content is the original."""
+    hashed = hashed.sort_values("path", kind="stable").reset_index(drop=True)
+    first = hashed.groupby("sha256", sort=False)["path"].transform("first")
+    is_dup = hashed["path"] != first
+    dups = hashed.loc[is_dup, ["path", "sha256"]].assign(duplicate_of=first[is_dup]).reset_index(drop=True)
+    unique = hashed.loc[~is_dup].reset_index(drop=True)
+    return unique, dups
+
+
+def discover(source: Location, store: RunStore, client: Client) -> Discovery:
+    """List, hash in parallel on the cluster, and write ``duplicates.parquet``; the unique and the
+    unreadable files go to ``_work/`` for ingest."""
+    listing = list_images_stamped(source)
+    paths, stamps = [p for p, _ in listing], [s for _, s in listing]
+    fs, root = source.fs()
+    ledger = ShardLedger(store, "discover", fingerprint("discover", normalise_url(source.url)))
+    ledger.clear_others()
+    table = hash_files(fs, root, paths, client, ledger, stamps)
+    unreadable = table.loc[table["sha256"].isna(), ["path", "reason"]].reset_index(drop=True)
+    unique, dups = split_duplicates(table.loc[table["sha256"].notna(), ["path", "sha256", "gray"]])
+    probes = unique["gray"].dropna()
+    gray = bool(len(probes)) and bool(probes.all())
+    so = store.storage_options
+    write_parquet(store.duplicates, dups, so)
+    write_parquet(store.work(UNIQUE), unique[["path", "sha256"]], so)
+    write_parquet(store.work(UNREADABLE), unreadable, so)
+    logger.info(
+        "discover: %d image files, %d unique, %d duplicates, %d unreadable",
+        len(paths), len(unique), len(dups), len(unreadable),
+    )
+    return Discovery(len(paths), len(unique), len(dups), len(unreadable), gray)

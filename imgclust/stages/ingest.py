@@ -1,0 +1,210 @@
+"""Stage 2: decode every unique file in parallel into a chunked uint8 Zarr array."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from distributed import Client
+
+from imgclust.dask_cluster import completed
+from imgclust.io.arrays import aligned_spans, chunk_spans, create_array, open_array
+from imgclust.io.imagefile import ImageRejected, decode_image
+from imgclust.io.storage import exists, move_tree, read_files, read_parquet, remove, write_parquet
+from imgclust.progress import track
+from imgclust.runstore import Location, RunStore
+from imgclust.stages.discover import UNIQUE, UNREADABLE
+from imgclust.state.resume import ShardLedger, fingerprint
+
+logger = logging.getLogger("imgclust")
+STAGING = "staging.zarr"  # under _work/: decoded shards before compaction
+
+
+@dataclass(frozen=True)
+class PixelSpec:
+    """How files become pixels: target (height, width), grayscale or RGB, crop or pad."""
+
+    size: tuple[int, int]
+    gray: bool
+    fit: str = "crop"
+
+    @property
+    def channels(self) -> int:
+        return 1 if self.gray else 3
+
+    def attributes(self) -> dict[str, Any]:
+        """What images.zarr records of it (``assign`` decodes new files the same way)."""
+        return {"color": "gray" if self.gray else "rgb", "height": self.size[0], "width": self.size[1],
+                "fit": self.fit}
+
+    @classmethod
+    def of_images(cls, attrs: dict[str, Any]) -> PixelSpec:
+        return cls((int(attrs["height"]), int(attrs["width"])), attrs["color"] == "gray", attrs.get("fit", "crop"))
+
+
+@dataclass(frozen=True)
+class Ingest:
+    n_accepted: int
+    n_rejected: int
+    channels: int
+    key: str  # content + settings of this ingest: later stages key their resume records on it
+    shards_resumed: int = 0
+
+
+Meta = tuple[bool, int, int, str, str]  # ok, width, height, format, reason
+
+
+def ingest_shard(source: Location, paths: list[str], staging: Location, start: int, pixels: PixelSpec,
+                 ledger: ShardLedger | None = None) -> list[Meta]:
+    """Decode one shard and write it as one block; (ok, width, height, format, reason) per file.
+
+    Runs on a worker. The ledger record is written after the block, so a recorded shard is
+    always a written one.
+    """
+    block = np.zeros((len(paths), pixels.channels, *pixels.size), dtype=np.uint8)
+    fs, root = source.fs()
+    full = [f"{root.rstrip('/')}/{p}" for p in paths]
+    blobs = read_files(fs, full)
+    meta: list[Meta] = []
+    for i, path in enumerate(full):
+        data = blobs.get(path)
+        if isinstance(data, BaseException) or data is None:
+            meta.append((False, 0, 0, "", f"unreadable: {type(data).__name__}: {data}"))
+            continue
+        try:
+            img = decode_image(data, pixels.size, pixels.gray, pixels.fit)
+        except ImageRejected as exc:
+            meta.append((False, 0, 0, "", str(exc)))
+            continue
+        block[i] = img.pixels
+        meta.append((True, img.width, img.height, img.format, ""))
+    open_array(staging.url, staging.storage_options, mode="r+")[start:start + len(paths)] = block
+    if ledger is not None:
+        ledger.mark(start, meta)
+    return meta
+
+
+def compact_chunk(staging: Location, images: Location, source_rows: np.ndarray, start: int) -> int:
+    """Copy accepted rows of the staging array into one chunk of the final array (on a worker)."""
+    src = open_array(staging.url, staging.storage_options)
+    lo, hi = int(source_rows.min()), int(source_rows.max()) + 1
+    block = src[lo:hi][source_rows - lo]
+    open_array(images.url, images.storage_options, mode="r+")[start:start + len(source_rows)] = block
+    return len(source_rows)
+
+
+def decode_into_staging(source: Location, paths: list[str], staging: Location, pixels: PixelSpec, shard_size: int,
+                        client: Client, ledger: ShardLedger | None = None) -> tuple[pd.DataFrame, int]:
+    """Decode ``paths`` in parallel, one task per shard; (ok, width, height, format, reason) per path.
+
+    Shards the ledger records as finished (by a killed earlier attempt) are not decoded again;
+    returns the table and how many shards were reused.
+    """
+    n = len(paths)
+    meta: dict[int, list[Meta]] = {}
+    if ledger is not None:
+        meta = {a: [tuple(m) for m in rows] for a, rows in ledger.done_rows().items()}
+    if not meta:
+        create_array(staging.url, (n, pixels.channels, *pixels.size), shard_size, "uint8", staging.storage_options)
+    resumed = len(meta)
+    if resumed:
+        logger.info("ingest: resuming, %d of %d shards already decoded", resumed, -(-n // shard_size))
+    futures = {
+        client.submit(ingest_shard, source, paths[a:b], staging, a, pixels, ledger, pure=False): a
+        for a, b in chunk_spans(n, shard_size) if a not in meta
+    }
+    for fut in track(completed(client, futures), total=len(futures), desc="ingest", unit="shard"):
+        meta[futures[fut]] = fut.result()
+    rows = [m for a in sorted(meta) for m in meta[a]]
+    return pd.DataFrame(rows, columns=["ok", "width", "height", "format", "reason"]), resumed
+
+
+def compact_into(staging: Location, images: Location, accepted_rows: np.ndarray, start: int, client: Client) -> None:
+    """Copy accepted staging rows to ``images[start:]``, one task per destination chunk."""
+    step = open_array(images.url, images.storage_options).chunks[0]
+    futs = [client.submit(compact_chunk, staging, images, accepted_rows[a - start:b - start], a, pure=False)
+            for a, b in aligned_spans(start, start + len(accepted_rows), step)]
+    client.gather(futs)
+
+
+def manifest_rows(unique: pd.DataFrame, info: pd.DataFrame, start: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Manifest rows (indices from ``start``) and rejected rows of one decoded batch."""
+    ok = info["ok"].to_numpy(bool)
+    manifest = pd.DataFrame({
+        "index": np.arange(start, start + int(ok.sum()), dtype=np.int64),
+        "path": unique["path"].to_numpy()[ok],
+        "sha256": unique["sha256"].to_numpy()[ok],
+        "width": info.loc[ok, "width"].to_numpy(np.int64),
+        "height": info.loc[ok, "height"].to_numpy(np.int64),
+        "format": info.loc[ok, "format"].to_numpy(),
+    })
+    rejected = pd.DataFrame({"path": unique["path"].to_numpy()[~ok], "reason": info.loc[~ok, "reason"].to_numpy(),
+                             "sha256": unique["sha256"].to_numpy()[~ok]})
+    return manifest, rejected
+
+
+def ingest_key(unique: pd.DataFrame, pixels: PixelSpec, shard_size: int) -> str:
+    """Identity of an ingest: every (path, content) pair plus the settings that shape the pixels."""
+    listing = hashlib.sha256("\n".join(unique["path"] + "\t" + unique["sha256"]).encode()).hexdigest()
+    return fingerprint("ingest", listing, list(pixels.size), pixels.gray, pixels.fit, shard_size)
+
+
+def finished_ingest(store: RunStore, key: str) -> Ingest | None:
+    """The recorded result when this exact ingest already completed (its key is stamped last)."""
+    so = store.storage_options
+    try:
+        images = open_array(store.images, so)
+    except Exception:  # absent or half-created: not finished
+        return None
+    if images.attrs.get("ingest_key") != key or not exists(store.rejected, so):
+        return None
+    n_rejected = len(read_parquet(store.rejected, so))
+    return Ingest(images.shape[0], n_rejected, images.shape[1], key)
+
+
+def ingest(source: Location, store: RunStore, pixels: PixelSpec, shard_size: int, client: Client) -> Ingest:
+    """Write ``images.zarr``, ``manifest.parquet`` and ``rejected.parquet`` from discover's tables.
+
+    Shards are decoded into a staging array first. When files were rejected (they leave holes), it
+    is compacted so that ``manifest.index`` is a dense 0..N-1 index into ``images.zarr``; when none
+    were, the staging array is moved into place, which writes every pixel once. Finished shards are
+    recorded, so a killed run decodes only the rest; a finished ingest is not redone at all.
+    """
+    so = store.storage_options
+    unique = read_parquet(store.work(UNIQUE), so)
+    key = ingest_key(unique, pixels, shard_size)
+    done = finished_ingest(store, key)
+    if done is not None:
+        logger.info("ingest: already done for these files and settings; reusing images.zarr")
+        return done
+    staging = Location(store.work(STAGING), so)
+    images = Location(store.images, so)
+    ledger = ShardLedger(store, "ingest", key)
+    ledger.clear_others()
+    info, resumed = decode_into_staging(source, unique["path"].tolist(), staging, pixels, shard_size, client, ledger)
+    accepted_rows = np.flatnonzero(info["ok"].to_numpy(bool))
+    if len(accepted_rows) == len(info):  # nothing rejected: the staging array is already the final one
+        ledger.clear()  # first: a crash while moving must not leave shards recorded in a moved array
+        move_tree(staging.url, images.url, so)
+        open_array(images.url, so, mode="r+").update_attributes(pixels.attributes())
+    else:
+        create_array(images.url, (len(accepted_rows), pixels.channels, *pixels.size), shard_size, "uint8", so,
+                     pixels.attributes())
+        compact_into(staging, images, accepted_rows, 0, client)
+    manifest, decode_rejects = manifest_rows(unique, info, 0)
+    unreadable = read_parquet(store.work(UNREADABLE), so).assign(sha256=None)
+    rejected = pd.concat([unreadable, decode_rejects], ignore_index=True)[["path", "reason", "sha256"]]
+    rejected = rejected.sort_values("path", kind="stable").reset_index(drop=True)
+    write_parquet(store.manifest, manifest, so)
+    write_parquet(store.rejected, rejected, so)
+    open_array(images.url, so, mode="r+").attrs["ingest_key"] = key  # last: marks it finished
+    remove(staging.url, so)
+    ledger.clear()
+    logger.info("ingest: %d images accepted, %d rejected", len(manifest), len(rejected))
+    for path, reason in rejected[["path", "reason"]].head(20).itertuples(index=False):
+        logger.warning("rejected %s: %s", path, reason)
+    return Ingest(len(manifest), len(rejected), pixels.channels, key, resumed)

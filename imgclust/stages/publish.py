@@ -1,0 +1,72 @@
+"""Stage 6: assignments, per-cluster summaries and the run record, written atomically."""
+
+from __future__ import annotations
+
+import logging
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from imgclust.io.arrays import open_array
+from imgclust.io.storage import read_parquet, write_json, write_parquet
+from imgclust.runstore import RunStore
+
+logger = logging.getLogger("imgclust")
+NEAREST = 9
+PACKAGES = ("imgclust", "torch", "prefect", "dask", "distributed", "dask-ml", "zarr",
+            "pillow", "scikit-learn", "umap-learn", "numpy", "pandas", "s3fs", "fsspec")
+
+
+def package_versions() -> dict[str, str]:
+    out = {}
+    for name in PACKAGES:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def cluster_summaries(assignments: pd.DataFrame, nearest: int = NEAREST) -> list[dict[str, Any]]:
+    """One entry per cluster: id, size, and the paths closest to its centre."""
+    out = []
+    for cid, grp in assignments.groupby("cluster", sort=True):
+        close = grp.sort_values(["distance", "path"], kind="stable").head(nearest)
+        out.append({"id": int(cid), "size": len(grp), "nearest": close["path"].tolist(),
+                    "mean_distance": float(grp["distance"].mean())})
+    return out
+
+
+def size_balance(sizes: np.ndarray) -> float:
+    """Normalised entropy of cluster sizes: 1 = all equal, towards 0 = one cluster holds all."""
+    if len(sizes) < 2:
+        return 0.0
+    p = sizes / sizes.sum()
+    return float(-(p * np.log(p)).sum() / np.log(len(sizes)))
+
+
+def publish(store: RunStore, labels_url: str, distances_url: str) -> dict[str, Any]:
+    """Write assignments.parquet and clusters.json from the final labels and distances (zarr, (N,));
+    return label-free quality signals."""
+    so = store.storage_options
+    manifest = read_parquet(store.manifest, so)
+    labels = open_array(labels_url, so)[:]
+    dist = open_array(distances_url, so)[:]
+    assignments = pd.DataFrame({
+        "path": manifest["path"].to_numpy(), "sha256": manifest["sha256"].to_numpy(),
+        "cluster": labels.astype(np.int64), "distance": dist.astype(np.float64),
+    })
+    summaries = cluster_summaries(assignments)
+    write_parquet(store.assignments, assignments, so)
+    write_json(store.clusters, summaries, so)
+    sizes = np.array([c["size"] for c in summaries], dtype=float)
+    logger.info("publish: %d images in %d clusters (sizes %s)", len(assignments), len(summaries),
+                ", ".join(str(int(s)) for s in sizes[:30]))
+    return {"cluster_sizes": sizes.astype(int).tolist(), "size_balance": size_balance(sizes)}
+
+
+def write_run_record(store: RunStore, record: dict[str, Any]) -> None:
+    """run.json is written last: its presence marks a finished run."""
+    write_json(store.run_record, {**record, "versions": package_versions()}, store.storage_options)

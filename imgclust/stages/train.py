@@ -1,0 +1,86 @@
+"""Stage 3: train the preset's autoencoder on batches streamed from images.zarr."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from distributed import Client
+
+from imgclust.dask_cluster import gpu_workers
+from imgclust.io.arrays import open_array
+from imgclust.io.storage import open_fs, remove, write_bytes_atomic
+from imgclust.models.training import TrainPlan, train_autoencoder
+from imgclust.runmodel import ModelFormatError, RunModel
+from imgclust.runstore import Location, RunStore
+from imgclust.state.resume import fingerprint
+
+logger = logging.getLogger("imgclust")
+
+
+@dataclass(frozen=True)
+class Trained:
+    model_token: str  # RunModel.token of the saved model: workers cache it under this
+    losses: list[float]
+    device: str
+    code_dim: int
+    resumed_from_epoch: int = 0
+
+
+def train_key(plan: TrainPlan, ingest_key: str) -> str:
+    """Identity of a training: the images and every setting that shapes the weights."""
+    return fingerprint("train", ingest_key, plan.preset, plan.epochs, plan.batch_size, plan.learning_rate, plan.seed,
+                       plan.train_sample)
+
+
+def finished_training(store: RunStore, key: str) -> Trained | None:
+    """The saved model when training with exactly this key already completed."""
+    try:
+        model = RunModel.load(Location(store.model, store.storage_options))
+    except ModelFormatError:
+        return None
+    if model.autoencoder is None or model.spec.get("train_key") != key:
+        return None
+    return Trained(model.token, model.spec["losses"], model.spec.get("device", "cpu"), model.code_dim)
+
+
+def train(store: RunStore, plan: TrainPlan, ingest_key: str) -> Trained:
+    """Train on ``images.zarr`` and save the autoencoder as the run's model (``model/``).
+
+    A checkpoint under ``_work/resume/`` lets a killed run continue where it stopped; a finished
+    training with the same key is reused.
+    """
+    so = store.storage_options
+    key = train_key(plan, ingest_key or store.images)
+    done = finished_training(store, key)
+    if done is not None:
+        logger.info("train: already done for this data and these settings; reusing the model")
+        return done
+    checkpoint = store.resume(f"train-{key[:16]}.pt")
+
+    def load_checkpoint() -> bytes | None:
+        fs, path = open_fs(checkpoint, so)
+        try:
+            return fs.cat(path)
+        except FileNotFoundError:
+            return None
+
+    result = train_autoencoder(open_array(store.images, so), plan, load_checkpoint,
+                               lambda data: write_bytes_atomic(checkpoint, data, so))
+    model = RunModel(result.model, {**result.spec, "train_key": key})
+    model.save(Location(store.model, so))
+    remove(checkpoint, so)
+    return Trained(model.token, result.losses, result.device, model.code_dim, result.resumed_from_epoch)
+
+
+def train_where_best(store: RunStore, plan: TrainPlan, ingest_key: str, client: Client) -> Trained:
+    """Train on a worker that declares a GPU resource when the cluster has one, here otherwise.
+
+    Training is one sequential job: on a GPU worker it gets the accelerator; without one it runs in
+    the flow's process, which avoids shipping the loop to a worker that is no faster.
+    """
+    gpus = gpu_workers(client)
+    if gpus:
+        logger.info("train: pinned to a GPU worker (%s)", ", ".join(gpus))
+        return client.submit(train, store, plan, ingest_key, resources={"GPU": 1}, pure=False).result()
+    return train(store, plan, ingest_key)
