@@ -30,6 +30,7 @@ browser:
 	  echo "chromium is not installed: the browser test will be skipped"
 
 test: install browser
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
 
 clean:

@@ -16,9 +16,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 def raw_kmeans(dataset: str, seed: int, out: str) -> None:
     """scikit-learn K-means (k-means++, 10 restarts) on raw pixels scaled to [0, 1]."""
-    from sklearn.cluster import KMeans
-
     from datasets import load
+    from sklearn.cluster import KMeans
 
     x, y = load(dataset)
     k = len(np.unique(y))

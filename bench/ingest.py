@@ -8,7 +8,8 @@ and measures the CPU seconds of all processes together (this client and schedule
 during ingest. Then, in this one process, a plain loop over the same files: Pillow alone (open,
 draft, convert, resize; ``scale.pillow_decode``). The ratio of images per CPU-second is the
 issue's "≥ 80 % of Pillow's rate". Last, the bare decoder the product's JPEG path uses (libjpeg-turbo
-through simplejpeg, read + scaled decode, nothing else): how close the stage is to the floor. Prefect's own task overhead is not in this figure (the stage
+through simplejpeg, read + scaled decode, nothing else): how close the stage is to the floor.
+Prefect's own task overhead is not in this figure (the stage
 timings of ``bench/scale.py`` include it).
 """
 

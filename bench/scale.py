@@ -223,7 +223,8 @@ def run_product(n: int, corpus: Path) -> dict[str, Any]:
     return {
         "n": n, "accepted": accepted, "duplicates": run["counts"]["duplicates"], "rejected": run["counts"]["rejected"],
         "wall_s": round(m.seconds, 1), "peak_mb": round(m.peak_rss_mb), "seconds": sec,
-        "stage_peak_mb": stage_peak, "stage_windows": {k: [round(a, 1), round(b, 1)] for k, (a, b) in windows.items()}, "process_peak_mb": roles, "cores": cores,
+        "stage_peak_mb": stage_peak, "stage_windows": {k: [round(a, 1), round(b, 1)] for k, (a, b) in windows.items()},
+        "process_peak_mb": roles, "cores": cores,
         "image_size": run["resolved"]["image_size"], "epochs": run["resolved"]["epochs"],
         "stage_cpu_s": {k: round(v, 1) for k, v in stage_cpu.items() if v is not None},
         "ingest_img_s_core": accepted / sec["ingest"] / cores,
@@ -336,7 +337,8 @@ def report(results: dict[str, Any], command: str) -> str:
         lo, hi = tiers[0], tiers[-1]
         mem = hi["peak_mb"] / lo["peak_mb"]
         spi = (hi["wall_s"] / hi["accepted"]) / (lo["wall_s"] / lo["accepted"])
-        lines += ["", f"Ratios {hi['n']} / {lo['n']} (tiers run one after another by the commands above, on the same machine):", "",
+        lines += ["", f"Ratios {hi['n']} / {lo['n']} (tiers run one after another by the commands above, "
+                  "on the same machine):", "",
                   f"- peak memory ×{mem:.2f} (target ≤ 1.3): **{'met' if mem <= 1.3 else 'not met'}**",
                   f"- seconds per image ×{spi:.2f} (target ≤ 1.2): **{'met' if spi <= 1.2 else 'not met'}**",
                   f"- CPU seconds per image (discover..publish) ×"
@@ -364,7 +366,8 @@ def report(results: dict[str, Any], command: str) -> str:
     if notes.exists():
         lines += ["", notes.read_text().rstrip()]
     text = "\n".join(lines)
-    return (f"Commands (results.json accumulates tiers across calls): `{command}`\n\nMachine: {platform.machine()}, {os.cpu_count()} cores, Python "
+    return (f"Commands (results.json accumulates tiers across calls): `{command}`\n\n"
+            f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python "
             f"{platform.python_version()}, shared with other jobs (compare figures only as ratios within this "
             f"file).\n\n{text}\n")
 

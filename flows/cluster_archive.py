@@ -12,6 +12,7 @@ from prefect import flow, get_run_logger
 
 from imgclust.config import ConfigError, RunConfig
 from imgclust.dask_cluster import dask_client
+from imgclust.io.storage import remove
 from imgclust.models.refiner import RefineSettings
 from imgclust.models.training import TrainPlan
 from imgclust.preflight import clear_previous_run, preflight
@@ -20,7 +21,6 @@ from imgclust.stages.cluster import ClusterSettings
 from imgclust.stages.ingest import PixelSpec
 from imgclust.stages.publish import write_run_record
 from imgclust.state.lease import Lease, acquire_lease
-from imgclust.io.storage import remove
 from tasks.cluster import cluster_task
 from tasks.discover import discover_task
 from tasks.encode import encode_task

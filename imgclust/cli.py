@@ -313,7 +313,7 @@ def cmd_assign(ns: argparse.Namespace) -> int:
 
     try:
         list_images(cfg.source_location)
-    except Exception as exc:  # noqa: BLE001 - any listing failure (fsspec, auth, network) is shown as one line
+    except Exception as exc:
         return _fail(f"source: {exc}")
     from flows.assign_new import assign_new_flow
     from imgclust.state.lease import LeaseHeld

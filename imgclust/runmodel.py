@@ -162,7 +162,7 @@ class RunModel:
             write_bytes_atomic(location.path("clustering.npz"), data, so)
             record["files"]["clustering.npz"] = _sha256(data)
             record["clustering"] = {"placement": self.placement.kind, "arrays": sorted(arrays),
-                                    "n_clusters": int(len(self.placement.centres))}
+                                    "n_clusters": len(self.placement.centres)}
         if self.refiner is not None and self.refiner_spec is not None:
             data = _state_dict_bytes(self.refiner)
             write_bytes_atomic(location.path("refiner.pt"), data, so)

@@ -16,12 +16,12 @@ os.environ["IMGCLUST_PROGRESS"] = "0"
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-from pathlib import Path  # noqa: E402
+from pathlib import Path
 
-import pytest  # noqa: E402
-from distributed import Client, LocalCluster  # noqa: E402
+import pytest
+from distributed import Client, LocalCluster
 
-from tests.corpus import make_corpus  # noqa: E402
+from tests.corpus import make_corpus
 
 
 @pytest.fixture(scope="session")

@@ -2,8 +2,8 @@ import numpy as np
 from sklearn.cluster import KMeans
 from sklearn.datasets import make_moons
 
-from imgclust.metrics import score
 from imgclust.cluster.merge import merge_subclusters, subcluster_count
+from imgclust.metrics import score
 
 
 def test_pieces_joined_along_the_manifold_recover_shapes_that_kmeans_cuts():

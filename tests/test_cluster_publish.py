@@ -3,10 +3,10 @@ import json
 import dask.array as da
 import numpy as np
 
-from imgclust.io.storage import read_parquet, write_parquet
-from imgclust.io.arrays import create_array
 from imgclust.cluster.code_space import standardise
 from imgclust.cluster.kmeans import choose_k, relabel_by_size
+from imgclust.io.arrays import create_array
+from imgclust.io.storage import read_parquet, write_parquet
 from imgclust.runmodel import RunModel
 from imgclust.runstore import Location, RunStore
 from imgclust.stages.cluster import ClusterSettings, cluster_codes

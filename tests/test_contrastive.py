@@ -1,12 +1,10 @@
 """The contrastive pretext: views, loss, and the default's two-phase training."""
 
-import json
 
 import numpy as np
 import torch
 
 from imgclust.models.contrastive import augment_views, nt_xent, warmup_cosine
-from tests.test_train_encode import make_images
 
 
 def test_views_are_random_valid_images_and_reproducible():

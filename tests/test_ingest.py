@@ -1,7 +1,7 @@
 import numpy as np
 
-from imgclust.io.storage import read_parquet
 from imgclust.io.arrays import open_array
+from imgclust.io.storage import read_parquet
 from imgclust.runstore import Location, RunStore
 from imgclust.stages.discover import discover
 from imgclust.stages.ingest import PixelSpec, ingest

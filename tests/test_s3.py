@@ -147,8 +147,8 @@ def test_move_tree_on_a_bucket_moves_every_key(s3):
     """s3fs's own recursive mv fails on the "directories" of a Zarr array; ours copies the keys."""
     import s3fs
 
-    from imgclust.io.storage import move_tree
     from imgclust.io.arrays import create_array, open_array
+    from imgclust.io.storage import move_tree
 
     fs = s3fs.S3FileSystem(**s3)
     fs.mkdir("movetree")

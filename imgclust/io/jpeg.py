@@ -86,7 +86,8 @@ def pillow_draft_size(width: int, height: int, need: tuple[int, int]) -> tuple[i
     return (width + s - 1) // s, (height + s - 1) // s
 
 
-def decode_jpeg_scaled(data: bytes, gray: bool, need_for: Callable[[int, int, int], tuple[int, int]]) -> tuple[np.ndarray, int, int, int] | None:
+def decode_jpeg_scaled(data: bytes, gray: bool,
+                       need_for: Callable[[int, int, int], tuple[int, int]]) -> tuple[np.ndarray, int, int, int] | None:
     """(H, W[, 3]) uint8 decoded at Pillow's draft scale, the stored width and height, and the EXIF
     orientation; None when Pillow should decode this file instead.
 

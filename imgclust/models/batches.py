@@ -11,7 +11,6 @@ import zarr
 
 from imgclust.io.arrays import chunk_spans
 
-
 # Chunks mixed into one shuffle buffer: at least BUFFER_CHUNKS, and as many as fit in BUFFER_BYTES.
 BUFFER_CHUNKS, BUFFER_BYTES = 4, 256 << 20
 

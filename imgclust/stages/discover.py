@@ -67,7 +67,10 @@ def list_images_stamped(source: Location) -> list[tuple[str, str]]:
     return sorted((p, st) for p, st in rel.items() if p.lower().endswith(IMAGE_EXTENSIONS))
 
 
-def hash_batch(fs: fsspec.AbstractFileSystem, root: str, paths: list[str]) -> list[tuple[str, str | None, str | None, bool | None]]:
+HashRow = tuple[str, str | None, str | None, bool | None]  # path, sha256, reason it could not be read, is gray
+
+
+def hash_batch(fs: fsspec.AbstractFileSystem, root: str, paths: list[str]) -> list[HashRow]:
     """(path, sha256, error, is_gray) per file; runs on a Dask worker, reads each file once."""
     full = [f"{root.rstrip('/')}/{p}" for p in paths]
     out: list[tuple[str, str | None, str | None, bool | None]] = []

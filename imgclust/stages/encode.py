@@ -101,7 +101,7 @@ def encode(store: RunStore, token: str, code_dim: int, batch_size: int, client: 
     return Encoded(code_dim, mse, len(done))
 
 
-def _open_codes(store: RunStore):  # noqa: ANN202 - a zarr.Array or None
+def _open_codes(store: RunStore):
     try:
         return open_array(store.codes, store.storage_options)
     except Exception:  # absent or half-created
