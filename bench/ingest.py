@@ -1,13 +1,13 @@
-"""Ingest speed next to Pillow alone, same files, same run (issue 6).
+"""Ingest speed next to Pillow alone, same files, same run.
 
     OMP_WAIT_POLICY=PASSIVE python bench/ingest.py --n 10000
 
-Runs the product's discover and ingest functions (``tasks/discover.py``, ``tasks/ingest.py``) on a
+Runs the product's discover and ingest stages (``imgclust/stages/discover.py``, ``ingest.py``) on a
 real local Dask cluster (2 worker processes, as a run starts) over the scale benchmark's JPEG corpus,
 and measures the CPU seconds of all processes together (this client and scheduler, the workers)
 during ingest. Then, in this one process, a plain loop over the same files: Pillow alone (open,
 draft, convert, resize; ``scale.pillow_decode``). The ratio of images per CPU-second is the
-issue's "≥ 80 % of Pillow's rate". Last, the bare decoder the product's JPEG path uses (libjpeg-turbo
+target (≥ 0.80 of Pillow's rate). Last, the bare decoder the product's JPEG path uses (libjpeg-turbo
 through simplejpeg, read + scaled decode, nothing else): how close the stage is to the floor.
 Prefect's own task overhead is not in this figure (the stage
 timings of ``bench/scale.py`` include it).
@@ -62,21 +62,21 @@ def main() -> None:
     args = ap.parse_args()
 
     from imgclust.dask_cluster import dask_client
-    from tasks.discover import discover
-    from tasks.ingest import ingest
+    from imgclust.runstore import Location, RunStore
+    from imgclust.stages.discover import discover
+    from imgclust.stages.ingest import PixelSpec, ingest
 
     corpus = make_corpus(args.n)
     out = WORK / f"ingest-{args.n}"
     shutil.rmtree(out, ignore_errors=True)
     best: tuple[float, float] | None = None
     with dask_client(n_workers=2) as client:
-        disc = discover(str(corpus), str(out), {}, client)
+        discover(Location(str(corpus)), RunStore(str(out)), client)
         for _ in range(args.rounds):
             shutil.rmtree(out / "images.zarr", ignore_errors=True)
             shutil.rmtree(out / "_work" / "resume" / "ingest", ignore_errors=True)
             c0, w0 = tree_cpu(), time.perf_counter()
-            got = ingest(str(corpus), str(out), {}, disc.unique_url, disc.unreadable_url, IMAGE_SIZE, False, "crop",
-                         1024, client)
+            got = ingest(Location(str(corpus)), RunStore(str(out)), PixelSpec(IMAGE_SIZE, False, "crop"), 1024, client)
             cpu, wall = tree_cpu() - c0, time.perf_counter() - w0
             assert got.n_accepted == args.n, got
             if best is None or cpu < best[0]:

@@ -5,7 +5,8 @@
 
 Each method runs as its own process tree; wall time and peak memory (all processes together) are
 measured. Prints one table (ACC, NMI, ARI, time, memory; mean +- std over seeds), the product's
-margins over each anchor, and writes bench/RESULTS-quality.md. Labels are used for scoring only.
+margins over each anchor, and writes bench/_work/quality.md (copy the table into bench/RESULTS.md
+with the command and commit). Labels are used for scoring only.
 """
 
 from __future__ import annotations
@@ -64,8 +65,9 @@ def run_method(method: str, dataset: str, folder: Path, seed: int, work: Path) -
         labels = a["path"].str.split("/").str[0].to_numpy()
         pred = a["cluster"].to_numpy()
         from imgclust.evaluate import code_neighbour_vote
+        from imgclust.runstore import RunStore
 
-        extra["knn5"] = code_neighbour_vote(str(out), a["path"], pd.Series(labels), None)["knn5_vote_accuracy"]
+        extra["knn5"] = code_neighbour_vote(RunStore(str(out)), a["path"], pd.Series(labels))["knn5_vote_accuracy"]
     elif method == "raw-kmeans":
         m = run_measured([sys.executable, str(HERE / "anchors.py"), "raw-kmeans", dataset, str(seed), f"{out}.npy"], env)
         if m.returncode != 0:
@@ -101,7 +103,7 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--work", default=str(HERE / "_work"), help="where corpora and runs are written")
-    ap.add_argument("--results", default=str(HERE / "RESULTS-quality.md"))
+    ap.add_argument("--results", default=str(HERE / "_work" / "quality.md"))
     ap.add_argument("--keep-runs", action="store_true", help="keep each run's output folder (printed) for inspection")
     a = ap.parse_args()
     work = Path(a.work)

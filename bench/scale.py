@@ -1,4 +1,4 @@
-"""How the product scales with the number of images: 10k, 50k, 200k real JPEG files (issue 6).
+"""How the product scales with the number of images: 10k, 50k, 200k real JPEG files.
 
     OMP_WAIT_POLICY=PASSIVE python bench/scale.py --sizes 10000 --anchors
     OMP_WAIT_POLICY=PASSIVE nohup python bench/scale.py --sizes 10000,50000,200000 --anchors &

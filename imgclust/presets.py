@@ -28,8 +28,8 @@ class Preset:
     description: str
     method: Literal["kmeans", "dbscan"] = "kmeans"
     embedding_dim: int = 10  # components of the UMAP/t-SNE map
-    refine: bool = False  # refine K-means with a neighbour-consistent conv net (tasks/refine.py)
-    merge: bool = False  # K-means cuts 5k pieces joined along the manifold (tasks/cluster_merge.py; opt-in)
+    refine: bool = False  # refine K-means with a neighbour-consistent conv net (imgclust/stages/refine.py)
+    merge: bool = False  # K-means cuts 5k pieces joined along the manifold (imgclust/cluster/merge.py; opt-in)
     # VAEs: share of the training steps over which the KL weight ramps from 0 to 1. Without it the
     # write-up's conv VAE collapses on small corpora (its means carry almost nothing; bench/research).
     kl_warmup: float = 0.0
@@ -78,7 +78,8 @@ PRESETS: dict[str, Preset] = {
             one_cycle=True,
             code_dim=32,
             refine=True,
-            description="The default of sessions 1-3: Conv 32-64-128 (stride 2, BatchNorm) -> dense 32-d code, "
+            description="The reconstruction-trained predecessor of the default, kept for comparison: "
+            "Conv 32-64-128 (stride 2, BatchNorm) -> dense 32-d code, "
             "one-cycle learning rate over 500-1,500 steps; standardised codes -> UMAP (10-d) -> K-means -> "
             "refined by a neighbour-consistent conv net (SCAN-style: five heads, the lowest-loss one kept, "
             "then self-labelling).",

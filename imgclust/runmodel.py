@@ -42,6 +42,20 @@ ARRAYS = ("mean", "std", "reference", "embedding", "centres", "density_reference
           "sub_centres", "sub_to_cluster")
 
 
+@dataclass(frozen=True)
+class ModelRef:
+    """What the stages pass around instead of a model: where workers find it, and its identity.
+
+    ``token`` identifies the saved folder as a whole (workers cache the loaded model under it);
+    ``weights_sha256`` identifies the autoencoder alone (encoded codes are keyed on it, so adding
+    clusters or a refiner to the model does not invalidate them).
+    """
+
+    token: str
+    weights_sha256: str
+    code_dim: int
+
+
 class ModelFormatError(ValueError):
     """A run's ``model/`` cannot be loaded: written by another version, incomplete, or modified."""
 
@@ -91,6 +105,11 @@ class RunModel:
     token: str = ""
 
     # -- transforming -------------------------------------------------------------------------
+    @property
+    def ref(self) -> ModelRef:
+        """This saved model's reference (``save`` or ``load`` first)."""
+        return ModelRef(self.token, self.weights_sha256, self.code_dim)
+
     @property
     def code_dim(self) -> int:
         return int(np.prod(self.autoencoder.code_shape)) if self.autoencoder is not None else 0

@@ -78,6 +78,6 @@ def test_run_on_external_scheduler_spreads_work_and_pins_training_to_gpu_worker(
     assert len(by_worker) == 2, by_worker
     for worker, kinds in by_worker.items():
         assert {"ingest_shard", "encode_chunk"} <= kinds, (worker, kinds)
-    trained_on = [names[w] for w, kinds in by_worker.items() if "train_autoencoder" in kinds]
+    trained_on = [names[w] for w, kinds in by_worker.items() if "train" in kinds]
     assert trained_on == ["w1"]
     assert fs.exists("cluster-src-out/r1/assignments.parquet")

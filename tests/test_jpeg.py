@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import imgclust.jpeg as jpeg
+import imgclust.io.jpeg as jpeg
 from imgclust.io.imagefile import ImageRejected, decode_image
 
 pytestmark = pytest.mark.skipif(jpeg.simplejpeg is None, reason="simplejpeg is not installed")

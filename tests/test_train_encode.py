@@ -66,13 +66,13 @@ def test_random_shift_moves_content():
 def test_train_is_reproducible_and_loss_falls(tmp_path, client):
     store, a = train_at(tmp_path / "a", "cae-refine", 4, 16, 1e-3, 7)
     _, b = train_at(tmp_path / "b", "cae-refine", 4, 16, 1e-3, 7)
-    assert a.model_token == b.model_token
+    assert a.weights_sha256 == b.weights_sha256
     assert a.losses[-1] < a.losses[0]
     model = RunModel.load(Location(store.model)).autoencoder
     assert model.encode(torch.rand(3, 1, 16, 16)).shape == (3, a.code_dim)
     url = store.images
 
-    enc = encode(store, a.model_token, a.code_dim, 16, client)
+    enc = encode(store, a.ref, 16, client)
     codes = open_array(store.codes)[:]
     assert codes.shape == (100, 32) and np.isfinite(codes).all()
     direct = model.encode(torch.from_numpy(open_array(url)[:5]).float() / 255).detach().numpy()
@@ -109,10 +109,10 @@ def test_train_sample_trains_on_a_fixed_subset_and_a_finished_training_is_reused
     spec = saved_spec(store)
     assert spec["train_sample"] == 30
     _, full = train_at(tmp_path / "b", "default", 2, 16, 1e-3, 7, "k")
-    assert full.model_token != a.model_token
+    assert full.weights_sha256 != a.weights_sha256
     with caplog.at_level(logging.INFO, logger="imgclust"):
         _, again = train_at(tmp_path / "a", "default", 2, 16, 1e-3, 7, "k", train_sample=30)
-    assert again.model_token == a.model_token and "already done" in caplog.text
+    assert again.weights_sha256 == a.weights_sha256 and "already done" in caplog.text
 
 
 def test_weights_do_not_depend_on_torch_threads_set_earlier_in_the_process(tmp_path):
@@ -132,4 +132,4 @@ def test_weights_do_not_depend_on_torch_threads_set_earlier_in_the_process(tmp_p
         _, b = train_at(tmp_path / "b", "default", 3, 32, 1e-3, 3, n=200)
     finally:
         torch.set_num_threads(before)
-    assert a.model_token == b.model_token
+    assert a.weights_sha256 == b.weights_sha256

@@ -1,4 +1,4 @@
-"""Shared helpers for the issue-5 research scripts: data, UMAP -> K-means/GMM, scoring, logging.
+"""Shared helpers for the research scripts: data, UMAP -> K-means/GMM, scoring, logging.
 
 Labels are used only in ``record`` (scoring). Run with PYTHONPATH=<worktree>.
 """

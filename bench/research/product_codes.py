@@ -1,5 +1,5 @@
 """Codes of the product's default autoencoder (conv-dense, 32-d, one-cycle, auto step budget), trained
-on arrays the way tasks/train.py does (images resized to 32x32 as ingest does), saved as .npy."""
+on arrays the way the train stage does (images resized to 32x32 as ingest does), saved as .npy."""
 import argparse
 import time
 
@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.research.common import WORK, load
-from imgclust.models import build_model
+from imgclust.models.autoencoders import build_model
 from imgclust.presets import auto_epochs
 
 ap = argparse.ArgumentParser()

@@ -7,7 +7,7 @@ scores every image's cluster against its parent folder. Labels are used for scor
 Variants: base (the product's settings), noself (no self-labelling round), backbone (the cluster
 net starts from the run's trained encoder, no self-labelling), backbone-long (same, 2,000 SCAN steps),
 or NAME:KEY=VALUE[+KEY=VALUE...] for RefineSettings fields, e.g. ``heads1:heads=1`` or
-``ent2:entropy_weight=2+heads=1`` (session 6's table in bench/RESULTS.md).
+``ent2:entropy_weight=2+heads=1`` (the refinement table in bench/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -27,11 +27,12 @@ import pandas as pd
 import torch
 from torch import nn
 
-from imgclust import refiner
+from imgclust.models import refiner
 from imgclust.metrics import score
-from imgclust.zarr_store import open_array
-from tasks.cluster import sample_rows
-from tasks.train import load_model
+from imgclust.io.arrays import open_array
+from imgclust.cluster.sampling import sample_rows
+from imgclust.runmodel import RunModel
+from imgclust.runstore import Location
 
 
 class BackboneNet(nn.Module):
@@ -72,7 +73,7 @@ def run_variant(run: str, variant: str, seed: int) -> dict:
     if variant == "backbone-long":
         settings = replace(settings, scan_steps=2000)
     if variant.startswith("backbone"):
-        ae = load_model(f"{run}/model")
+        ae = RunModel.load(Location(f"{run}/model")).autoencoder
         code_dim = ae.code_shape[0]
         refiner.ClusterNet = lambda channels, kk, width: BackboneNet(ae.encoder, code_dim, kk)  # type: ignore
     try:

@@ -57,7 +57,7 @@ def aligned_spans(start: int, stop: int, chunk_rows: int) -> list[tuple[int, int
 
 
 def read_rows(array: zarr.Array, idx: np.ndarray) -> np.ndarray:
-    """Rows ``idx`` (sorted indices) of a Zarr array, read chunk by chunk."""
+    """Rows ``idx`` (indices along the first axis) of a Zarr array, read chunk by chunk."""
     if len(idx) == 0:
         return np.zeros((0, *array.shape[1:]), array.dtype)
     return array.get_orthogonal_selection((np.asarray(idx),))

@@ -64,7 +64,7 @@ def assign_new(store: RunStore, source: Location, client: Client) -> dict[str, A
 
     model = RunModel.load(Location(store.model, so))
     batch_size = int(run.get("config", {}).get("batch_size", 256))
-    encode(store, model.token, model.code_dim, batch_size, client, start=n_old)
+    encode(store, model.ref, batch_size, client, start=n_old)
     new = slice(n_old, n_old + len(accepted_rows))
     labels, dist = model.predict(open_array(store.images, so)[new], open_array(store.codes, so)[new])
 

@@ -12,7 +12,7 @@ from imgclust.dask_cluster import completed, torch_threads_by_worker
 from imgclust.io.arrays import aligned_spans, create_array, open_array
 from imgclust.models.encoding import encode_array
 from imgclust.progress import track
-from imgclust.runmodel import RunModel
+from imgclust.runmodel import ModelRef, RunModel
 from imgclust.runstore import Location, RunStore
 from imgclust.state.resume import ShardLedger, fingerprint
 from imgclust.threads import torch_threads, worker_budget
@@ -58,19 +58,21 @@ def encode_chunk(store: RunStore, token: str, start: int, stop: int, batch_size:
     return sq, counted
 
 
-def encode(store: RunStore, token: str, code_dim: int, batch_size: int, client: Client, start: int = 0,
+def encode(store: RunStore, model: ModelRef, batch_size: int, client: Client, start: int = 0,
            ingest_key: str = "") -> Encoded:
-    """Encode ``images[start:]`` into codes.zarr (created when ``start`` is 0, extended otherwise).
+    """Encode ``images[start:]`` into codes.zarr (created when ``start`` is 0, extended otherwise)
+    with the run's model ``model``.
 
     A full encode (``start`` 0) records each finished chunk under a key of the images and the
     weights, so a killed run encodes only the rest, and a finished one is not redone.
     """
     so = store.storage_options
+    token, code_dim = model.token, model.code_dim
     images = open_array(store.images, so)
     n, step = images.shape[0], images.chunks[0]
     ledger, done = None, {}
     if start == 0:
-        key = fingerprint("encode", ingest_key or store.images, token, n, MSE_SAMPLE)
+        key = fingerprint("encode", ingest_key or store.images, model.weights_sha256, n, MSE_SAMPLE)
         existing = _open_codes(store)
         if existing is not None and existing.attrs.get("encode_key") == key and "reconstruction_mse" in existing.attrs:
             logger.info("encode: already done with these weights; reusing codes.zarr")

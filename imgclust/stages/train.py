@@ -11,7 +11,7 @@ from imgclust.dask_cluster import gpu_workers
 from imgclust.io.arrays import open_array
 from imgclust.io.storage import open_fs, remove, write_bytes_atomic
 from imgclust.models.training import TrainPlan, train_autoencoder
-from imgclust.runmodel import ModelFormatError, RunModel
+from imgclust.runmodel import ModelFormatError, ModelRef, RunModel
 from imgclust.runstore import Location, RunStore
 from imgclust.state.resume import fingerprint
 
@@ -21,10 +21,15 @@ logger = logging.getLogger("imgclust")
 @dataclass(frozen=True)
 class Trained:
     model_token: str  # RunModel.token of the saved model: workers cache it under this
+    weights_sha256: str  # identity of the trained weights
     losses: list[float]
     device: str
     code_dim: int
     resumed_from_epoch: int = 0
+
+    @property
+    def ref(self) -> ModelRef:
+        return ModelRef(self.model_token, self.weights_sha256, self.code_dim)
 
 
 def train_key(plan: TrainPlan, ingest_key: str) -> str:
@@ -41,7 +46,7 @@ def finished_training(store: RunStore, key: str) -> Trained | None:
         return None
     if model.autoencoder is None or model.spec.get("train_key") != key:
         return None
-    return Trained(model.token, model.spec["losses"], model.spec.get("device", "cpu"), model.code_dim)
+    return Trained(model.token, model.weights_sha256, model.spec["losses"], model.spec.get("device", "cpu"), model.code_dim)
 
 
 def train(store: RunStore, plan: TrainPlan, ingest_key: str) -> Trained:
@@ -70,7 +75,7 @@ def train(store: RunStore, plan: TrainPlan, ingest_key: str) -> Trained:
     model = RunModel(result.model, {**result.spec, "train_key": key})
     model.save(Location(store.model, so))
     remove(checkpoint, so)
-    return Trained(model.token, result.losses, result.device, model.code_dim, result.resumed_from_epoch)
+    return Trained(model.token, model.weights_sha256, result.losses, result.device, model.code_dim, result.resumed_from_epoch)
 
 
 def train_where_best(store: RunStore, plan: TrainPlan, ingest_key: str, client: Client) -> Trained:
