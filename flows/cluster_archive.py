@@ -18,7 +18,7 @@ from imgclust.models.training import TrainPlan
 from imgclust.preflight import clear_previous_run, preflight
 from imgclust.presets import PRESETS, auto_epochs
 from imgclust.stages.cluster import ClusterSettings
-from imgclust.stages.ingest import PixelSpec
+from imgclust.stages.ingest import PixelSpec, too_few_images
 from imgclust.stages.publish import write_run_record
 from imgclust.state.lease import Lease, acquire_lease
 from tasks.cluster import cluster_task
@@ -77,8 +77,7 @@ def _stages(config: RunConfig, lease: Lease) -> dict[str, Any]:
         with _timed(sec, "ingest"):
             ing = ingest_task(source, store, PixelSpec(size, gray, config.fit), config.shard_size, address)
         if ing.n_accepted < max(2, config.n_clusters or 2):
-            raise ConfigError("n_clusters" if config.n_clusters else "source",
-                              f"only {ing.n_accepted} images could be decoded; see {store.rejected}")
+            raise ConfigError("n_clusters" if config.n_clusters else "source", too_few_images(found, ing, store))
         n_train = min(ing.n_accepted, config.train_sample or ing.n_accepted)
         epochs = config.epochs or auto_epochs(config.preset, n_train, config.batch_size)
         plan = TrainPlan(config.preset, epochs, config.batch_size, config.resolved_learning_rate, config.seed,

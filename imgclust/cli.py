@@ -151,6 +151,8 @@ def _run_settings(ns: argparse.Namespace) -> dict[str, Any]:
     settings: dict[str, Any] = {}
     if "config" in args:
         settings.update(load_config_file(args.pop("config")))
+    if settings.pop("no_progress", False):  # a CLI-only switch, also accepted in config files
+        os.environ["IMGCLUST_PROGRESS"] = "0"
     for key in ("command", "no_progress"):
         args.pop(key, None)
     settings.update(args)
@@ -348,7 +350,18 @@ def parse_storage_options(text: str) -> dict[str, Any]:
     return so
 
 
+EXIT_INTERRUPTED = 130
+RESUMABLE = {"run", "assign", "recluster"}
+
+
+def _terminate(signum: int, frame: object) -> None:
+    """SIGTERM unwinds like Ctrl-C: leases, local clusters and Prefect's temporary server close."""
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
+    import signal
+
     from imgclust.config import ConfigError
 
     _quiet_prefect_env()
@@ -358,8 +371,17 @@ def main(argv: list[str] | None = None) -> int:
             ns.storage_options = parse_storage_options(ns.storage_options)
         except ConfigError as exc:
             return _fail(str(exc))
-    return {"run": cmd_run, "evaluate": cmd_evaluate, "report": cmd_report, "neighbors": cmd_neighbors,
-            "recluster": cmd_recluster, "assign": cmd_assign, "sample": cmd_sample}[ns.command](ns)
+    command = {"run": cmd_run, "evaluate": cmd_evaluate, "report": cmd_report, "neighbors": cmd_neighbors,
+               "recluster": cmd_recluster, "assign": cmd_assign, "sample": cmd_sample}[ns.command]
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        return command(ns)
+    except KeyboardInterrupt:
+        hint = "; run the same command again to resume" if ns.command in RESUMABLE else ""
+        print(f"imgclust: interrupted{hint}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ class RunConfig(BaseModel):
     storage_options: dict[str, Any] = Field(
         default_factory=dict, description="fsspec storage options (e.g. endpoint_url, key, secret, anon)."
     )
-    image_size: tuple[int, int] | int | str | None = Field(
+    image_size: tuple[int, int] | None = Field(
         default=None, description="Height and width images are resized to: [h, w], 'HxW', or one number "
         "for square. Default: the preset's own size.")
     color: Literal["auto", "rgb", "gray"] = Field(
@@ -81,29 +81,27 @@ class RunConfig(BaseModel):
 
     @field_validator("image_size", mode="before")
     @classmethod
-    def _square(cls, v: Any) -> Any:
-        if isinstance(v, str):
-            parts = [p for p in v.lower().replace("x", ",").split(",") if p.strip()]
-            try:
-                v = [int(p) for p in parts]
-            except ValueError:
-                raise ValueError(f"expected HxW or one number, got {v!r}") from None
-        if isinstance(v, int):
-            return (v, v)
-        if isinstance(v, (list, tuple)) and len(v) == 1:
-            return (v[0], v[0])
-        return v
-
-    @field_validator("image_size")
-    @classmethod
-    def _size_range(cls, v: tuple[int, int] | int | str | None) -> tuple[int, int] | None:
+    def _parse_size(cls, v: Any) -> tuple[int, int] | None:
+        """``"HxW"``, ``"N"``, ``N``, ``[N]`` or ``[H, W]`` -> (H, W); anything else is refused."""
         if v is None:
             return None
-        if not isinstance(v, tuple) or len(v) != 2:
-            raise ValueError(f"expected HxW or one number, got {v!r}")
-        if not all(8 <= s <= 2048 for s in v):
-            raise ValueError(f"each side must be between 8 and 2048 pixels, got {v[0]}x{v[1]}")
-        return v
+        bad = ValueError(f"expected HxW (e.g. 240x320) or one number, got {v!r}")
+        if isinstance(v, bool):
+            raise bad
+        if isinstance(v, str):
+            parts = v.strip().lower().split("x")
+            if not all(p.strip().isdigit() for p in parts) or len(parts) > 2:
+                raise bad
+            v = [int(p) for p in parts]
+        if isinstance(v, int):
+            v = [v]
+        if not isinstance(v, (list, tuple)) or not 1 <= len(v) <= 2 or not all(
+                isinstance(s, int) and not isinstance(s, bool) for s in v):
+            raise bad
+        h, w = (v[0], v[0]) if len(v) == 1 else (v[0], v[1])
+        if not all(8 <= s <= 2048 for s in (h, w)):
+            raise ValueError(f"each side must be between 8 and 2048 pixels, got {h}x{w}")
+        return (h, w)
 
     @field_validator("preset")
     @classmethod
@@ -162,45 +160,39 @@ class RunConfig(BaseModel):
         return d
 
 
-class AssignConfig(BaseModel):
-    """Parameters of ``assign-new``: which finished run to extend, and where to look for new images."""
+class FinishedRunConfig(BaseModel):
+    """What every flow over a finished run needs: where the run is, how to reach it, its lease."""
 
     model_config = ConfigDict(extra="forbid")
 
     run_dir: str = Field(description="Output folder/URL of a finished cluster-archive run.")
-    source: str = Field(description="Folder or fsspec URL to scan for images the run has not seen.")
     storage_options: dict[str, Any] = Field(default_factory=dict)
     dask_address: str | None = None
-    n_workers: int | None = Field(default=None, ge=1)
     lease_seconds: float = Field(default=120.0, ge=1, le=86_400, description="Lease on run_dir; see RunConfig.")
     force_unlock: bool = Field(default=False, description="Take run_dir's lease even if another run holds it.")
 
     @property
     def store(self) -> RunStore:
         return RunStore(self.run_dir, dict(self.storage_options))
+
+
+class AssignConfig(FinishedRunConfig):
+    """Parameters of ``assign-new``: which finished run to extend, and where to look for new images."""
+
+    source: str = Field(description="Folder or fsspec URL to scan for images the run has not seen.")
+    n_workers: int | None = Field(default=None, ge=1)
 
     @property
     def source_location(self) -> Location:
         return Location(self.source, dict(self.storage_options))
 
 
-class ReclusterConfig(BaseModel):
+class ReclusterConfig(FinishedRunConfig):
     """Parameters of ``recluster``: which run, which cluster, how many sub-clusters."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    run_dir: str = Field(description="Output folder/URL of a finished cluster-archive run.")
     cluster: int = Field(ge=0, description="Cluster id to split.")
     n_clusters: int | None = Field(default=None, ge=2, description="Sub-clusters; default chosen by silhouette.")
     seed: int = Field(default=0, ge=0)
-    storage_options: dict[str, Any] = Field(default_factory=dict)
-    dask_address: str | None = None
-    lease_seconds: float = Field(default=120.0, ge=1, le=86_400, description="Lease on run_dir; see RunConfig.")
-    force_unlock: bool = Field(default=False, description="Take run_dir's lease even if another run holds it.")
-
-    @property
-    def store(self) -> RunStore:
-        return RunStore(self.run_dir, dict(self.storage_options))
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:

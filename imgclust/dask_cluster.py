@@ -50,12 +50,52 @@ def dask_client(address: str | None = None, n_workers: int | None = None, cluste
     env = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
     # The workers' statistical profiler walks the running task's stack every 10 ms on the event
     # loop: a few per cent of every core (bench/ingest.py), for a dashboard page batch runs never open.
-    with dask.config.set({"distributed.worker.profile.enabled": False}), LocalCluster(
-        n_workers=n, threads_per_worker=1, processes=True, dashboard_address="127.0.0.1:0",
-        host="127.0.0.1", env=env,
-    ) as cluster, Client(cluster, set_as_default=False) as client:
-        logger.info("started a local Dask cluster with %d worker processes", n)
-        yield client
+    # The dashboard listens on loopback only: it shows worker addresses and memory, with no login.
+    with dask.config.set({"distributed.worker.profile.enabled": False}):
+        cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
+                               dashboard_address="127.0.0.1:0", host="127.0.0.1", env=env)
+    try:
+        with Client(cluster, set_as_default=False) as client:
+            logger.info("started a local Dask cluster with %d worker processes", n)
+            yield client
+    finally:
+        close_quietly(cluster)
+
+
+CLOSE_TIMEOUT_S = 60.0
+
+
+def close_quietly(cluster: LocalCluster, timeout: float = CLOSE_TIMEOUT_S) -> None:
+    """Close a local cluster; a slow shutdown on a loaded machine is logged, never an error: the
+    work is done by then, and failing the run for it would throw its results away."""
+    try:
+        cluster.close(timeout=timeout)
+    except Exception as exc:  # TimeoutError, a worker that died first, ...
+        logger.warning("closing the local Dask cluster did not finish cleanly (%s: %s); its processes are "
+                       "left to exit on their own", type(exc).__name__, exc)
+
+
+def check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Raise ``ValueError`` naming ``address`` when nothing accepts connections there.
+
+    ``tcp://host:port`` (or ``host:port``) is probed with a plain TCP connect; other schemes
+    (``tls://``, ``inproc://``, ``ucx://``) are left to Dask.
+    """
+    import socket
+    from urllib.parse import urlparse
+
+    scheme = address.split("://", 1)[0] if "://" in address else "tcp"
+    if scheme != "tcp":
+        return
+    parsed = urlparse(address if "://" in address else f"tcp://{address}")
+    if not parsed.hostname or not parsed.port:
+        raise ValueError(f"{address!r} is not a scheduler address such as tcp://10.0.0.5:8786")
+    try:
+        with socket.create_connection((parsed.hostname, parsed.port), timeout=timeout):
+            return
+    except OSError as exc:
+        raise ValueError(f"no Dask scheduler answers at {address} ({exc.strerror or exc}); start one "
+                         "(`dask scheduler`) or leave --dask-address out to use a local cluster") from None
 
 
 def completed(client: Client, futures: list) -> Iterator:

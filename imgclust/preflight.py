@@ -19,6 +19,7 @@ def preflight(config: RunConfig) -> int:
     if not paths:
         raise ConfigError("source", f"no image files ({', '.join(('jpg', 'png', 'gif', 'bmp', 'tif', 'webp'))}) "
                           f"found under {config.source}")
+    _check_compute(config)
     if config.n_clusters is not None and config.n_clusters > len(paths):
         raise ConfigError("n_clusters", f"{config.n_clusters} clusters asked for but only {len(paths)} image "
                           f"files were found under {config.source}")
@@ -35,6 +36,24 @@ def preflight(config: RunConfig) -> int:
     if finished and not config.overwrite:
         raise ConfigError("output", f"{config.output} already holds a finished run; pass --overwrite to replace it")
     return len(paths)
+
+
+def _check_compute(config: RunConfig) -> None:
+    """A scheduler that does not answer, or CUDA asked for where there is none, fails now, not
+    after ingest."""
+    from imgclust.dask_cluster import check_reachable
+
+    if config.dask_address and not config.dask_cluster_class:
+        try:
+            check_reachable(config.dask_address)
+        except ValueError as exc:
+            raise ConfigError("dask_address", str(exc)) from None
+    if config.device == "cuda" and not config.dask_address and not config.dask_cluster_class:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("device", "cuda was asked for but this machine has no CUDA device (torch "
+                              f"{torch.__version__}); use --device auto or cpu")
 
 
 def clear_previous_run(config: RunConfig) -> None:

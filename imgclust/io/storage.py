@@ -110,6 +110,16 @@ def read_files(fs: fsspec.AbstractFileSystem, paths: list[str]) -> dict[str, byt
     return out
 
 
+def unreadable_reason(error: BaseException | None) -> str:
+    """Why a file could not be read, for ``rejected.parquet``: the error's kind and words, never the
+    absolute path (the table's ``path`` column already names the file, relative to the source)."""
+    if error is None:
+        return "unreadable: missing"
+    if isinstance(error, OSError) and error.strerror:
+        return f"unreadable: {type(error).__name__}: {error.strerror}"
+    return f"unreadable: {type(error).__name__}: {error}"
+
+
 def move_tree(src: str, dst: str, storage_options: dict[str, Any] | None = None) -> None:
     """Replace ``dst`` by ``src`` (a rename on a local disk; a server-side copy on object stores)."""
     fs, a = open_fs(src, storage_options)

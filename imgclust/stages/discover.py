@@ -13,7 +13,7 @@ from distributed import Client
 
 from imgclust.dask_cluster import completed
 from imgclust.io.imagefile import IMAGE_EXTENSIONS, probe_is_gray
-from imgclust.io.storage import StorageError, normalise_url, read_files, write_parquet
+from imgclust.io.storage import StorageError, normalise_url, read_files, unreadable_reason, write_parquet
 from imgclust.progress import track
 from imgclust.runstore import Location, RunStore
 from imgclust.state.resume import ShardLedger, fingerprint
@@ -78,8 +78,7 @@ def hash_batch(fs: fsspec.AbstractFileSystem, root: str, paths: list[str]) -> li
     for rel, path in zip(paths, full):
         data = blobs.get(path)
         if isinstance(data, BaseException) or data is None:
-            reason = f"unreadable: {type(data).__name__}: {data}" if data is not None else "unreadable: missing"
-            out.append((rel, None, reason, None))
+            out.append((rel, None, unreadable_reason(data), None))
             continue
         out.append((rel, hashlib.sha256(data).hexdigest(), None, probe_is_gray(data)))
     return out

@@ -14,10 +14,10 @@ from distributed import Client
 from imgclust.dask_cluster import completed
 from imgclust.io.arrays import aligned_spans, chunk_spans, create_array, open_array
 from imgclust.io.imagefile import ImageRejected, decode_image
-from imgclust.io.storage import exists, move_tree, read_files, read_parquet, remove, write_parquet
+from imgclust.io.storage import exists, move_tree, read_files, read_parquet, remove, unreadable_reason, write_parquet
 from imgclust.progress import track
 from imgclust.runstore import Location, RunStore
-from imgclust.stages.discover import UNIQUE, UNREADABLE
+from imgclust.stages.discover import UNIQUE, UNREADABLE, Discovery
 from imgclust.state.resume import ShardLedger, fingerprint
 
 logger = logging.getLogger("imgclust")
@@ -58,6 +58,18 @@ class Ingest:
 Meta = tuple[bool, int, int, str, str]  # ok, width, height, format, reason
 
 
+def too_few_images(found: Discovery, ing: Ingest, store: RunStore) -> str:
+    """Why a corpus has too few images to cluster, in terms of what happened to its files."""
+    why = []
+    if found.n_duplicates:
+        why.append(f"{found.n_duplicates} were exact duplicates (see {store.duplicates})")
+    if ing.n_rejected:
+        why.append(f"{ing.n_rejected} could not be decoded (see {store.rejected})")
+    detail = "; ".join(why) or "no other file was found"
+    return (f"only {ing.n_accepted} distinct image{'s' if ing.n_accepted != 1 else ''} of {found.n_found} files "
+            f"could be used: {detail}")
+
+
 def ingest_shard(source: Location, paths: list[str], staging: Location, start: int, pixels: PixelSpec,
                  ledger: ShardLedger | None = None) -> list[Meta]:
     """Decode one shard and write it as one block; (ok, width, height, format, reason) per file.
@@ -73,7 +85,7 @@ def ingest_shard(source: Location, paths: list[str], staging: Location, start: i
     for i, path in enumerate(full):
         data = blobs.get(path)
         if isinstance(data, BaseException) or data is None:
-            meta.append((False, 0, 0, "", f"unreadable: {type(data).__name__}: {data}"))
+            meta.append((False, 0, 0, "", unreadable_reason(data)))
             continue
         try:
             img = decode_image(data, pixels.size, pixels.gray, pixels.fit)
