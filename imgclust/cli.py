@@ -374,6 +374,10 @@ def main(argv: list[str] | None = None) -> int:
     command = {"run": cmd_run, "evaluate": cmd_evaluate, "report": cmd_report, "neighbors": cmd_neighbors,
                "recluster": cmd_recluster, "assign": cmd_assign, "sample": cmd_sample}[ns.command]
     previous = signal.signal(signal.SIGTERM, _terminate)
+    if ns.command in RESUMABLE:  # commands that start servers and workers
+        from imgclust.watchdog import start_watchdog
+
+        start_watchdog()
     try:
         return command(ns)
     except KeyboardInterrupt:

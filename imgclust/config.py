@@ -33,7 +33,7 @@ class RunConfig(BaseModel):
     storage_options: dict[str, Any] = Field(
         default_factory=dict, description="fsspec storage options (e.g. endpoint_url, key, secret, anon)."
     )
-    image_size: tuple[int, int] | None = Field(
+    image_size: tuple[int, int] | int | str | None = Field(
         default=None, description="Height and width images are resized to: [h, w], 'HxW', or one number "
         "for square. Default: the preset's own size.")
     color: Literal["auto", "rgb", "gray"] = Field(
@@ -128,10 +128,9 @@ class RunConfig(BaseModel):
 
     @model_validator(mode="after")
     def _output_outside_source(self) -> RunConfig:
-        from imgclust.io.storage import normalise_url
+        from imgclust.io.storage import lies_within
 
-        src, out = normalise_url(self.source), normalise_url(self.output)
-        if out == src or out.startswith(src.rstrip("/") + "/"):
+        if lies_within(self.output, self.source):
             raise ValueError(f"output ({self.output}) must not be the source or lie inside it ({self.source})")
         return self
 
@@ -185,6 +184,15 @@ class AssignConfig(FinishedRunConfig):
     @property
     def source_location(self) -> Location:
         return Location(self.source, dict(self.storage_options))
+
+    @model_validator(mode="after")
+    def _run_outside_source(self) -> AssignConfig:
+        from imgclust.io.storage import lies_within
+
+        if lies_within(self.run_dir, self.source):
+            raise ValueError(f"source ({self.source}) contains the run ({self.run_dir}): its report and arrays "
+                             "would be taken for new images")
+        return self
 
 
 class ReclusterConfig(FinishedRunConfig):

@@ -8,7 +8,7 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
-from imgclust.io.storage import zarr_options
+from imgclust.io.storage import with_retries, zarr_options
 
 # Tasks write whole chunks of images or codes, which are never all zero: zarr's default check for
 # "empty" chunks scans each one first and costs as much CPU as compressing it (bench/ingest.py).
@@ -33,6 +33,22 @@ def compressor(dtype: str) -> BloscCodec:
     if np.dtype(dtype).itemsize == 1:
         return BloscCodec(cname="zstd", clevel=1, shuffle="noshuffle")
     return BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")
+
+
+def open_if_exists(url: str, storage_options: dict[str, Any] | None = None) -> zarr.Array | None:
+    """The array at ``url``, or None when there is none (absent, or its metadata never finished).
+
+    Anything else (a timeout, a 503) is asked again with backoff and then raised: a failure to ask
+    must never pass for "not there", which would make a stage redo, or overwrite, finished work.
+    """
+    import json
+
+    from zarr.errors import NodeNotFoundError
+
+    try:
+        return with_retries(open_array, url, storage_options)
+    except (FileNotFoundError, NodeNotFoundError, json.JSONDecodeError):
+        return None
 
 
 def open_array(url: str, storage_options: dict[str, Any] | None = None, mode: str = "r") -> zarr.Array:

@@ -47,6 +47,25 @@ def normalise_url(url: str) -> str:
     return fs._strip_protocol(root).rstrip("/") or "/"
 
 
+def resolved_location(url: str) -> str:
+    """Where ``url`` really is: local paths with ``..``, doubled slashes and symlinks resolved
+    (also for a path that does not exist yet: its existing part is resolved); remote URLs with
+    repeated slashes collapsed."""
+    import os
+    import re
+
+    if "://" in url and not url.startswith("file://"):
+        scheme, rest = url.split("://", 1)
+        return f"{scheme}://{re.sub('/+', '/', rest).rstrip('/')}"
+    return os.path.realpath(normalise_url(url))
+
+
+def lies_within(inner: str, outer: str) -> bool:
+    """True when location ``inner`` is ``outer`` or inside it, however either is spelled."""
+    a, b = resolved_location(inner), resolved_location(outer)
+    return a == b or a.startswith(b.rstrip("/") + "/")
+
+
 def write_bytes_atomic(url: str, data: bytes, storage_options: dict[str, Any] | None = None) -> None:
     """Write to a temporary name and move it into place, so readers never see half a file."""
     fs, path = open_fs(url, storage_options)
@@ -92,14 +111,71 @@ def remove(url: str, storage_options: dict[str, Any] | None = None) -> None:
         fs.rm(path, recursive=True)
 
 
+GLOB_CHARS = set("[]*?")
+RETRY_DELAYS = (0.5, 1.0, 2.0, 4.0)  # seconds before each new attempt after a transient failure
+
+
+def is_transient(error: BaseException) -> bool:
+    """Could asking again succeed? "Not there", "not allowed" and "not a file" are answers, not
+    failures to ask: they are never retried."""
+    if isinstance(error, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+        return False
+    return isinstance(error, (OSError, TimeoutError, ConnectionError)) or type(error).__name__ in {
+        "ClientError", "EndpointConnectionError", "ReadTimeoutError", "ServerDisconnectedError",
+        "ClientOSError", "ClientPayloadError"}
+
+
+def with_retries(fn: Any, *args: Any, delays: tuple[float, ...] = RETRY_DELAYS, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)``, asked again with backoff while it fails transiently (``is_transient``)."""
+    import logging
+    import time
+
+    for attempt, delay in enumerate((*delays, None)):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:
+            if delay is None or not is_transient(exc):
+                raise
+            logging.getLogger("imgclust").warning("storage: %s: %s; retrying in %.1f s (attempt %d)",
+                                                  type(exc).__name__, exc, delay, attempt + 2)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
 def read_files(fs: fsspec.AbstractFileSystem, paths: list[str]) -> dict[str, bytes | BaseException]:
+    """Contents of many files, or the exception that stopped each one: failures are per file, and a
+    transient failure is asked again with backoff before it is reported."""
+    out = _read_once(fs, paths)
+    for delay in RETRY_DELAYS:
+        again = [p for p, v in out.items() if isinstance(v, BaseException) and is_transient(v)]
+        if not again:
+            break
+        import time
+
+        time.sleep(delay)
+        out.update(_read_once(fs, again))
+    return out
+
+
+def _read_once(fs: fsspec.AbstractFileSystem, paths: list[str]) -> dict[str, bytes | BaseException]:
     """Contents of many files, or the exception that stopped each one: failures are per file.
 
     Local files are read with plain ``open``, a third of fsspec's per-file cost (bench/ingest.py);
-    remote ones with one batched ``cat``, which fetches them concurrently.
+    remote ones with one batched ``cat``, which fetches them concurrently. ``cat`` reads ``[``, ``*``
+    and ``?`` in a name as a glob pattern, so such names are fetched one by one with ``cat_file``.
     """
     if not isinstance(fs, LocalFileSystem):
-        return fs.cat(paths, on_error="return") if paths else {}
+        plain = [p for p in paths if not GLOB_CHARS & set(p)]
+        out = fs.cat(plain, on_error="return") if plain else {}
+        if len(plain) == 1 and not isinstance(out, dict):
+            out = {plain[0]: out}
+        for p in paths:
+            if GLOB_CHARS & set(p):
+                try:
+                    out[p] = fs.cat_file(p)
+                except Exception as exc:  # per file, as cat(on_error="return") reports them
+                    out[p] = exc
+        return out
     out: dict[str, bytes | BaseException] = {}
     for path in paths:
         try:

@@ -15,7 +15,7 @@ from imgclust.io.arrays import open_array
 from imgclust.io.storage import read_json, read_parquet, remove, write_json, write_parquet
 from imgclust.runmodel import RunModel
 from imgclust.runstore import Location, RunStore
-from imgclust.stages.discover import hash_files, list_images, split_duplicates
+from imgclust.stages.discover import hash_files, list_source, split_duplicates
 from imgclust.stages.encode import encode
 from imgclust.stages.ingest import PixelSpec, compact_into, decode_into_staging, manifest_rows
 from imgclust.stages.publish import cluster_summaries
@@ -42,14 +42,18 @@ def assign_new(store: RunStore, source: Location, client: Client) -> dict[str, A
         rejected["sha256"] = None
     known = set(manifest["sha256"]) | set(rejected["sha256"].dropna()) | set(duplicates["sha256"])
     fs, root = source.fs()
-    hashed = hash_files(fs, root, list_images(source), client)
-    unreadable = hashed[hashed["sha256"].isna() & ~hashed["path"].isin(set(rejected["path"]))]
+    listing = list_source(source)
+    hashed = hash_files(fs, root, listing.paths, client)
+    refused = pd.DataFrame(listing.refused, columns=["path", "reason"]).assign(sha256=None)
+    unreadable = pd.concat([hashed.loc[hashed["sha256"].isna(), ["path", "reason"]], refused[["path", "reason"]]],
+                           ignore_index=True)
+    unreadable = unreadable[~unreadable["path"].isin(set(rejected["path"]))]
     fresh = hashed[hashed["sha256"].notna() & ~hashed["sha256"].isin(known)]
     unique, dups = split_duplicates(fresh[["path", "sha256", "gray"]])
     summary = {"at": datetime.now(UTC).isoformat(timespec="seconds"), "source": source.url,
-               "files": len(hashed), "new": len(unique) + len(dups) + len(unreadable)}
+               "files": len(listing), "new": len(unique) + len(dups) + len(unreadable)}
     if summary["new"] == 0:
-        logger.info("assign: nothing new among %d files", len(hashed))
+        logger.info("assign: nothing new among %d files", len(listing))
         return {**summary, "accepted": 0, "rejected": 0, "duplicates": 0, "seconds": round(time.perf_counter() - t0, 3)}
 
     images = open_array(store.images, so, mode="r+")

@@ -5,14 +5,14 @@ from __future__ import annotations
 import hashlib
 import logging
 from dataclasses import dataclass
-from typing import Any
 
 import fsspec
 import pandas as pd
 from distributed import Client
 
 from imgclust.dask_cluster import completed
-from imgclust.io.imagefile import IMAGE_EXTENSIONS, probe_is_gray
+from imgclust.io.imagefile import probe_is_gray
+from imgclust.io.listing import Listing, list_files, source_path
 from imgclust.io.storage import StorageError, normalise_url, read_files, unreadable_reason, write_parquet
 from imgclust.progress import track
 from imgclust.runstore import Location, RunStore
@@ -36,17 +36,12 @@ class Discovery:
 
 def list_images(source: Location) -> list[str]:
     """Image paths under ``source``, relative to it with ``/`` separators, sorted."""
-    return [p for p, _ in list_images_stamped(source)]
+    return list_source(source).paths
 
 
-def _stamp(info: dict[str, Any]) -> str:
-    """Size and modification mark of a listed file: what tells a changed file without reading it."""
-    mark = info.get("mtime") or info.get("LastModified") or info.get("ETag") or info.get("last_modified") or ""
-    return f"{info.get('size')}:{mark}"
-
-
-def list_images_stamped(source: Location) -> list[tuple[str, str]]:
-    """(path, stamp) of every image under ``source``, sorted by path."""
+def list_source(source: Location) -> Listing:
+    """Every image file under ``source`` with its stamp (size, modification), and the entries refused
+    unread (FIFOs, devices, files too large, folders that cannot be listed) with their reason."""
     try:
         fs, root = source.fs()
         try:
@@ -55,16 +50,13 @@ def list_images_stamped(source: Location) -> list[tuple[str, str]]:
             raise StorageError(f"source not found: {source.url}") from None
         if info.get("type") != "directory":
             raise StorageError(f"source is not a folder or prefix: {source.url}")
-        found = fs.find(root, withdirs=False, detail=True)
+        return list_files(fs, root)
     except StorageError:
         raise
     except PermissionError as exc:
         raise StorageError(f"no permission to list source {source.url}: {exc}") from exc
     except Exception as exc:  # endpoint unreachable, bad credentials, ...: the library's words help most
         raise StorageError(f"cannot list source {source.url}: {type(exc).__name__}: {exc}") from exc
-    prefix = root.rstrip("/") + "/"
-    rel = {(p.removeprefix(prefix)): _stamp(i) for p, i in found.items()}
-    return sorted((p, st) for p, st in rel.items() if p.lower().endswith(IMAGE_EXTENSIONS))
 
 
 HashRow = tuple[str, str | None, str | None, bool | None]  # path, sha256, reason it could not be read, is gray
@@ -72,7 +64,7 @@ HashRow = tuple[str, str | None, str | None, bool | None]  # path, sha256, reaso
 
 def hash_batch(fs: fsspec.AbstractFileSystem, root: str, paths: list[str]) -> list[HashRow]:
     """(path, sha256, error, is_gray) per file; runs on a Dask worker, reads each file once."""
-    full = [f"{root.rstrip('/')}/{p}" for p in paths]
+    full = [f"{root.rstrip('/')}/{source_path(p)}" for p in paths]
     out: list[tuple[str, str | None, str | None, bool | None]] = []
     blobs = read_files(fs, full)
     for rel, path in zip(paths, full):
@@ -124,13 +116,15 @@ def split_duplicates(hashed: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
 def discover(source: Location, store: RunStore, client: Client) -> Discovery:
     """List, hash in parallel on the cluster, and write ``duplicates.parquet``; the unique and the
     unreadable files go to ``_work/`` for ingest."""
-    listing = list_images_stamped(source)
-    paths, stamps = [p for p, _ in listing], [s for _, s in listing]
+    listing = list_source(source)
+    paths, stamps = listing.paths, [s for _, s in listing.files]
     fs, root = source.fs()
     ledger = ShardLedger(store, "discover", fingerprint("discover", normalise_url(source.url)))
     ledger.clear_others()
     table = hash_files(fs, root, paths, client, ledger, stamps)
-    unreadable = table.loc[table["sha256"].isna(), ["path", "reason"]].reset_index(drop=True)
+    unreadable = pd.concat([table.loc[table["sha256"].isna(), ["path", "reason"]],
+                            pd.DataFrame(listing.refused, columns=["path", "reason"])], ignore_index=True)
+    unreadable = unreadable.sort_values("path", kind="stable").reset_index(drop=True)
     unique, dups = split_duplicates(table.loc[table["sha256"].notna(), ["path", "sha256", "gray"]])
     probes = unique["gray"].dropna()
     gray = bool(len(probes)) and bool(probes.all())
@@ -140,6 +134,6 @@ def discover(source: Location, store: RunStore, client: Client) -> Discovery:
     write_parquet(store.work(UNREADABLE), unreadable, so)
     logger.info(
         "discover: %d image files, %d unique, %d duplicates, %d unreadable",
-        len(paths), len(unique), len(dups), len(unreadable),
+        len(listing), len(unique), len(dups), len(unreadable),
     )
-    return Discovery(len(paths), len(unique), len(dups), len(unreadable), gray)
+    return Discovery(len(listing), len(unique), len(dups), len(unreadable), gray)

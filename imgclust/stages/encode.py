@@ -9,7 +9,7 @@ import torch
 from distributed import Client
 
 from imgclust.dask_cluster import completed, torch_threads_by_worker
-from imgclust.io.arrays import aligned_spans, create_array, open_array
+from imgclust.io.arrays import aligned_spans, create_array, open_array, open_if_exists
 from imgclust.models.encoding import encode_array
 from imgclust.progress import track
 from imgclust.runmodel import ModelRef, RunModel
@@ -73,7 +73,7 @@ def encode(store: RunStore, model: ModelRef, batch_size: int, client: Client, st
     ledger, done = None, {}
     if start == 0:
         key = fingerprint("encode", ingest_key or store.images, model.weights_sha256, n, MSE_SAMPLE)
-        existing = _open_codes(store)
+        existing = open_if_exists(store.codes, so)
         if existing is not None and existing.attrs.get("encode_key") == key and "reconstruction_mse" in existing.attrs:
             logger.info("encode: already done with these weights; reusing codes.zarr")
             return Encoded(code_dim, float(existing.attrs["reconstruction_mse"]))
@@ -101,10 +101,3 @@ def encode(store: RunStore, model: ModelRef, batch_size: int, client: Client, st
     logger.info("encode: %d codes of %d dimensions, reconstruction MSE %.5f (on %d images)", n - start, code_dim,
                 mse, counted)
     return Encoded(code_dim, mse, len(done))
-
-
-def _open_codes(store: RunStore):
-    try:
-        return open_array(store.codes, store.storage_options)
-    except Exception:  # absent or half-created
-        return None

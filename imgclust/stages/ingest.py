@@ -12,8 +12,9 @@ import pandas as pd
 from distributed import Client
 
 from imgclust.dask_cluster import completed
-from imgclust.io.arrays import aligned_spans, chunk_spans, create_array, open_array
+from imgclust.io.arrays import aligned_spans, chunk_spans, create_array, open_array, open_if_exists
 from imgclust.io.imagefile import ImageRejected, decode_image
+from imgclust.io.listing import source_path
 from imgclust.io.storage import exists, move_tree, read_files, read_parquet, remove, unreadable_reason, write_parquet
 from imgclust.progress import track
 from imgclust.runstore import Location, RunStore
@@ -79,7 +80,7 @@ def ingest_shard(source: Location, paths: list[str], staging: Location, start: i
     """
     block = np.zeros((len(paths), pixels.channels, *pixels.size), dtype=np.uint8)
     fs, root = source.fs()
-    full = [f"{root.rstrip('/')}/{p}" for p in paths]
+    full = [f"{root.rstrip('/')}/{source_path(p)}" for p in paths]
     blobs = read_files(fs, full)
     meta: list[Meta] = []
     for i, path in enumerate(full):
@@ -168,9 +169,8 @@ def ingest_key(unique: pd.DataFrame, pixels: PixelSpec, shard_size: int) -> str:
 def finished_ingest(store: RunStore, key: str) -> Ingest | None:
     """The recorded result when this exact ingest already completed (its key is stamped last)."""
     so = store.storage_options
-    try:
-        images = open_array(store.images, so)
-    except Exception:  # absent or half-created: not finished
+    images = open_if_exists(store.images, so)
+    if images is None:
         return None
     if images.attrs.get("ingest_key") != key or not exists(store.rejected, so):
         return None
