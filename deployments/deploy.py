@@ -14,7 +14,9 @@ package installed in their Python. ``tests/test_deployments.py`` checks both way
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import sys
 from pathlib import Path
 
 PLACEHOLDERS = {"source": "/path/to/images", "output": "/path/to/output", "n_clusters": 10}
@@ -31,12 +33,38 @@ DEPLOYMENTS = {
 }
 
 
+CONFIGS = {"on-demand": "RunConfig", "nightly": "AssignConfig"}
+
+
+def checked_parameters(name: str, config: dict | None) -> dict:
+    """The deployment's parameters (``config`` replacing the default one), validated by the flow's
+    config class: what a run of it would refuse, deploying refuses too (credentials above all)."""
+    import imgclust.config
+
+    params = {"config": {**DEPLOYMENTS[name]["parameters"]["config"], **(config or {})}}
+    getattr(imgclust.config, CONFIGS[name])(**params["config"])
+    return params
+
+
 def main(argv: list[str] | None = None) -> list:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--pool", default="imgclust", help="process work pool (default: imgclust)")
     p.add_argument("--name", action="append", choices=sorted(DEPLOYMENTS),
                    help="deployment to create or update; repeatable (default: all)")
+    p.add_argument("--config", type=json.loads, help="JSON settings merged into each deployment's `config` "
+                   "parameter, e.g. '{\"source\": \"s3://b/images\", \"output\": \"s3://b/runs/r1\"}'")
     args = p.parse_args(argv)
+    from pydantic import ValidationError
+
+    parameters = {}
+    for name in args.name or DEPLOYMENTS:
+        try:
+            parameters[name] = checked_parameters(name, args.config)
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg'].removeprefix('Value error, ')}"
+                                 for e in exc.errors())
+            print(f"deploy: error: {name}: {problems}", file=sys.stderr)
+            raise SystemExit(2) from None
 
     from prefect import deploy
     from prefect.flows import Flow
@@ -45,7 +73,7 @@ def main(argv: list[str] | None = None) -> list:
     root = os.environ.get("IMGCLUST_HOME") or str(Path(__file__).resolve().parents[1])
     deployments = []
     for name in args.name or DEPLOYMENTS:
-        kw = dict(DEPLOYMENTS[name])
+        kw = dict(DEPLOYMENTS[name], parameters=parameters[name])
         flow = Flow.from_source(source=root, entrypoint=kw.pop("entrypoint"))  # pull: set_working_directory(root)
         schedules = [Cron(cron, timezone=tz) for cron, tz in kw.pop("schedules", [])]
         deployments.append(flow.to_deployment(name=name, work_pool_name=args.pool, job_variables=JOB_VARIABLES,

@@ -173,13 +173,15 @@ def _validation_message(exc: Exception) -> str:
 def cmd_run(ns: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from imgclust.config import ConfigError, RunConfig
+    from imgclust.config import ConfigError, RunConfig, split_credentials
     from imgclust.state.lease import LeaseHeld, LeaseLost, check_free
 
     if getattr(ns, "no_progress", False):
         os.environ["IMGCLUST_PROGRESS"] = "0"
     try:
-        config = RunConfig(**_run_settings(ns))
+        settings = _run_settings(ns)
+        public, secret = split_credentials(settings.get("storage_options") or {})
+        config = RunConfig(**{**settings, "storage_options": public}).with_credentials(secret)
         from imgclust.preflight import preflight
 
         n = preflight(config)
@@ -273,12 +275,13 @@ def _lease_settings(ns: argparse.Namespace) -> dict[str, Any]:
 def cmd_recluster(ns: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from imgclust.config import ReclusterConfig
+    from imgclust.config import ReclusterConfig, split_credentials
 
-    so = ns.storage_options or {}
+    public, secret = split_credentials(ns.storage_options or {})
     try:
         cfg = ReclusterConfig(run_dir=ns.run_dir, cluster=ns.cluster, n_clusters=ns.n_clusters, seed=ns.seed,
-                              storage_options=so, dask_address=ns.dask_address, **_lease_settings(ns))
+                              storage_options=public, dask_address=ns.dask_address,
+                              **_lease_settings(ns)).with_credentials(secret)
     except ValidationError as exc:
         return _fail(_validation_message(exc))
 
@@ -301,12 +304,12 @@ def cmd_recluster(ns: argparse.Namespace) -> int:
 def cmd_assign(ns: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from imgclust.config import AssignConfig
+    from imgclust.config import AssignConfig, split_credentials
 
-    so = ns.storage_options or {}
+    public, secret = split_credentials(ns.storage_options or {})
     try:
-        cfg = AssignConfig(run_dir=ns.run_dir, source=ns.source, storage_options=so, dask_address=ns.dask_address,
-                           **_lease_settings(ns))
+        cfg = AssignConfig(run_dir=ns.run_dir, source=ns.source, storage_options=public,
+                           dask_address=ns.dask_address, **_lease_settings(ns)).with_credentials(secret)
     except ValidationError as exc:
         return _fail(_validation_message(exc))
     if missing := _finished_run_missing(ns):

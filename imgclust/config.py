@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from imgclust.presets import PRESETS
 from imgclust.runstore import Location, RunStore
@@ -23,16 +23,75 @@ class ConfigError(ValueError):
         self.param = param
 
 
-class RunConfig(BaseModel):
-    """Every parameter of ``cluster-archive``; the CLI, config files and deployments all fill this."""
+# fsspec options that carry credentials: never flow parameters, which Prefect stores in clear.
+CREDENTIAL_KEYS = frozenset({
+    "key", "secret", "token", "password", "passwd", "session_token", "access_key", "secret_key",
+    "aws_access_key_id", "aws_secret_access_key", "aws_session_token", "account_key", "sas_token",
+    "client_secret", "credential", "credentials", "api_key", "connection_string"})
+
+
+def split_credentials(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(options without credentials, the credentials), also inside ``client_kwargs``."""
+    public = {k: v for k, v in options.items() if k not in CREDENTIAL_KEYS}
+    secret = {k: v for k, v in options.items() if k in CREDENTIAL_KEYS}
+    inner = options.get("client_kwargs")
+    if isinstance(inner, dict) and CREDENTIAL_KEYS & set(inner):
+        public["client_kwargs"] = {k: v for k, v in inner.items() if k not in CREDENTIAL_KEYS}
+        secret["client_kwargs"] = {k: v for k, v in inner.items() if k in CREDENTIAL_KEYS}
+    return public, secret
+
+
+def merge_options(public: dict[str, Any], secret: dict[str, Any]) -> dict[str, Any]:
+    merged = {**public, **{k: v for k, v in secret.items() if k != "client_kwargs"}}
+    if "client_kwargs" in secret:
+        merged["client_kwargs"] = {**public.get("client_kwargs", {}), **secret["client_kwargs"]}
+    return merged
+
+
+class FlowConfig(BaseModel):
+    """What every flow's config has: fsspec options without credentials.
+
+    Flow parameters are stored by Prefect in clear (its database, the UI, the API), so credentials
+    are refused here. They reach the flow out of band: the environment (``AWS_ACCESS_KEY_ID`` ...),
+    a profile, or the command line, whose ``--storage-options`` credentials the CLI hands to the
+    flow's process (``with_credentials``) and never to Prefect.
+    """
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict, description="fsspec storage options without credentials (e.g. endpoint_url, "
+        "anon); credentials come from the environment or a profile.")
+    _credentials: dict[str, Any] = PrivateAttr(default_factory=dict)
+
+    @field_validator("storage_options")
+    @classmethod
+    def _no_credentials(cls, v: dict[str, Any]) -> dict[str, Any]:
+        _, secret = split_credentials(v)
+        if secret:
+            names = sorted(set(secret) - {"client_kwargs"} | set(secret.get("client_kwargs", {})))
+            raise ValueError(f"credentials ({', '.join(names)}) must not be flow parameters, which Prefect "
+                             "stores in clear: put them in the environment (AWS_ACCESS_KEY_ID, "
+                             "AWS_SECRET_ACCESS_KEY, ...) or a profile, or pass them with --storage-options on "
+                             "the imgclust command line, which keeps them out of the parameters")
+        return v
+
+    def with_credentials(self, credentials: dict[str, Any]) -> FlowConfig:
+        """Attach credentials for this process only: they are used to reach storage, never serialised."""
+        self._credentials = dict(credentials)
+        return self
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """The storage options to reach storage with: the parameters' plus the attached credentials."""
+        return merge_options(dict(self.storage_options), self._credentials)
+
+
+class RunConfig(FlowConfig):
+    """Every parameter of ``cluster-archive``; the CLI, config files and deployments all fill this."""
+
     source: str = Field(description="Folder or fsspec URL (s3://bucket/prefix) holding the images.")
     output: str = Field(description="Folder or fsspec URL the run writes to; must not lie inside source.")
-    storage_options: dict[str, Any] = Field(
-        default_factory=dict, description="fsspec storage options (e.g. endpoint_url, key, secret, anon)."
-    )
     image_size: tuple[int, int] | int | str | None = Field(
         default=None, description="Height and width images are resized to: [h, w], 'HxW', or one number "
         "for square. Default: the preset's own size.")
@@ -145,12 +204,12 @@ class RunConfig(BaseModel):
 
     @property
     def source_location(self) -> Location:
-        return Location(self.source, dict(self.storage_options))
+        return Location(self.source, self.options)
 
     @property
     def store(self) -> RunStore:
         """The run's output store."""
-        return RunStore(self.output, dict(self.storage_options))
+        return RunStore(self.output, self.options)
 
     def public_dict(self) -> dict[str, Any]:
         """The config as written to run.json: storage options are replaced by their key names."""
@@ -159,20 +218,17 @@ class RunConfig(BaseModel):
         return d
 
 
-class FinishedRunConfig(BaseModel):
+class FinishedRunConfig(FlowConfig):
     """What every flow over a finished run needs: where the run is, how to reach it, its lease."""
 
-    model_config = ConfigDict(extra="forbid")
-
     run_dir: str = Field(description="Output folder/URL of a finished cluster-archive run.")
-    storage_options: dict[str, Any] = Field(default_factory=dict)
     dask_address: str | None = None
     lease_seconds: float = Field(default=120.0, ge=1, le=86_400, description="Lease on run_dir; see RunConfig.")
     force_unlock: bool = Field(default=False, description="Take run_dir's lease even if another run holds it.")
 
     @property
     def store(self) -> RunStore:
-        return RunStore(self.run_dir, dict(self.storage_options))
+        return RunStore(self.run_dir, self.options)
 
 
 class AssignConfig(FinishedRunConfig):
@@ -183,7 +239,7 @@ class AssignConfig(FinishedRunConfig):
 
     @property
     def source_location(self) -> Location:
-        return Location(self.source, dict(self.storage_options))
+        return Location(self.source, self.options)
 
     @model_validator(mode="after")
     def _run_outside_source(self) -> AssignConfig:

@@ -5,6 +5,7 @@ import shutil
 
 import numpy as np
 import pandas as pd
+import pytest
 from PIL import Image
 
 from imgclust.io.arrays import open_array
@@ -94,3 +95,62 @@ def test_a_refined_run_assigns_new_images_with_its_cluster_net(tmp_path):
     home = a.assign(digit=a["path"].str.split("/").str[0]).groupby("digit")["cluster"].agg(lambda c: c.mode()[0])
     hits = (fresh["path"].str.split("/").str[0].map(home) == fresh["cluster"]).mean()
     assert hits >= 0.8, hits
+
+
+def every_file_in_exactly_one_table(run, source) -> None:
+    from imgclust.io.listing import list_local
+
+    tables = {name: pd.read_parquet(run / f"{name}.parquet")["path"] for name in ("manifest", "rejected", "duplicates")}
+    listed = list_local(str(source))
+    found = set(listed.paths) | {p for p, _ in listed.refused}
+    for name, paths in tables.items():
+        assert paths.is_unique, (name, paths[paths.duplicated()].tolist())
+    everywhere = pd.concat(tables.values())
+    assert set(everywhere) == found and len(everywhere) == len(found), set(everywhere) ^ found
+    a = pd.read_parquet(run / "assignments.parquet")
+    assert sorted(a["path"]) == sorted(tables["manifest"])
+
+
+def test_assign_accounts_for_copies_edits_and_files_that_became_readable(finished_run, tmp_path, client,
+                                                                          monkeypatch):
+    """A copy of known content is a duplicate, an edited file replaces its row, a once-broken file
+    that now decodes leaves rejected for the manifest; a crash before the manifest is written is
+    repaired by the next call. Every file ends up in exactly one table."""
+    import imgclust.stages.assign as assign_stage
+    from imgclust.runstore import Location, RunStore
+    from imgclust.stages.assign import assign_new
+
+    root, out, _, _ = finished_run
+    run, src = tmp_path / "run", tmp_path / "src"
+    shutil.copytree(out, run)
+    shutil.copytree(root, src)
+    manifest = pd.read_parquet(run / "manifest.parquet")
+    original = manifest["path"].iloc[0]
+    shutil.copy(src / original, src / "new-copy.png")  # known content, new path
+    edited = manifest["path"].iloc[1]
+    Image.fromarray(np.full((28, 28), 77, np.uint8)).save(src / edited, Image.open(src / edited).format)
+    fixed = "broken/deeper/truncated.jpg"
+    Image.fromarray(np.full((28, 28), 150, np.uint8)).save(src / fixed, "JPEG")
+    store, source = RunStore(str(run)), Location(str(src))
+
+    real = assign_stage.write_parquet
+
+    def crash_on_manifest(url, df, so=None):
+        if url.endswith("manifest.parquet"):
+            raise RuntimeError("killed before the manifest")
+        real(url, df, so)
+
+    monkeypatch.setattr(assign_stage, "write_parquet", crash_on_manifest)
+    with pytest.raises(RuntimeError, match="killed before the manifest"):
+        assign_new(store, source, client)
+    monkeypatch.setattr(assign_stage, "write_parquet", real)
+    summary = assign_new(store, source, client)
+    assert summary["accepted"] == 2, summary  # the edited file and the one that became readable
+    every_file_in_exactly_one_table(run, src)
+    dups = pd.read_parquet(run / "duplicates.parquet").set_index("path")
+    assert dups.loc["new-copy.png", "duplicate_of"] == original
+    after = pd.read_parquet(run / "manifest.parquet").set_index("path")
+    assert after.loc[edited, "sha256"] != manifest.set_index("path").loc[edited, "sha256"]
+    assert fixed in after.index and fixed not in set(pd.read_parquet(run / "rejected.parquet")["path"])
+    again = assign_new(store, source, client)
+    assert again["new"] == 0  # nothing is new the second time

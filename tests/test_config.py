@@ -46,9 +46,17 @@ def test_schema_accepts_shorthand_sizes_for_deployments():
     assert {"array", "integer", "string"} <= kinds
 
 
-def test_secrets_are_masked():
-    c = cfg(storage_options={"key": "AKIA", "secret": "shh"})
-    assert c.public_dict()["storage_options"] == {"key": "***", "secret": "***"}
+def test_credentials_are_never_flow_parameters():
+    """Prefect stores flow parameters in clear: credentials there are refused; the CLI attaches them
+    to the config for its own process only, and they never appear in what is serialised."""
+    with pytest.raises(ValidationError, match="credentials \\(key, secret\\) must not be flow parameters"):
+        cfg(storage_options={"key": "AKIA", "secret": "shh"})
+    with pytest.raises(ValidationError, match="aws_secret_access_key"):
+        cfg(storage_options={"client_kwargs": {"aws_secret_access_key": "shh"}})
+    c = cfg(storage_options={"endpoint_url": "http://x"}).with_credentials({"key": "AKIA", "secret": "shh"})
+    assert c.store.storage_options == {"endpoint_url": "http://x", "key": "AKIA", "secret": "shh"}
+    assert "shh" not in c.model_dump_json() and "shh" not in str(c.public_dict())
+    assert c.public_dict()["storage_options"] == {"endpoint_url": "***"}
 
 
 def test_dask_address_from_environment(monkeypatch):

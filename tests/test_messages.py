@@ -147,3 +147,11 @@ def test_reject_reasons_never_carry_absolute_paths(tmp_path):
         reason = unreadable_reason(exc)
     assert reason == "unreadable: FileNotFoundError: No such file or directory"
     assert str(tmp_path) not in reason
+
+
+def test_a_deployment_with_credentials_in_its_parameters_is_refused():
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "deployments/deploy.py", "--config", '{"storage_options": {"secret": "x"}}'],
+                       cwd=root, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert "on-demand: storage_options: credentials (secret) must not be flow parameters" in r.stderr

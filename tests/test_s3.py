@@ -41,10 +41,21 @@ def test_run_from_bucket_to_bucket(s3_run):
 
 
 def test_credentials_never_written(s3_run, s3):
+    """Credentials given with --storage-options reach storage but never run.json, the output, nor
+    Prefect's database (flow-run parameters are stored in clear)."""
+    import glob
+    import os
+
     fs, _, r = s3_run
     run = fs.cat("out/runs/r1/run.json").decode()
-    assert s3["secret"] not in run and json.loads(run)["config"]["storage_options"]["secret"] == "***"
+    assert s3["secret"] not in run and "secret" not in json.loads(run)["config"]["storage_options"]
+    assert json.loads(run)["config"]["storage_options"]["endpoint_url"] == "***"
     assert s3["secret"] not in r.stdout + r.stderr
+    databases = glob.glob(os.path.join(os.environ["PREFECT_HOME"], "**", "*.db*"), recursive=True)
+    assert databases, "Prefect's database was not found"
+    for db in databases:
+        with open(db, "rb") as fh:
+            assert s3["secret"].encode() not in fh.read(), db
 
 
 def test_missing_bucket_is_a_clear_error(s3, tmp_path):

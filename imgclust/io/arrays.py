@@ -8,7 +8,7 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
-from imgclust.io.storage import with_retries, zarr_options
+from imgclust.io.storage import check_fences, with_retries, zarr_options
 
 # Tasks write whole chunks of images or codes, which are never all zero: zarr's default check for
 # "empty" chunks scans each one first and costs as much CPU as compressing it (bench/ingest.py).
@@ -19,6 +19,7 @@ def create_array(url: str, shape: tuple[int, ...], chunk_rows: int, dtype: str,
                  storage_options: dict[str, Any] | None = None,
                  attributes: dict[str, Any] | None = None) -> zarr.Array:
     """A new array chunked along the first axis only; whole chunks are what tasks write."""
+    check_fences(url)
     chunks = (max(1, min(chunk_rows, shape[0] or 1)), *shape[1:])
     return zarr.create_array(
         store=url, storage_options=zarr_options(url, storage_options), shape=shape, chunks=chunks,
@@ -52,6 +53,8 @@ def open_if_exists(url: str, storage_options: dict[str, Any] | None = None) -> z
 
 
 def open_array(url: str, storage_options: dict[str, Any] | None = None, mode: str = "r") -> zarr.Array:
+    if mode != "r":
+        check_fences(url)
     array = zarr.open_array(store=url, storage_options=zarr_options(url, storage_options), mode=mode)
     return array if mode == "r" else array.with_config(WRITE_CONFIG)
 

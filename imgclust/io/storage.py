@@ -66,8 +66,34 @@ def lies_within(inner: str, outer: str) -> bool:
     return a == b or a.startswith(b.rstrip("/") + "/")
 
 
-def write_bytes_atomic(url: str, data: bytes, storage_options: dict[str, Any] | None = None) -> None:
-    """Write to a temporary name and move it into place, so readers never see half a file."""
+# Write fences: callables that raise when this process may no longer write to a URL (a lost lease).
+_FENCES: list[Any] = []
+
+
+def add_write_fence(fence: Any) -> None:
+    """Register ``fence(url)``, called before every write of this module; it raises to refuse one."""
+    _FENCES.append(fence)
+
+
+def remove_write_fence(fence: Any) -> None:
+    if fence in _FENCES:
+        _FENCES.remove(fence)
+
+
+def check_fences(url: str) -> None:
+    """Raise (the fence's error) when a registered fence refuses writes to ``url``."""
+    for fence in list(_FENCES):
+        fence(url)
+
+
+def write_bytes_atomic(url: str, data: bytes, storage_options: dict[str, Any] | None = None,
+                       fenced: bool = True) -> None:
+    """Write to a temporary name and move it into place, so readers never see half a file.
+
+    Unless ``fenced`` is off (the lease's own file), a write the process's lease forbids is refused.
+    """
+    if fenced:
+        check_fences(url)
     fs, path = open_fs(url, storage_options)
     parent = posixpath.dirname(path)
     if parent:
@@ -78,8 +104,8 @@ def write_bytes_atomic(url: str, data: bytes, storage_options: dict[str, Any] | 
     fs.mv(tmp, path)
 
 
-def write_json(url: str, obj: Any, storage_options: dict[str, Any] | None = None) -> None:
-    write_bytes_atomic(url, json.dumps(obj, indent=2, default=str).encode(), storage_options)
+def write_json(url: str, obj: Any, storage_options: dict[str, Any] | None = None, fenced: bool = True) -> None:
+    write_bytes_atomic(url, json.dumps(obj, indent=2, default=str).encode(), storage_options, fenced)
 
 
 def read_json(url: str, storage_options: dict[str, Any] | None = None) -> Any:

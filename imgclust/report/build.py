@@ -97,25 +97,28 @@ def write_report(store: RunStore, seed: int = 0, run: dict[str, Any] | None = No
     run = run if run is not None else read_json(store.run_record, so)
     clusters = read_json(store.clusters, so)
     assignments = read_parquet(store.assignments, so)
+    rows = image_rows(store, assignments)  # assignments row -> images.zarr row
     images = open_array(store.images, so)
     codes = open_array(store.codes, so)
     model = RunModel.load(Location(store.model, so))
     autoencoder = model.autoencoder
     for c in track(clusters, total=len(clusters), desc="report", unit="cluster"):
         near, rand = cluster_members(assignments, c["id"], seed)
-        idx = np.concatenate([near, rand]).astype(int)
+        idx = rows[np.concatenate([near, rand]).astype(int)]
         write_bytes_atomic(store.report_file(f"cluster-{c['id']}.png"),
                            png_bytes(grid(to_rgb_thumbs(read_rows(images, idx)))), so)
         members = assignments.index[assignments["cluster"] == c["id"]].to_numpy()
         sample = np.sort(np.random.default_rng(seed).choice(members, size=min(2000, len(members)), replace=False))
-        strip = prototype_and_attention(autoencoder, read_rows(codes, sample), read_rows(images, near[:4]))
+        strip = prototype_and_attention(autoencoder, read_rows(codes, np.sort(rows[sample])), read_rows(images, idx[:4]))
         write_bytes_atomic(store.report_file(f"cluster-{c['id']}-prototype.png"), png_bytes(strip), so)
     n = len(assignments)
     pick = np.sort(np.random.default_rng(seed).choice(n, size=min(8, n), replace=False))
     write_bytes_atomic(store.report_file("reconstructions.png"),
-                       png_bytes(reconstructions(autoencoder, read_rows(images, pick))), so)
+                       png_bytes(reconstructions(autoencoder, read_rows(images, rows[pick]))), so)
     sample = np.sort(np.random.default_rng(seed).choice(n, size=min(MAP_SAMPLE, n), replace=False))
-    xy = map_2d(read_rows(open_array(store.work("features.zarr"), so), sample), seed)
+    features = open_array(store.work("features.zarr"), so)
+    sample = sample[rows[sample] < features.shape[0]]  # images added by assign have no run features
+    xy = map_2d(read_rows(features, rows[sample]), seed)
     labels = assignments["cluster"].to_numpy()[sample]
     embedded = model.code_space is not None and model.code_space.embedding is not None
     features = "UMAP features" if embedded or run.get("resolved", {}).get("embedding") == "umap" else "codes"
@@ -124,6 +127,13 @@ def write_report(store: RunStore, seed: int = 0, run: dict[str, Any] | None = No
     for name, data in pictures.items():
         write_bytes_atomic(store.report_file(name), data, so)
     return render_index(store, run)
+
+
+def image_rows(store: RunStore, assignments: Any) -> np.ndarray:
+    """The images.zarr row of each assignments row (through the manifest's ``index``)."""
+    manifest = read_parquet(store.manifest, store.storage_options)
+    index_of = dict(zip(manifest["path"], manifest["index"]))
+    return assignments["path"].map(index_of).to_numpy(np.int64)
 
 
 def render_index(store: RunStore, run: dict[str, Any] | None = None) -> str:

@@ -24,13 +24,14 @@ logger = logging.getLogger("imgclust")
 
 
 def assign_new(store: RunStore, source: Location, client: Client) -> dict[str, Any]:
-    """Ingest, encode and assign only files whose content the run has never seen.
+    """Ingest, encode and assign the files of ``source`` the run does not hold as they are now.
 
-    A file is known when its sha256 is in the manifest, the rejected or the duplicates table (an
-    unreadable file, which has no hash, when its path is already rejected). Duplicates within the
-    new batch are handled as in a run. Zarr rows are written first and the manifest last, and every
-    table is cut back to the manifest before appending, so a crash at any point is repaired by the
-    next call instead of leaving duplicated or half-written rows.
+    Every file found ends up in exactly one table. A file whose (path, content) the run already
+    lists is left alone; a new path whose content the run holds is a duplicate of the manifest's
+    path (or rejected for the reason that content was); a file edited in place, or once rejected
+    and now readable, replaces its old row. Duplicates within the new batch are handled as in a
+    run. Zarr rows are written first and the manifest last, and every table is cut back to the
+    manifest before appending, so a crash at any point is repaired by the next call.
     """
     t0 = time.perf_counter()
     so = store.storage_options
@@ -40,49 +41,67 @@ def assign_new(store: RunStore, source: Location, client: Client) -> dict[str, A
     duplicates = read_parquet(store.duplicates, so)
     if "sha256" not in rejected.columns:
         rejected["sha256"] = None
-    known = set(manifest["sha256"]) | set(rejected["sha256"].dropna()) | set(duplicates["sha256"])
+    # Cut back to the manifest, written last: rows a crashed call added before it do not count.
+    duplicates = duplicates[duplicates["duplicate_of"].isin(set(manifest["path"]))]
+    assignments = read_parquet(store.assignments, so)
+    assignments = assignments[assignments["path"].isin(set(manifest["path"]))]
+    held = (set(zip(manifest["path"], manifest["sha256"])) | set(zip(duplicates["path"], duplicates["sha256"]))
+            | set(zip(rejected["path"], rejected["sha256"])))
+    original_of = dict(zip(manifest["sha256"], manifest["path"]))
+    reject_reason = dict(zip(rejected["sha256"].dropna(), rejected.loc[rejected["sha256"].notna(), "reason"]))
+
     fs, root = source.fs()
     listing = list_source(source)
     hashed = hash_files(fs, root, listing.paths, client)
-    refused = pd.DataFrame(listing.refused, columns=["path", "reason"]).assign(sha256=None)
-    unreadable = pd.concat([hashed.loc[hashed["sha256"].isna(), ["path", "reason"]], refused[["path", "reason"]]],
-                           ignore_index=True)
-    unreadable = unreadable[~unreadable["path"].isin(set(rejected["path"]))]
-    fresh = hashed[hashed["sha256"].notna() & ~hashed["sha256"].isin(known)]
-    unique, dups = split_duplicates(fresh[["path", "sha256", "gray"]])
+    refused = pd.DataFrame(listing.refused, columns=["path", "reason"])
+    unreadable = pd.concat([hashed.loc[hashed["sha256"].isna(), ["path", "reason"]], refused], ignore_index=True)
+    unreadable = unreadable[~unreadable["path"].isin(set(rejected.loc[rejected["sha256"].isna(), "path"]))]
+    readable = hashed[hashed["sha256"].notna()]
+    fresh = readable.loc[np.array([(p, h) not in held for p, h in zip(readable["path"], readable["sha256"])],
+                                  dtype=bool)]
+    copies = fresh[fresh["sha256"].isin(original_of.keys()) & ~fresh["path"].isin(original_of.values())]
+    known_bad = fresh[fresh["sha256"].isin(reject_reason.keys()) & ~fresh.index.isin(copies.index)]
+    rest = fresh.drop(index=copies.index.union(known_bad.index))
+    unique, dups = split_duplicates(rest[["path", "sha256", "gray"]])
+    dups = pd.concat([dups, copies[["path", "sha256"]].assign(duplicate_of=copies["sha256"].map(original_of))],
+                     ignore_index=True)
     summary = {"at": datetime.now(UTC).isoformat(timespec="seconds"), "source": source.url,
-               "files": len(listing), "new": len(unique) + len(dups) + len(unreadable)}
+               "files": len(listing), "new": len(unique) + len(dups) + len(unreadable) + len(known_bad)}
     if summary["new"] == 0:
         logger.info("assign: nothing new among %d files", len(listing))
         return {**summary, "accepted": 0, "rejected": 0, "duplicates": 0, "seconds": round(time.perf_counter() - t0, 3)}
 
     images = open_array(store.images, so, mode="r+")
     pixels = PixelSpec.of_images(dict(images.attrs))
-    n_old = len(manifest)
+    start = int(manifest["index"].max()) + 1 if len(manifest) else 0  # rows of a crashed call are reused
     staging = Location(store.work("assign-staging.zarr"), so)
     info, _ = decode_into_staging(source, unique["path"].tolist(), staging, pixels, images.chunks[0], client)
     accepted_rows = np.flatnonzero(info["ok"].to_numpy(bool))
-    images.resize((n_old + len(accepted_rows), *images.shape[1:]))
-    compact_into(staging, Location(store.images, so), accepted_rows, n_old, client)
+    images.resize((start + len(accepted_rows), *images.shape[1:]))
+    compact_into(staging, Location(store.images, so), accepted_rows, start, client)
     remove(staging.url, so)
 
     model = RunModel.load(Location(store.model, so))
     batch_size = int(run.get("config", {}).get("batch_size", 256))
-    encode(store, model.ref, batch_size, client, start=n_old)
-    new = slice(n_old, n_old + len(accepted_rows))
+    encode(store, model.ref, batch_size, client, start=start)
+    new = slice(start, start + len(accepted_rows))
     labels, dist = model.predict(open_array(store.images, so)[new], open_array(store.codes, so)[new])
 
-    new_manifest, new_rejected = manifest_rows(unique, info, n_old)
-    new_rejected = pd.concat([new_rejected, unreadable[["path", "reason"]].assign(sha256=None)], ignore_index=True)
-    assignments = read_parquet(store.assignments, so).iloc[:n_old]
-    assignments = pd.concat([assignments, pd.DataFrame({
+    new_manifest, new_rejected = manifest_rows(unique, info, start)
+    new_rejected = pd.concat([new_rejected, unreadable.assign(sha256=None),
+                              known_bad[["path", "sha256"]].assign(reason=known_bad["sha256"].map(reject_reason))],
+                             ignore_index=True)[["path", "reason", "sha256"]]
+    # One table per path: a path classified now leaves whichever table held it before.
+    moved = set(new_manifest["path"]) | set(new_rejected["path"]) | set(dups["path"])
+    keep = lambda table: table[~table["path"].isin(moved)]  # noqa: E731
+    assignments = pd.concat([keep(assignments), pd.DataFrame({
         "path": new_manifest["path"].to_numpy(), "sha256": new_manifest["sha256"].to_numpy(),
         "cluster": labels, "distance": dist})], ignore_index=True)
     write_parquet(store.assignments, assignments, so)
-    write_parquet(store.rejected, pd.concat([rejected, new_rejected], ignore_index=True).drop_duplicates("path"), so)
-    write_parquet(store.duplicates, pd.concat([duplicates, dups], ignore_index=True).drop_duplicates("path"), so)
+    write_parquet(store.rejected, pd.concat([keep(rejected), new_rejected], ignore_index=True), so)
+    write_parquet(store.duplicates, pd.concat([keep(duplicates), dups], ignore_index=True), so)
     write_json(store.clusters, cluster_summaries(assignments), so)
-    write_parquet(store.manifest, pd.concat([manifest, new_manifest], ignore_index=True), so)
+    write_parquet(store.manifest, pd.concat([keep(manifest), new_manifest], ignore_index=True), so)
     summary.update(accepted=len(new_manifest), rejected=len(new_rejected), duplicates=len(dups),
                    clusters=np.bincount(labels, minlength=len(run.get("quality", {}).get("cluster_sizes", []))).tolist(),
                    seconds=round(time.perf_counter() - t0, 3))

@@ -52,6 +52,8 @@ def encode_chunk(store: RunStore, token: str, start: int, stop: int, batch_size:
     pixels = open_array(store.images, so)[start:stop]
     with torch_threads(worker_budget(threads) if device.type == "cpu" else torch.get_num_threads()):
         codes, sq, counted = encode_array(model, pixels, batch_size, device, mse_every, start)
+    if ledger is not None:
+        ledger.check_fence()
     open_array(store.codes, so, mode="r+")[start:stop] = codes
     if ledger is not None:
         ledger.mark(start, [sq, counted])

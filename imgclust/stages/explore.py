@@ -15,7 +15,7 @@ from imgclust.io.arrays import chunk_spans, create_array, open_array, read_rows
 from imgclust.io.imagefile import ImageRejected, decode_image
 from imgclust.io.storage import open_fs, read_json, read_parquet, write_bytes_atomic, write_json, write_parquet
 from imgclust.progress import track
-from imgclust.report.build import render_index
+from imgclust.report.build import image_rows, render_index
 from imgclust.report.figures import cluster_members, grid, png_bytes, to_rgb_thumbs
 from imgclust.runmodel import RunModel
 from imgclust.runstore import Location, RunStore
@@ -70,6 +70,9 @@ def nearest_neighbours(store: RunStore, image: str, k: int = 5, strip_url: str |
     model = RunModel.load(Location(store.model, so))
     q, qpix, self_index = query_code(store, model, image)
     q = model.standardise(q[None])[0]
+    path_at = dict(zip(manifest["index"].tolist(), manifest["path"]))
+    listed = np.zeros(codes.shape[0], bool)
+    listed[manifest["index"].to_numpy(np.int64)] = True
     best_d, best_i = np.full(0, np.inf), np.zeros(0, dtype=np.int64)
     spans = chunk_spans(codes.shape[0], codes.chunks[0])
     for a, b in track(spans, total=len(spans), desc="neighbors", unit="chunk"):
@@ -77,11 +80,12 @@ def nearest_neighbours(store: RunStore, image: str, k: int = 5, strip_url: str |
         idx = np.arange(a, b)
         if self_index is not None and a <= self_index < b:
             d[self_index - a] = np.inf
+        d[~listed[a:b]] = np.inf  # rows no manifest row points at (replaced by assign) are not images
         best_d, best_i = np.concatenate([best_d, d]), np.concatenate([best_i, idx])
         keep = np.argsort(best_d, kind="stable")[:k]
         best_d, best_i = best_d[keep], best_i[keep]
-    found = [Neighbour(str(manifest.loc[manifest["index"] == i, "path"].iloc[0]), float(dist))
-             for i, dist in zip(best_i, best_d) if np.isfinite(dist)]
+    found = [Neighbour(str(path_at[int(i)]), float(dist)) for i, dist in zip(best_i, best_d) if np.isfinite(dist)]
+    best_i = best_i[np.isfinite(best_d)]
     images = open_array(store.images, so)
     rows = read_rows(images, np.sort(best_i))[np.argsort(np.argsort(best_i))]
     strip = grid(to_rgb_thumbs(np.concatenate([qpix[None], rows]), 96), cols=len(found) + 1, pad=4)
@@ -113,8 +117,11 @@ def recluster(store: RunStore, cluster: int, n_clusters: int | None, seed: int, 
     sub = store.recluster(cluster)
     codes = open_array(store.codes, so)
     sub_codes = Location(sub.work("codes.zarr"), so)
-    create_array(sub_codes.url, (len(members), codes.shape[1]), codes.chunks[0], "float32", so)[:] = \
-        read_rows(codes, members)
+    rows = image_rows(store, assignments)[members]
+    order = np.argsort(rows, kind="stable")
+    subset = np.empty((len(members), codes.shape[1]), np.float32)
+    subset[order] = read_rows(codes, rows[order])
+    create_array(sub_codes.url, subset.shape, codes.chunks[0], "float32", so)[:] = subset
     embedding = run.get("resolved", {}).get("embedding", "none")
     fit = cluster_codes(sub_codes, sub, ClusterSettings(n_clusters, embedding, seed), client)
     RunModel(None, {}, fit.code_space, fit.placement).save(Location(sub.model, so))
@@ -137,6 +144,7 @@ def _recluster_report(store: RunStore, cluster: int, table: pd.DataFrame, member
     """``report/recluster-<c>.html``: one grid per subcluster, linked from the cluster's section."""
     so = store.storage_options
     images = open_array(store.images, so)
+    members = image_rows(store, read_parquet(store.assignments, so))[members]
     local = table.rename(columns={"cluster": "parent", "subcluster": "cluster"}).reset_index(drop=True)
     parts = []
     for s in summaries:

@@ -95,6 +95,8 @@ def ingest_shard(source: Location, paths: list[str], staging: Location, start: i
             continue
         block[i] = img.pixels
         meta.append((True, img.width, img.height, img.format, ""))
+    if ledger is not None:
+        ledger.check_fence()
     open_array(staging.url, staging.storage_options, mode="r+")[start:start + len(paths)] = block
     if ledger is not None:
         ledger.mark(start, meta)

@@ -24,7 +24,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from imgclust.io.storage import is_local, open_fs, read_json, write_json
+from imgclust.io.storage import add_write_fence, is_local, open_fs, read_json, remove_write_fence, write_json
 from imgclust.runstore import RunStore
 
 logger = logging.getLogger("imgclust")
@@ -46,7 +46,25 @@ def _describe(record: dict[str, Any], now: float) -> str:
 
 
 def _is_live(record: dict[str, Any]) -> bool:
+    """A holder is live while it renews, unless it is a process of this host that no longer exists."""
+    if holder_is_dead(str(record.get("owner", ""))):
+        return False
     return time.time() - float(record.get("heartbeat_at", 0)) <= float(record.get("ttl_s", 0))
+
+
+def holder_is_dead(owner: str) -> bool:
+    """True when ``owner`` (``host:pid:nonce``) names a process of this host that has exited."""
+    host, _, rest = owner.partition(":")
+    pid = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
 
 
 def _held(output: str, record: dict[str, Any]) -> LeaseHeld:
@@ -67,6 +85,7 @@ class Lease:
     lost: threading.Event = field(default_factory=threading.Event)
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
+    _last_renewed: float = 0.0
 
     def record(self) -> dict[str, Any]:
         return {"owner": self.owner, "purpose": self.purpose, "acquired_at": self.acquired_at,
@@ -82,31 +101,54 @@ class Lease:
         """Write a fresh heartbeat, unless someone else took the lease, which marks it lost."""
         current = self._current()
         if current is None or current.get("owner") != self.owner:
-            if not self.lost.is_set():
-                logger.error("lease on %s was taken over by %s; this run stops writing", self.url,
-                             (current or {}).get("owner", "nobody (file removed)"))
-            self.lost.set()
+            self._lose(f"taken over by {(current or {}).get('owner', 'nobody (file removed)')}")
             return
-        write_json(self.url, self.record(), self.storage_options)
+        write_json(self.url, self.record(), self.storage_options, fenced=False)
+        self._last_renewed = time.monotonic()
+
+    def _lose(self, why: str) -> None:
+        if not self.lost.is_set():
+            logger.error("lease on %s lost (%s); this run stops writing", self.url, why)
+        self.lost.set()
 
     def check(self) -> None:
-        """Raise between stages when the lease was lost, so no more output is written."""
+        """Raise when the lease was lost, so no more output is written."""
         if self.lost.is_set():
-            raise LeaseLost(f"the lease on {self.url} was taken over by another run; stopped")
+            raise LeaseLost(f"the lease on {self.url} was lost (taken over by another run, or not renewed "
+                            "for its whole lifetime); stopped")
+
+    def fence(self, url: str) -> None:
+        """The write fence of this lease: writes under its output are refused once it is lost."""
+        if self.lost.is_set() and (url == self.root or url.startswith(self.root + "/")):
+            self.check()
+
+    @property
+    def root(self) -> str:
+        return self.url.rsplit("/", 1)[0]
 
     def start(self) -> Lease:
+        self._last_renewed = time.monotonic()
+        add_write_fence(self.fence)
+        _HELD[self.root] = self
+
         def beat() -> None:
             while not self._stop.wait(self.ttl / 4):
                 try:
                     self.renew()
-                except Exception as exc:  # a storage hiccup: try again at the next beat
-                    logger.warning("lease heartbeat failed: %s", exc)
+                except Exception as exc:  # a storage hiccup: try again at the next beat, up to the ttl
+                    silent = time.monotonic() - self._last_renewed
+                    logger.warning("lease heartbeat failed (%.0f s without renewal): %s", silent, exc)
+                    if silent >= self.ttl:  # others may now take it: stop writing
+                        self._lose(f"not renewed for {silent:.0f} s")
 
         self._thread = threading.Thread(target=beat, name="imgclust-lease", daemon=True)
         self._thread.start()
         return self
 
     def release(self) -> None:
+        remove_write_fence(self.fence)
+        if _HELD.get(self.root) is self:
+            del _HELD[self.root]
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
@@ -120,6 +162,29 @@ class Lease:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+_HELD: dict[str, Lease] = {}  # output URL -> the lease this process holds on it
+
+
+def held_lease(store: RunStore) -> tuple[str, str] | None:
+    """(lease file URL, owner) of the lease this process holds on ``store``, if any: what workers
+    compare the lease file with before they write (``ShardLedger.check_fence``)."""
+    lease = _HELD.get(store.lease.rsplit("/", 1)[0])
+    return (lease.url, lease.owner) if lease is not None else None
+
+
+def verify_owner(lease_url: str, owner: str, storage_options: dict[str, Any]) -> None:
+    """Raise ``LeaseLost`` unless ``owner`` still holds the lease at ``lease_url`` (run on workers)."""
+    try:
+        current = read_json(lease_url, storage_options)
+    except FileNotFoundError:
+        current = None
+    except ValueError:  # being rewritten this instant: the next check decides
+        return
+    if current is None or current.get("owner") != owner:
+        raise LeaseLost(f"the lease on {lease_url} is now held by "
+                        f"{(current or {}).get('owner', 'nobody')}; this run's worker stops writing")
 
 
 def _create_exclusive(url: str, data: bytes) -> bool:
@@ -169,7 +234,7 @@ def acquire_lease(store: RunStore, purpose: str, ttl: float = 120.0, force: bool
             raise _held(output, current)
         logger.warning("taking over the %s lease of %s", "forced" if live else "expired",
                        _describe(current, time.time()))
-    write_json(url, lease.record(), so)
+    write_json(url, lease.record(), so, fenced=False)
     time.sleep(settle)  # a takeover or an object store: last writer wins, so check it was us
     holder = read_json(url, so)
     if holder.get("owner") != owner:

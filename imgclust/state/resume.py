@@ -29,13 +29,24 @@ class ShardLedger:
     """
 
     def __init__(self, store: RunStore, stage: str, key: str):
+        from imgclust.state.lease import held_lease
+
         self.stage, self.key = stage, key
         self.url = store.resume(f"{stage}-{key[:16]}")
         self.parent = store.resume()
         self.storage_options = dict(store.storage_options)
+        self.fence = held_lease(store)  # (lease URL, owner) when this process writes under a lease
+
+    def check_fence(self) -> None:
+        """On a worker, before it writes: stop when the run's lease is held by someone else now."""
+        if self.fence is not None:
+            from imgclust.state.lease import verify_owner
+
+            verify_owner(*self.fence, self.storage_options)
 
     def mark(self, name: int | str, payload: Any) -> None:
         """Record ``name`` (a shard's start row, or a batch's fingerprint) as finished."""
+        self.check_fence()
         label = f"{name:012d}" if isinstance(name, int) else name
         write_json(join(self.url, f"{label}.json"), payload, self.storage_options)
 
