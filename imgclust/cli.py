@@ -306,14 +306,14 @@ def cmd_assign(ns: argparse.Namespace) -> int:
 
     from imgclust.config import AssignConfig, split_credentials
 
+    if missing := _finished_run_missing(ns):
+        return _fail(missing)
     public, secret = split_credentials(ns.storage_options or {})
     try:
         cfg = AssignConfig(run_dir=ns.run_dir, source=ns.source, storage_options=public,
                            dask_address=ns.dask_address, **_lease_settings(ns)).with_credentials(secret)
     except ValidationError as exc:
         return _fail(_validation_message(exc))
-    if missing := _finished_run_missing(ns):
-        return _fail(missing)
     from imgclust.stages.discover import list_images
 
     try:

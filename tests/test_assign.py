@@ -30,7 +30,8 @@ def test_assign_new_images_to_a_finished_run(finished_run, tmp_path):
 
     r = imgclust("assign", str(run), str(new))
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "7 new files of 7" not in r.stdout and "6 new files of 7: 4 assigned, 1 rejected, 1 duplicates" in r.stdout
+    # already-known.png holds content the run has under another path: a duplicate of that path
+    assert "7 new files of 7: 4 assigned, 1 rejected, 2 duplicates" in r.stdout, r.stdout
     manifest = pd.read_parquet(run / "manifest.parquet")
     after = pd.read_parquet(run / "assignments.parquet")
     n_old = counts["accepted"]
@@ -40,9 +41,10 @@ def test_assign_new_images_to_a_finished_run(finished_run, tmp_path):
     assert sorted(after["path"].iloc[n_old:]) == [f"day2/bar{i}.png" for i in range(4)]
     assert set(after["cluster"].iloc[n_old:]) <= set(before["cluster"])
     assert open_array(str(run / "images.zarr")).shape[0] == open_array(str(run / "codes.zarr")).shape[0] == n_old + 4
-    dups = pd.read_parquet(run / "duplicates.parquet")
-    assert dups.iloc[-1].to_dict() == {"path": "day2/zcopy.png", "sha256": manifest["sha256"].iloc[n_old],
-                                       "duplicate_of": "day2/bar0.png"}
+    dups = pd.read_parquet(run / "duplicates.parquet").set_index("path")
+    assert dups.loc["day2/zcopy.png"].to_dict() == {"sha256": manifest["sha256"].iloc[n_old],
+                                                    "duplicate_of": "day2/bar0.png"}
+    assert dups.loc["day2/already-known.png", "duplicate_of"] == first
     rejected = pd.read_parquet(run / "rejected.parquet")
     assert "day2/broken.jpg" in set(rejected["path"])
     clusters = json.loads((run / "clusters.json").read_text())
