@@ -164,8 +164,10 @@ def manifest_rows(unique: pd.DataFrame, info: pd.DataFrame, start: int) -> tuple
 
 def ingest_key(unique: pd.DataFrame, pixels: PixelSpec, shard_size: int) -> str:
     """Identity of an ingest: every (path, content) pair plus the settings that shape the pixels."""
-    listing = hashlib.sha256("\n".join(unique["path"] + "\t" + unique["sha256"]).encode()).hexdigest()
-    return fingerprint("ingest", listing, list(pixels.size), pixels.gray, pixels.fit, shard_size)
+    digest = hashlib.sha256()  # of "path\tsha256" lines joined by newlines, fed row by row
+    for i, (path, sha) in enumerate(zip(unique["path"], unique["sha256"])):
+        digest.update((f"\n{path}\t{sha}" if i else f"{path}\t{sha}").encode())
+    return fingerprint("ingest", digest.hexdigest(), list(pixels.size), pixels.gray, pixels.fit, shard_size)
 
 
 def finished_ingest(store: RunStore, key: str) -> Ingest | None:
