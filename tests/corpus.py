@@ -63,3 +63,25 @@ def make_corpus(root: Path, n_good: int = 60) -> dict[str, int]:
     rejected, duplicates = 5, 3
     return {"found": n_good + rejected + duplicates, "duplicates": duplicates, "rejected": rejected,
             "accepted": n_good}
+
+
+def start_run_until_training(tmp_path: Path) -> tuple[object, Path]:
+    """A real ``imgclust run`` on 300 digits, returned (process, log) once it has started training."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i, img in enumerate(digit_images(300)[0]):
+        Image.fromarray(img).save(src / f"{i:03d}.png")
+    log = tmp_path / "log.txt"
+    with open(log, "w") as fh:
+        proc = subprocess.Popen([sys.executable, "-m", "imgclust.cli", "run", str(src), str(tmp_path / "out"), "-k",
+                                 "3", "--no-progress"], stdout=fh, stderr=subprocess.STDOUT, env=os.environ.copy())
+    deadline = time.monotonic() + 300
+    while "train:" not in log.read_text():
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.5)
+    return proc, log

@@ -5,9 +5,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -176,21 +173,9 @@ def test_output_inside_source_however_spelled_is_refused(tmp_path):
 
 
 def test_a_killed_run_leaves_no_server_or_worker_behind(tmp_path):
-    from tests.corpus import digit_images
+    from tests.corpus import start_run_until_training
 
-    src = tmp_path / "src"
-    src.mkdir()
-    for i, img in enumerate(digit_images(300)[0]):
-        Image.fromarray(img).save(src / f"{i:03d}.png")
-    log = tmp_path / "log.txt"
-    with open(log, "w") as fh:
-        proc = subprocess.Popen([sys.executable, "-m", "imgclust.cli", "run", str(src), str(tmp_path / "out"),
-                                 "-k", "3", "--no-progress"], stdout=fh, stderr=subprocess.STDOUT,
-                                env=os.environ.copy())
-    deadline = time.monotonic() + 300
-    while "train:" not in log.read_text():
-        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
-        time.sleep(0.5)
+    proc, _ = start_run_until_training(tmp_path)
     helpers = [p for p in psutil.Process(proc.pid).children(recursive=True)]
     assert any("uvicorn" in " ".join(p.cmdline()) for p in helpers)  # Prefect's temporary server
     os.kill(proc.pid, signal.SIGKILL)

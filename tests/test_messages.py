@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import socket
@@ -90,22 +89,10 @@ def test_as_many_clusters_as_images_runs_to_the_end(tmp_path):
 
 
 def test_ctrl_c_says_how_to_resume_and_leaves_no_server_behind(tmp_path):
-    from tests.corpus import digit_images
+    from tests.corpus import start_run_until_training
 
-    src = tmp_path / "src"
-    src.mkdir()
-    for i, img in enumerate(digit_images(300)[0]):
-        Image.fromarray(img).save(src / f"{i:03d}.png")
-    out = tmp_path / "out"
-    log = tmp_path / "log.txt"
-    with open(log, "w") as fh:
-        proc = subprocess.Popen([sys.executable, "-m", "imgclust.cli", "run", str(src), str(out), "-k", "3",
-                                 "--no-progress"], stdout=fh, stderr=subprocess.STDOUT, env=os.environ.copy())
+    proc, log = start_run_until_training(tmp_path)
     try:
-        deadline = time.monotonic() + 300
-        while "train:" not in log.read_text():
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(0.5)
         children = psutil.Process(proc.pid).children(recursive=True)
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=120) == 130, log.read_text()[-3000:]
