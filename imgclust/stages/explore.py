@@ -134,22 +134,22 @@ def recluster(store: RunStore, cluster: int, n_clusters: int | None, seed: int, 
     write_parquet(sub.assignments, table, so)
     summaries = cluster_summaries(table.rename(columns={"cluster": "parent", "subcluster": "cluster"}))
     write_json(sub.clusters, summaries, so)
-    report_url = _recluster_report(store, cluster, table, members, summaries, seed)
+    report_url = _recluster_report(store, cluster, table, rows, summaries, seed)
     logger.info("recluster: cluster %d (%d images) -> %d subclusters", cluster, len(members), len(summaries))
     return Reclustered(sub.url, [s["size"] for s in summaries], report_url)
 
 
-def _recluster_report(store: RunStore, cluster: int, table: pd.DataFrame, members: np.ndarray,
+def _recluster_report(store: RunStore, cluster: int, table: pd.DataFrame, rows: np.ndarray,
                       summaries: list[dict[str, Any]], seed: int) -> str:
-    """``report/recluster-<c>.html``: one grid per subcluster, linked from the cluster's section."""
+    """``report/recluster-<c>.html``: one grid per subcluster (``rows``: images.zarr row of each
+    member), linked from the cluster's section."""
     so = store.storage_options
     images = open_array(store.images, so)
-    members = image_rows(store, read_parquet(store.assignments, so))[members]
     local = table.rename(columns={"cluster": "parent", "subcluster": "cluster"}).reset_index(drop=True)
     parts = []
     for s in summaries:
         near, rand = cluster_members(local, s["id"], seed)
-        idx = members[np.concatenate([near, rand]).astype(int)]
+        idx = rows[np.concatenate([near, rand]).astype(int)]
         name = f"recluster-{cluster}-{s['id']}.png"
         write_bytes_atomic(store.report_file(name), png_bytes(grid(to_rgb_thumbs(read_rows(images, np.sort(idx))))), so)
         parts.append(f'<section id="subcluster-{s["id"]}"><h2>Subcluster {cluster}.{s["id"]} <small>{s["size"]} '
