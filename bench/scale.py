@@ -132,7 +132,7 @@ def pillow_decode(path: Path) -> np.ndarray:
 
 def decode_loops(files: list[Path]) -> dict[str, dict[str, float]]:
     """Images/s (wall and CPU) of three per-file loops, interleaved in 4 rounds against noise."""
-    from imgclust.imagefile import decode_image, probe_is_gray
+    from imgclust.io.imagefile import decode_image, probe_is_gray
 
     loops = {
         "pillow": lambda p: pillow_decode(p),

@@ -50,6 +50,9 @@ def _add_run_parser(sub: argparse._SubParsersAction) -> None:
                    "grayscale (default auto)")
     p.add_argument("--fit", choices=["crop", "pad"], help="crop = centre-crop to the target aspect, pad = "
                    "letterbox on black (default crop)")
+    p.add_argument("--max-megapixels", type=float, help="largest decode accepted, in megapixels held in memory; "
+                   "JPEGs count at the reduced scale they decode at, so a 144 MP photo passes for small image "
+                   "sizes (default 89.5, Pillow's own ceiling)")
     p.add_argument("--preset", choices=list(PRESETS), help="model preset (default: default). " + " | ".join(
         f"{k}: {v.description}" for k, v in PRESETS.items()))
     default = PRESETS["default"]

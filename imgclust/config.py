@@ -11,6 +11,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
+from imgclust.io.imagefile import DEFAULT_MAX_MEGAPIXELS
 from imgclust.presets import PRESETS
 from imgclust.runstore import Location, RunStore
 
@@ -99,6 +100,10 @@ class RunConfig(FlowConfig):
         default="auto", description="Channels: rgb, gray, or auto (gray when every sampled image is grayscale).")
     fit: Literal["crop", "pad"] = Field(
         default="crop", description="crop: centre-crop to the target aspect; pad: letterbox on black.")
+    max_megapixels: float = Field(
+        default=DEFAULT_MAX_MEGAPIXELS, gt=0, le=10_000,
+        description="Largest decode accepted, in megapixels held in memory; a JPEG counts at the reduced scale "
+        "it is decoded at (a 144 MP photo decodes at 2.3 MP for 32x32). Larger images are rejected with their size.")
     preset: str = Field(default="default", description="Model preset: " + ", ".join(PRESETS))
     epochs: int | None = Field(
         default=None, ge=1, le=10_000,

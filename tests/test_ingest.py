@@ -25,8 +25,8 @@ def test_ingest_accounts_for_every_file(corpus, client, tmp_path):
     reasons = dict(zip(rejected["path"], rejected["reason"]))
     assert reasons["broken/deeper/empty.png"] == "empty file (0 bytes)"
     assert reasons["broken/deeper/notes.jpg"] == "not a recognised image format"
-    assert "decompression-bomb" in reasons["broken/deeper/huge.png"]
-    assert "decompression-bomb" in reasons["broken/deeper/warn-range.png"]
+    assert "too large to decode: 100000x100000 pixels" in reasons["broken/deeper/huge.png"]
+    assert "above the limit of 89.5" in reasons["broken/deeper/warn-range.png"]
     assert "truncated" in reasons["broken/deeper/truncated.jpg"]
     images = open_array(f"{out}/images.zarr")
     assert images.shape == (counts["accepted"], 3, 20, 20) and images.dtype == np.uint8
@@ -57,3 +57,22 @@ def test_without_rejects_the_staging_array_is_moved_into_place(tmp_path, client)
     assert images.attrs["color"] == "gray" and images.attrs["ingest_key"] == ing.key
     expected = np.array([7 * int(p[:2]) for p in manifest["path"]])
     assert (images[:].reshape(37, -1) == expected[:, None]).all()
+
+
+def test_the_decode_limit_reaches_the_workers_and_is_recorded(tmp_path, client):
+    """``--max-megapixels`` is a setting of the run: workers reject above it, ``assign`` reads it back."""
+    from PIL import Image
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(5):
+        Image.fromarray(np.full((12, 12), 9 * i + 1, np.uint8), "L").save(src / f"{i}.png")
+    Image.fromarray(np.full((40, 40), 200, np.uint8), "L").save(src / "big.png")  # 1,600 pixels
+    out = str(tmp_path / "out")
+    discover(Location(str(src)), RunStore(out), client)
+    spec = PixelSpec((8, 8), True, "crop", max_megapixels=0.001)
+    ingest(Location(str(src)), RunStore(out), spec, 16, client)
+    rejected = read_parquet(f"{out}/rejected.parquet")
+    assert rejected["path"].tolist() == ["big.png"]
+    assert "40x40 pixels is 0.0 megapixels, above the limit of 0.001" in rejected["reason"].iloc[0]
+    assert PixelSpec.of_images(dict(open_array(f"{out}/images.zarr").attrs)) == spec

@@ -80,12 +80,46 @@ def test_truncated_jpeg_gets_pillows_reason():
         decode_image(cut, (8, 8), gray=False)
 
 
-def test_huge_jpeg_is_left_to_pillows_bomb_check(monkeypatch):
+def test_a_decode_above_the_limit_is_left_to_pillow_which_words_the_rejection():
     data = jpeg_bytes(photo(200, 100))
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100 * 100)
-    assert jpeg.decode_jpeg_scaled(data, False, lambda *_: (8, 8)) is None
-    with pytest.raises(ImageRejected, match="decompression-bomb"):
-        decode_image(data, (8, 8), gray=False)
+    assert jpeg.decode_jpeg_scaled(data, False, lambda *_: (200, 100), max_pixels=100 * 100) is None
+    with pytest.raises(ImageRejected, match=r"too large to decode: 200x100 pixels is 0.0 megapixels.*--max-megapixels"):
+        decode_image(data, (100, 200), gray=False, max_pixels=100 * 100)
+
+
+def test_the_limit_counts_the_pixels_a_jpeg_decodes_at_not_its_stored_size():
+    data = jpeg_bytes(photo(400, 400))  # 0.16 MP stored; an 8x8 target decodes it at 1/8 scale (50x50)
+    assert decode_image(data, (8, 8), gray=False, max_pixels=50 * 50).pixels.shape == (3, 8, 8)
+    with pytest.raises(ImageRejected, match="decoded at 100x100"):
+        decode_image(data, (90, 90), gray=False, max_pixels=50 * 50)
+
+
+def test_a_144_megapixel_jpeg_decodes_in_bounded_memory():
+    """12,000 x 12,000 pixels, above Pillow's own 89.5 MP ceiling: decoded at 1/8 scale (2.25 MP)."""
+    big = Image.new("L", (12_000, 12_000), 90)
+    buf = io.BytesIO()
+    big.save(buf, "JPEG", quality=50)
+    del big
+    out = decode_image(buf.getvalue(), (32, 32), gray=True)
+    assert (out.width, out.height) == (12_000, 12_000)
+    assert abs(int(out.pixels.mean()) - 90) <= 2
+
+
+@pytest.mark.parametrize("progressive", [False, True])
+def test_a_jpeg_missing_only_its_end_marker_is_decoded(progressive):
+    data = jpeg_bytes(photo(96, 64), progressive=progressive)
+    assert data.endswith(b"\xff\xd9")
+    whole = decode_image(data, (16, 16), gray=False)
+    cut = decode_image(data[:-2], (16, 16), gray=False)
+    np.testing.assert_array_equal(cut.pixels, whole.pixels)
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.9, 0.99])
+def test_a_jpeg_cut_inside_its_pixels_stays_rejected(keep):
+    data = jpeg_bytes(photo(96, 64))
+    assert jpeg.with_end_marker(data[: int(len(data) * keep)]) is None
+    with pytest.raises(ImageRejected, match="truncated|corrupt"):
+        decode_image(data[: int(len(data) * keep)], (16, 16), gray=False)
 
 
 @pytest.mark.parametrize("orientation", range(1, 9))

@@ -9,7 +9,13 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from imgclust.io.jpeg import decode_jpeg_scaled, jpeg_is_gray
+from imgclust.io.jpeg import decode_jpeg_scaled, jpeg_is_gray, with_end_marker
+
+# Pillow's own ceiling (89.5 MP, judged on the stored size) would refuse a 144 MP JPEG that draft
+# mode decodes at an eighth of its size. imgclust judges the pixels a decode really holds instead
+# (``max_pixels`` of ``decode_image``), before any of them are decoded.
+Image.MAX_IMAGE_PIXELS = None
+DEFAULT_MAX_MEGAPIXELS = 89.5
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 GRAY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F", "La"}
@@ -91,48 +97,74 @@ def _fit(arr: np.ndarray, orientation: int, size: tuple[int, int], fit: str) -> 
     return arr
 
 
-def _decode_with_pillow(data: bytes, size: tuple[int, int], gray: bool, fit: str) -> tuple[np.ndarray, int, int, str]:
+def _check_pixels(width: int, height: int, max_pixels: int, stored: tuple[int, int]) -> None:
+    if width * height > max_pixels:
+        scaled = "" if (width, height) == stored else f", decoded at {width}x{height}"
+        raise ImageRejected(f"too large to decode: {stored[0]}x{stored[1]} pixels{scaled} is "
+                            f"{width * height / 1e6:.1f} megapixels, above the limit of {max_pixels / 1e6:g} "
+                            "(raise it with --max-megapixels)")
+
+
+def _decode_with_pillow(data: bytes, size: tuple[int, int], gray: bool, fit: str,
+                        max_pixels: int) -> tuple[np.ndarray, int, int, str]:
     with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         with Image.open(io.BytesIO(data)) as im:
             fmt = im.format or "unknown"
             width, height = im.size
             if width < 1 or height < 1:
                 raise ImageRejected(f"image has no pixels ({width}x{height})")
+            if fmt != "JPEG":  # no reduced-scale decode: the stored size is what load() would hold
+                _check_pixels(width, height, max_pixels, (width, height))
             try:
                 im.seek(0)
             except EOFError:
                 pass
             orientation = im.getexif().get(0x0112, 1) if hasattr(im, "getexif") else 1
-            if fmt == "JPEG":
+            if fmt == "JPEG":  # decodes at 1/2, 1/4 or 1/8 scale where that still covers the target
                 im.draft("L" if gray else "RGB", _draft_need(width, height, orientation, size, fit))
+                _check_pixels(*im.size, max_pixels, (width, height))  # before a single pixel is decoded
             im.load()
             arr = np.asarray(_to_mode(im, gray), dtype=np.uint8)
     return _fit(arr, orientation, size, fit), width, height, fmt
 
 
-def decode_image(data: bytes, size: tuple[int, int], gray: bool, fit: str = "crop") -> DecodedImage:
+def decode_image(data: bytes, size: tuple[int, int], gray: bool, fit: str = "crop",
+                 max_pixels: int = int(DEFAULT_MAX_MEGAPIXELS * 1e6)) -> DecodedImage:
     """Decode ``data`` to (C, H, W) uint8 at ``size`` = (height, width).
 
     EXIF orientation is applied; animated images give their first frame; JPEGs are decoded at a
     reduced scale when that still covers the target (draft mode), which is much faster, and
     through libjpeg-turbo directly where that gives the same pixels (``imgclust.jpeg``).
     ``fit="crop"`` centre-crops to the target aspect, ``fit="pad"`` letterboxes on black.
+    ``max_pixels`` bounds the pixels a decode holds in memory (a JPEG counts at its draft scale).
+    A JPEG that lacks only its two-byte end marker, all its pixels present, is decoded as if it
+    had one; truncated image data is rejected.
     Raises ``ImageRejected`` with a readable reason for anything that cannot be decoded.
     """
     if not data:
         raise ImageRejected("empty file (0 bytes)")
-    fast = decode_jpeg_scaled(data, gray, lambda w, h, o: _draft_need(w, h, o, size, fit))
+    try:
+        return _decode(data, size, gray, fit, max_pixels)
+    except ImageRejected as exc:
+        if not str(exc).startswith("truncated"):
+            raise
+        whole = with_end_marker(data)
+        if whole is None:
+            raise
+        return _decode(whole, size, gray, fit, max_pixels)
+
+
+def _decode(data: bytes, size: tuple[int, int], gray: bool, fit: str, max_pixels: int) -> DecodedImage:
+    fast = decode_jpeg_scaled(data, gray, lambda w, h, o: _draft_need(w, h, o, size, fit), max_pixels)
     if fast is not None:
         arr, width, height, orientation = fast
         arr, fmt = _fit(arr, orientation, size, fit), "JPEG"
     else:
         try:
-            arr, width, height, fmt = _decode_with_pillow(data, size, gray, fit)
+            arr, width, height, fmt = _decode_with_pillow(data, size, gray, fit, max_pixels)
         except ImageRejected:
             raise
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-            raise ImageRejected(f"too large to decode safely (decompression-bomb limit): {exc}") from None
         except UnidentifiedImageError:
             raise ImageRejected("not a recognised image format") from None
         except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, KeyError,

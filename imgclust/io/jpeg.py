@@ -13,14 +13,13 @@ import struct
 from collections.abc import Callable
 
 import numpy as np
-from PIL import Image
 
 try:  # an optional accelerator: without it every JPEG goes through Pillow
     import simplejpeg
 except ImportError:  # pragma: no cover - depends on the installation
     simplejpeg = None
 
-_SOI = b"\xff\xd8"
+_SOI, _EOI = b"\xff\xd8", b"\xff\xd9"
 _FAST_COLORSPACES = {"YCbCr", "Gray"}
 
 
@@ -86,12 +85,30 @@ def pillow_draft_size(width: int, height: int, need: tuple[int, int]) -> tuple[i
     return (width + s - 1) // s, (height + s - 1) // s
 
 
-def decode_jpeg_scaled(data: bytes, gray: bool,
-                       need_for: Callable[[int, int, int], tuple[int, int]]) -> tuple[np.ndarray, int, int, int] | None:
+def with_end_marker(data: bytes) -> bytes | None:
+    """``data`` with the end-of-image marker it lacks, when all its pixels are there; else None.
+
+    Writers cut off mid-flush often lose exactly these two bytes. libjpeg-turbo's strict decode of
+    the completed stream fails on any missing image data ("premature end of data segment"), so a
+    file truncated inside its pixels is never mistaken for one that lost only its marker.
+    """
+    if simplejpeg is None or not is_jpeg(data) or data.endswith(_EOI):
+        return None
+    whole = data + _EOI
+    try:
+        simplejpeg.decode_jpeg(whole, colorspace="GRAY", min_width=1, min_height=1, strict=True)
+    except (ValueError, MemoryError):
+        return None
+    return whole
+
+
+def decode_jpeg_scaled(data: bytes, gray: bool, need_for: Callable[[int, int, int], tuple[int, int]],
+                       max_pixels: int | None = None) -> tuple[np.ndarray, int, int, int] | None:
     """(H, W[, 3]) uint8 decoded at Pillow's draft scale, the stored width and height, and the EXIF
     orientation; None when Pillow should decode this file instead.
 
-    ``need_for(width, height, orientation)`` gives the (width, height) the draft must cover.
+    ``need_for(width, height, orientation)`` gives the (width, height) the draft must cover; a
+    decode above ``max_pixels`` is left to Pillow's path, which words the rejection.
     """
     if simplejpeg is None or not is_jpeg(data):
         return None
@@ -99,12 +116,12 @@ def decode_jpeg_scaled(data: bytes, gray: bool,
         height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
         if colorspace not in _FAST_COLORSPACES or width < 1 or height < 1:
             return None
-        if Image.MAX_IMAGE_PIXELS is not None and width * height > Image.MAX_IMAGE_PIXELS:
-            return None  # Pillow's decompression-bomb check words the rejection
         orientation = exif_orientation(data)
         if orientation is None:
             return None
         dw, dh = pillow_draft_size(width, height, need_for(width, height, orientation))
+        if max_pixels is not None and dw * dh > max_pixels:
+            return None
         arr = simplejpeg.decode_jpeg(data, colorspace="GRAY" if gray else "RGB", min_width=dw, min_height=dh)
     except (ValueError, MemoryError):  # corrupt, truncated, or a warning under strict mode
         return None

@@ -12,7 +12,7 @@ import pandas as pd
 from distributed import Client
 
 from imgclust.io.arrays import chunk_spans, create_array, open_array, read_rows
-from imgclust.io.imagefile import ImageRejected, decode_image
+from imgclust.io.imagefile import ImageRejected
 from imgclust.io.storage import open_fs, read_json, read_parquet, write_bytes_atomic, write_json, write_parquet
 from imgclust.progress import track
 from imgclust.report.build import image_rows, render_index
@@ -51,7 +51,7 @@ def query_code(store: RunStore, model: RunModel, image: str) -> tuple[np.ndarray
         raise FileNotFoundError(f"{image} is neither a path of the run nor a readable file")
     spec = PixelSpec.of_images(dict(images.attrs))
     try:
-        pixels = decode_image(fs.cat(path), spec.size, spec.gray, spec.fit).pixels
+        pixels = spec.decode(fs.cat(path)).pixels
     except ImageRejected as exc:
         raise ValueError(f"{image}: {exc}") from None
     return model.encode(pixels[None], 1)[0].astype(np.float64), pixels, None

@@ -13,7 +13,7 @@ from distributed import Client
 
 from imgclust.dask_cluster import completed
 from imgclust.io.arrays import aligned_spans, chunk_spans, create_array, open_array, open_if_exists
-from imgclust.io.imagefile import ImageRejected, decode_image
+from imgclust.io.imagefile import DEFAULT_MAX_MEGAPIXELS, DecodedImage, ImageRejected, decode_image
 from imgclust.io.listing import source_path
 from imgclust.io.storage import exists, move_tree, read_files, read_parquet, remove, unreadable_reason, write_parquet
 from imgclust.progress import track
@@ -27,24 +27,35 @@ STAGING = "staging.zarr"  # under _work/: decoded shards before compaction
 
 @dataclass(frozen=True)
 class PixelSpec:
-    """How files become pixels: target (height, width), grayscale or RGB, crop or pad."""
+    """How files become pixels: target (height, width), grayscale or RGB, crop or pad, and the largest
+    decode accepted (megapixels held in memory)."""
 
     size: tuple[int, int]
     gray: bool
     fit: str = "crop"
+    max_megapixels: float = DEFAULT_MAX_MEGAPIXELS
 
     @property
     def channels(self) -> int:
         return 1 if self.gray else 3
 
+    @property
+    def max_pixels(self) -> int:
+        return int(self.max_megapixels * 1e6)
+
+    def decode(self, data: bytes) -> DecodedImage:
+        """``data`` decoded as this spec says; raises ``ImageRejected`` with the reason."""
+        return decode_image(data, self.size, self.gray, self.fit, self.max_pixels)
+
     def attributes(self) -> dict[str, Any]:
         """What images.zarr records of it (``assign`` decodes new files the same way)."""
         return {"color": "gray" if self.gray else "rgb", "height": self.size[0], "width": self.size[1],
-                "fit": self.fit}
+                "fit": self.fit, "max_megapixels": self.max_megapixels}
 
     @classmethod
     def of_images(cls, attrs: dict[str, Any]) -> PixelSpec:
-        return cls((int(attrs["height"]), int(attrs["width"])), attrs["color"] == "gray", attrs.get("fit", "crop"))
+        return cls((int(attrs["height"]), int(attrs["width"])), attrs["color"] == "gray", attrs.get("fit", "crop"),
+                   float(attrs.get("max_megapixels", DEFAULT_MAX_MEGAPIXELS)))
 
 
 @dataclass(frozen=True)
@@ -89,7 +100,7 @@ def ingest_shard(source: Location, paths: list[str], staging: Location, start: i
             meta.append((False, 0, 0, "", unreadable_reason(data)))
             continue
         try:
-            img = decode_image(data, pixels.size, pixels.gray, pixels.fit)
+            img = pixels.decode(data)
         except ImageRejected as exc:
             meta.append((False, 0, 0, "", str(exc)))
             continue
@@ -167,7 +178,8 @@ def ingest_key(unique: pd.DataFrame, pixels: PixelSpec, shard_size: int) -> str:
     digest = hashlib.sha256()  # of "path\tsha256" lines joined by newlines, fed row by row
     for i, (path, sha) in enumerate(zip(unique["path"], unique["sha256"])):
         digest.update((f"\n{path}\t{sha}" if i else f"{path}\t{sha}").encode())
-    return fingerprint("ingest", digest.hexdigest(), list(pixels.size), pixels.gray, pixels.fit, shard_size)
+    return fingerprint("ingest", digest.hexdigest(), list(pixels.size), pixels.gray, pixels.fit,
+                       pixels.max_megapixels, shard_size)
 
 
 def finished_ingest(store: RunStore, key: str) -> Ingest | None:
