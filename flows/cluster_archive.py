@@ -20,6 +20,7 @@ from imgclust.presets import PRESETS, auto_epochs
 from imgclust.stages.cluster import ClusterSettings
 from imgclust.stages.ingest import PixelSpec, too_few_images
 from imgclust.stages.publish import write_run_record
+from imgclust.stages.train import check_training_device
 from imgclust.state.lease import Lease, acquire_lease
 from tasks.cluster import cluster_task
 from tasks.discover import discover_task
@@ -67,6 +68,10 @@ def _stages(config: RunConfig, lease: Lease) -> dict[str, Any]:
     with dask_client(config.dask_address, config.n_workers, config.dask_cluster_class,
                      config.dask_cluster_kwargs) as client:
         address = client.scheduler.address
+        try:
+            check_training_device(client, config.device)
+        except ValueError as exc:
+            raise ConfigError("device", str(exc)) from None
         with _timed(sec, "discover"):
             found = discover_task(source, store, address)
         if config.n_clusters is not None and config.n_clusters > found.n_unique:

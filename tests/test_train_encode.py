@@ -133,3 +133,23 @@ def test_weights_do_not_depend_on_torch_threads_set_earlier_in_the_process(tmp_p
     finally:
         torch.set_num_threads(before)
     assert a.weights_sha256 == b.weights_sha256
+
+
+def test_cuda_is_checked_where_training_will_run():
+    """A cluster whose GPU workers have no CUDA fails before any work, naming them; so does a
+    cluster without GPU workers on a machine without CUDA (training then runs in this process)."""
+    import pytest
+    from distributed import Client, LocalCluster
+
+    from imgclust.stages.train import check_training_device
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, resources={"GPU": 1},
+                      dashboard_address=None) as cluster, Client(cluster, set_as_default=False) as client:
+        check_training_device(client, "auto")
+        with pytest.raises(ValueError, match=r"workers that declare a GPU resource \(.+\) have no CUDA device"):
+            check_training_device(client, "cuda")
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster, \
+            Client(cluster, set_as_default=False) as client, pytest.raises(ValueError, match="no worker declares a GPU resource"):
+        check_training_device(client, "cuda")

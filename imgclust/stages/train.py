@@ -78,6 +78,34 @@ def train(store: RunStore, plan: TrainPlan, ingest_key: str) -> Trained:
     return Trained(model.token, model.weights_sha256, result.losses, result.device, model.code_dim, result.resumed_from_epoch)
 
 
+def _cuda_devices() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def check_training_device(client: Client, device: str) -> None:
+    """With ``device="cuda"``, the place training will run must have CUDA: the GPU workers when the
+    cluster declares some (``train_where_best`` pins training there), else this process.
+
+    Raises ``ValueError`` saying which was asked and found, before any work starts.
+    """
+    if device != "cuda":
+        return
+    gpus = gpu_workers(client)
+    if gpus:
+        found = client.run(_cuda_devices, workers=gpus)
+        if any(n > 0 for n in found.values()):
+            return
+        where = f"the workers that declare a GPU resource ({', '.join(gpus)}) have no CUDA device"
+    else:
+        if _cuda_devices() > 0:
+            return
+        where = ("no worker declares a GPU resource (dask worker --resources GPU=1), so training runs here, "
+                 "and this machine has no CUDA device")
+    raise ValueError(f"cuda was asked for but {where}; use --device auto or cpu")
+
+
 def train_where_best(store: RunStore, plan: TrainPlan, ingest_key: str, client: Client) -> Trained:
     """Train on a worker that declares a GPU resource when the cluster has one, here otherwise.
 
