@@ -8,7 +8,7 @@ from typing import Any
 
 import pandas as pd
 
-from imgclust.io.storage import open_fs, read_parquet, write_json
+from imgclust.io.storage import open_fs, write_json
 from imgclust.metrics import score
 from imgclust.runstore import RunStore
 
@@ -41,7 +41,7 @@ def code_neighbour_vote(store: RunStore, paths: pd.Series, labels: pd.Series) ->
 
     if not store.exists("codes.zarr"):
         return {}
-    manifest = read_parquet(store.manifest, store.storage_options)
+    manifest = store.read_table("manifest")
     index = paths.map(dict(zip(manifest["path"], manifest["index"]))).to_numpy()
     ok = ~pd.isna(index)
     rows, lab = index[ok].astype(np.int64), labels.to_numpy()[ok].astype(str)
@@ -61,7 +61,7 @@ def evaluate_run(store: RunStore, labels: str) -> dict[str, Any]:
     so = store.storage_options
     if not store.exists("assignments.parquet"):
         raise FileNotFoundError(f"{store.url} holds no finished run (assignments.parquet missing)")
-    assignments = read_parquet(store.assignments, so)
+    assignments = store.read_table("assignments")
     lab = read_labels(labels, assignments["path"], so)
     known = lab.notna()
     if not known.any():

@@ -6,8 +6,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import fsspec
+import pandas as pd
 
-from imgclust.io.storage import exists, join, open_fs
+from imgclust.io import tables
+from imgclust.io.storage import exists, join, open_fs, read_json
 
 
 @dataclass(frozen=True)
@@ -48,7 +50,39 @@ class RunStore(Location):
     written down once (here) and every reader and writer agrees on it.
     """
 
-    # Tables and the run record
+    # Tables (imgclust.io.tables: folders of parts, a later row superseding a path) and the run record
+    def table(self, name: str) -> str:
+        if name not in tables.TABLES:
+            raise KeyError(f"no table {name!r}; the tables are {', '.join(tables.TABLES)}")
+        return self.path(f"{name}.parquet")
+
+    @property
+    def committed_generation(self) -> int:
+        """The last generation of table parts that counts: 0 until the run is finished, then as
+        ``run.json`` says (one more per ``assign``)."""
+        if not self.is_finished:
+            return 0
+        return int(read_json(self.run_record, self.storage_options).get("tables_generation", 0))
+
+    def write_table(self, name: str, df: pd.DataFrame, generation: int = 0) -> None:
+        """``df`` as generation ``generation`` of table ``name``, replacing what that generation held."""
+        url = self.table(name)
+        tables.write_part(url, df, generation, 0, self.storage_options)
+        tables.drop_parts(url, self.storage_options, generation, keep_parts=1)
+
+    def read_table(self, name: str, columns: list[str] | None = None) -> pd.DataFrame:
+        """The current rows of table ``name`` (the rule of ``imgclust.io.tables``)."""
+        upto = self.committed_generation
+        if upto == 0:  # one generation: nothing can be superseded yet
+            return tables.read_parts(self.table(name), self.storage_options, 0, columns)
+        return self.tables()[name] if columns is None else self.tables()[name][columns]
+
+    def tables(self) -> tables.RunTables:
+        """The current rows of every table."""
+        upto = self.committed_generation
+        return tables.current_rows({t: tables.read_parts(self.table(t), self.storage_options, upto)
+                                    for t in tables.TABLES})
+
     @property
     def manifest(self) -> str:
         return self.path("manifest.parquet")

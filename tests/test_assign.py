@@ -43,7 +43,7 @@ def test_assign_new_images_to_a_finished_run(finished_run, tmp_path):
     assert open_array(str(run / "images.zarr")).shape[0] == open_array(str(run / "codes.zarr")).shape[0] == n_old + 4
     dups = pd.read_parquet(run / "duplicates.parquet").set_index("path")
     assert dups.loc["day2/zcopy.png"].to_dict() == {"sha256": manifest["sha256"].iloc[n_old],
-                                                    "duplicate_of": "day2/bar0.png"}
+                                                    "duplicate_of": "day2/bar0.png", "generation": 1}
     assert dups.loc["day2/already-known.png", "duplicate_of"] == first
     rejected = pd.read_parquet(run / "rejected.parquet")
     assert "day2/broken.jpg" in set(rejected["path"])
@@ -101,30 +101,57 @@ def test_a_refined_run_assigns_new_images_with_its_cluster_net(tmp_path):
 
 def every_file_in_exactly_one_table(run, source) -> None:
     from imgclust.io.listing import list_local
+    from imgclust.runstore import RunStore
 
-    tables = {name: pd.read_parquet(run / f"{name}.parquet")["path"] for name in ("manifest", "rejected", "duplicates")}
+    current = RunStore(str(run)).tables()
+    tables = {name: current[name]["path"] for name in ("manifest", "rejected", "duplicates")}
     listed = list_local(str(source))
     found = set(listed.paths) | {p for p, _ in listed.refused}
     for name, paths in tables.items():
         assert paths.is_unique, (name, paths[paths.duplicated()].tolist())
     everywhere = pd.concat(tables.values())
     assert set(everywhere) == found and len(everywhere) == len(found), set(everywhere) ^ found
-    a = pd.read_parquet(run / "assignments.parquet")
-    assert sorted(a["path"]) == sorted(tables["manifest"])
+    assert sorted(current.assignments["path"]) == sorted(tables["manifest"])
+    images = open_array(str(run / "images.zarr"))
+    assert current.manifest["index"].is_unique and current.manifest["index"].max() < images.shape[0]
 
 
-def test_assign_accounts_for_copies_edits_and_files_that_became_readable(finished_run, tmp_path, client,
-                                                                          monkeypatch):
-    """A copy of known content is a duplicate, an edited file replaces its row, a once-broken file
-    that now decodes leaves rejected for the manifest; a crash before the manifest is written is
-    repaired by the next call. Every file ends up in exactly one table."""
-    import imgclust.stages.assign as assign_stage
+class CrashAt:
+    """A write fence that fails the ``n``-th write it sees: a process killed just before that write."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.seen = n, []
+
+    def __call__(self, url: str) -> None:
+        self.seen.append(url)
+        if len(self.seen) == self.n:
+            raise Crash(f"killed before write {self.n}: {url}")
+
+
+class Crash(Exception):
+    pass
+
+
+def frames(tables) -> dict[str, pd.DataFrame]:
+    return {name: tables[name].sort_values("path").reset_index(drop=True)
+            for name in ("manifest", "duplicates", "rejected", "assignments")}
+
+
+def test_assign_accounts_for_copies_edits_and_files_that_became_readable_killed_at_every_write(
+        finished_run, tmp_path, client):
+    """A copy of known content is a duplicate, an edited file supersedes its row, a once-broken file
+    that now decodes leaves rejected for the manifest. ``assign`` is killed before each of its
+    writes in turn (and once inside compaction, on a worker): each time the run's tables read as
+    before, and the call that finally completes leaves every file in exactly one table, with the
+    same tables as an assign that was never interrupted."""
+    from imgclust.io.storage import add_write_fence, remove_write_fence
     from imgclust.runstore import Location, RunStore
     from imgclust.stages.assign import assign_new
 
     root, out, _, _ = finished_run
-    run, src = tmp_path / "run", tmp_path / "src"
+    run, clean, src = tmp_path / "run", tmp_path / "clean", tmp_path / "src"
     shutil.copytree(out, run)
+    shutil.copytree(out, clean)
     shutil.copytree(root, src)
     manifest = pd.read_parquet(run / "manifest.parquet")
     original = manifest["path"].iloc[0]
@@ -133,26 +160,61 @@ def test_assign_accounts_for_copies_edits_and_files_that_became_readable(finishe
     Image.fromarray(np.full((28, 28), 77, np.uint8)).save(src / edited, Image.open(src / edited).format)
     fixed = "broken/deeper/truncated.jpg"
     Image.fromarray(np.full((28, 28), 150, np.uint8)).save(src / fixed, "JPEG")
+    for i in range(3):
+        Image.fromarray(np.full((28, 28), 40 + 60 * i, np.uint8)).save(src / f"fresh-{i}.png")
     store, source = RunStore(str(run)), Location(str(src))
+    before = frames(store.tables())
 
-    real = assign_stage.write_parquet
+    # Inside compaction, on a worker: the task fails, and with it the call.
+    import imgclust.stages.assign as stage
 
-    def crash_on_manifest(url, df, so=None):
-        if url.endswith("manifest.parquet"):
-            raise RuntimeError("killed before the manifest")
-        real(url, df, so)
+    try:
+        real = stage.compact_into
 
-    monkeypatch.setattr(assign_stage, "write_parquet", crash_on_manifest)
-    with pytest.raises(RuntimeError, match="killed before the manifest"):
-        assign_new(store, source, client)
-    monkeypatch.setattr(assign_stage, "write_parquet", real)
-    summary = assign_new(store, source, client)
-    assert summary["accepted"] == 2, summary  # the edited file and the one that became readable
+        def compact_with_worker_fence(*args, **kwargs):
+            client.run(add_write_fence, CrashAt(1))
+            try:
+                return real(*args, **kwargs)
+            finally:
+                client.run(lambda: __import__("imgclust.io.storage").io.storage._FENCES.clear())
+
+        stage.compact_into = compact_with_worker_fence
+        with pytest.raises(Exception, match="killed before write 1: .*images.zarr"):
+            assign_new(store, source, client)
+    finally:
+        stage.compact_into = real
+        client.run(lambda: __import__("imgclust.io.storage").io.storage._FENCES.clear())
+    for name, frame in frames(store.tables()).items():
+        pd.testing.assert_frame_equal(frame, before[name])
+
+    kills = 0
+    for n in range(1, 100):
+        fence = CrashAt(n)
+        add_write_fence(fence)
+        try:
+            summary = assign_new(store, source, client)
+            break
+        except Crash:
+            kills += 1
+            for name, frame in frames(store.tables()).items():  # a killed call changes nothing that counts
+                pd.testing.assert_frame_equal(frame, before[name], obj=f"{name} after a kill at write {n}")
+        finally:
+            remove_write_fence(fence)
+    print(f"killed at {kills} writes:", *fence.seen[:kills], sep="\n  ")
+    assert kills >= 8, fence.seen  # tables, clusters.json, run.json and the arrays were all written
+    assert summary["accepted"] == 5, summary  # the edited file, the one that became readable, three new
     every_file_in_exactly_one_table(run, src)
-    dups = pd.read_parquet(run / "duplicates.parquet").set_index("path")
+    after = frames(store.tables())
+    uninterrupted = assign_new(RunStore(str(clean)), source, client)
+    assert {k: v for k, v in uninterrupted.items() if k not in ("at", "seconds")} == \
+        {k: v for k, v in summary.items() if k not in ("at", "seconds")}
+    for name, frame in frames(RunStore(str(clean)).tables()).items():
+        pd.testing.assert_frame_equal(after[name], frame, obj=name)
+    dups = after["duplicates"].set_index("path")
     assert dups.loc["new-copy.png", "duplicate_of"] == original
-    after = pd.read_parquet(run / "manifest.parquet").set_index("path")
-    assert after.loc[edited, "sha256"] != manifest.set_index("path").loc[edited, "sha256"]
-    assert fixed in after.index and fixed not in set(pd.read_parquet(run / "rejected.parquet")["path"])
+    now = after["manifest"].set_index("path")
+    assert now.loc[edited, "sha256"] != manifest.set_index("path").loc[edited, "sha256"]
+    assert now.loc[edited, "generation"] == 1
+    assert fixed in now.index and fixed not in set(after["rejected"]["path"])
     again = assign_new(store, source, client)
     assert again["new"] == 0  # nothing is new the second time

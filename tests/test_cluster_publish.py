@@ -2,11 +2,12 @@ import json
 
 import dask.array as da
 import numpy as np
+import pandas as pd
 
 from imgclust.cluster.code_space import standardise
 from imgclust.cluster.kmeans import choose_k, relabel_by_size
 from imgclust.io.arrays import create_array
-from imgclust.io.storage import read_parquet, write_parquet
+from imgclust.io.storage import read_parquet
 from imgclust.runmodel import RunModel
 from imgclust.runstore import Location, RunStore
 from imgclust.stages.cluster import ClusterSettings, cluster_codes
@@ -88,14 +89,14 @@ def test_relabel_orders_by_size_and_removes_gaps():
 def test_publish_tables(tmp_path):
     out = str(tmp_path)
     n = 30
-    write_parquet(f"{out}/manifest.parquet", __import__("pandas").DataFrame({
+    RunStore(out).write_table("manifest", pd.DataFrame({
         "index": range(n), "path": [f"p{i:02d}.png" for i in range(n)], "sha256": [str(i) for i in range(n)],
         "width": 1, "height": 1, "format": "PNG"}))
     create_array(f"{out}/l.zarr", (n,), 8, "int32")[:] = np.arange(n) % 3
     create_array(f"{out}/d.zarr", (n,), 8, "float32")[:] = np.arange(n, dtype=np.float32)
     q = publish(RunStore(out), f"{out}/l.zarr", f"{out}/d.zarr")
     a = read_parquet(f"{out}/assignments.parquet")
-    assert list(a.columns) == ["path", "sha256", "cluster", "distance"] and len(a) == n
+    assert list(a.columns) == ["path", "sha256", "cluster", "distance", "generation"] and len(a) == n
     assert a["cluster"].dtype == np.int64
     clusters = json.loads((tmp_path / "clusters.json").read_text())
     assert [c["size"] for c in clusters] == [10, 10, 10]
@@ -135,3 +136,50 @@ def test_standardise_scales_each_dimension_but_keeps_unit_norm_codes_angles():
     assert np.all(sd == 1.0) and np.allclose(mu, unit.mean(0))
     d = lambda a: np.linalg.norm(a[:, None] - a[None], axis=-1)  # noqa: E731
     assert np.allclose(d(np.asarray(y)), d(unit))
+
+
+def test_publish_killed_at_every_write_never_reports_a_finished_run_until_it_is_one(finished_run, tmp_path):
+    """The end of a run (tables, clusters.json, the report, run.json) killed before each of its
+    writes in turn: the run never reads as finished before its last write, and doing the end again
+    gives the uninterrupted run's tables, with every file in exactly one table."""
+    import shutil
+
+    from imgclust.io.storage import add_write_fence, remove_write_fence
+    from imgclust.report.build import write_report
+    from imgclust.stages.publish import write_run_record
+    from tests.test_assign import Crash, CrashAt, every_file_in_exactly_one_table, frames
+
+    root, out, _, _ = finished_run
+    run = tmp_path / "run"
+    shutil.copytree(out, run)
+    record = {k: v for k, v in json.loads((run / "run.json").read_text()).items() if k != "versions"}
+    store = RunStore(str(run))
+    expected = frames(store.tables())
+    for name in ("run.json", "clusters.json", "assignments.parquet", "report"):  # as if killed before publish
+        shutil.rmtree(run / name) if (run / name).is_dir() else (run / name).unlink()
+    refined = (run / "_work" / "refined-labels.zarr").exists()
+    labels, dist = (str(run / "_work" / f"{'refined-' if refined else ''}{a}.zarr") for a in ("labels", "distances"))
+
+    def finish() -> None:
+        publish(store, labels, dist)
+        write_report(store, 0, record)
+        write_run_record(store, record)
+
+    kills = 0
+    for n in range(1, 1000):
+        fence = CrashAt(n)
+        add_write_fence(fence)
+        try:
+            finish()
+            break
+        except Crash:
+            kills += 1
+            assert not store.is_finished, f"finished after a kill at write {n}"
+        finally:
+            remove_write_fence(fence)
+    assert kills >= 5 and fence.seen[-1].endswith("run.json"), fence.seen
+    assert store.is_finished
+    for name, frame in frames(store.tables()).items():
+        pd.testing.assert_frame_equal(frame, expected[name], obj=name)
+    every_file_in_exactly_one_table(run, root)
+    assert (run / "report" / "index.html").exists()

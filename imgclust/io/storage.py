@@ -110,8 +110,7 @@ def write_json(url: str, obj: Any, storage_options: dict[str, Any] | None = None
 
 def read_json(url: str, storage_options: dict[str, Any] | None = None) -> Any:
     fs, path = open_fs(url, storage_options)
-    with fs.open(path, "rb") as fh:
-        return json.loads(fh.read())
+    return json.loads(with_retries(fs.cat_file, path))
 
 
 def write_parquet(url: str, df: pd.DataFrame, storage_options: dict[str, Any] | None = None) -> None:
@@ -121,9 +120,14 @@ def write_parquet(url: str, df: pd.DataFrame, storage_options: dict[str, Any] | 
 
 
 def read_parquet(url: str, storage_options: dict[str, Any] | None = None) -> pd.DataFrame:
+    """A Parquet file, or every row of a folder of parts (a run's tables, oldest part first)."""
     fs, path = open_fs(url, storage_options)
-    with fs.open(path, "rb") as fh:
-        return pd.read_parquet(io.BytesIO(fh.read()))
+    if with_retries(fs.isdir, path):
+        parts = sorted(p for p in with_retries(fs.ls, path, detail=False) if p.endswith(".parquet")
+                       and not posixpath.basename(p).startswith("."))
+        frames = [pd.read_parquet(io.BytesIO(with_retries(fs.cat_file, p))) for p in parts]
+        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    return pd.read_parquet(io.BytesIO(with_retries(fs.cat_file, path)))
 
 
 def exists(url: str, storage_options: dict[str, Any] | None = None) -> bool:

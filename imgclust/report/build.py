@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from imgclust.io.arrays import open_array, read_rows
-from imgclust.io.storage import open_fs, read_json, read_parquet, write_bytes_atomic
+from imgclust.io.storage import open_fs, read_json, write_bytes_atomic
 from imgclust.progress import track
 from imgclust.report.figures import (
     NEAREST_IN_GRID,
@@ -96,7 +96,7 @@ def write_report(store: RunStore, seed: int = 0, run: dict[str, Any] | None = No
     so = store.storage_options
     run = run if run is not None else read_json(store.run_record, so)
     clusters = read_json(store.clusters, so)
-    assignments = read_parquet(store.assignments, so)
+    assignments = store.read_table("assignments")
     rows = image_rows(store, assignments)  # assignments row -> images.zarr row
     images = open_array(store.images, so)
     codes = open_array(store.codes, so)
@@ -131,7 +131,7 @@ def write_report(store: RunStore, seed: int = 0, run: dict[str, Any] | None = No
 
 def image_rows(store: RunStore, assignments: Any) -> np.ndarray:
     """The images.zarr row of each assignments row (through the manifest's ``index``)."""
-    manifest = read_parquet(store.manifest, store.storage_options)
+    manifest = store.read_table("manifest")
     index_of = dict(zip(manifest["path"], manifest["index"]))
     return assignments["path"].map(index_of).to_numpy(np.int64)
 

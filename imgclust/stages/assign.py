@@ -12,7 +12,8 @@ import pandas as pd
 from distributed import Client
 
 from imgclust.io.arrays import open_array
-from imgclust.io.storage import read_json, read_parquet, remove, write_json, write_parquet
+from imgclust.io.storage import read_json, remove, write_json
+from imgclust.io.tables import TABLES, drop_parts, read_parts
 from imgclust.runmodel import RunModel
 from imgclust.runstore import Location, RunStore
 from imgclust.stages.discover import hash_files, list_source, split_duplicates
@@ -29,22 +30,22 @@ def assign_new(store: RunStore, source: Location, client: Client) -> dict[str, A
     Every file found ends up in exactly one table. A file whose (path, content) the run already
     lists is left alone; a new path whose content the run holds is a duplicate of the manifest's
     path (or rejected for the reason that content was); a file edited in place, or once rejected
-    and now readable, replaces its old row. Duplicates within the new batch are handled as in a
-    run. Zarr rows are written first and the manifest last, and every table is cut back to the
-    manifest before appending, so a crash at any point is repaired by the next call.
+    and now readable, gets a new row that supersedes its old one. Duplicates within the new batch
+    are handled as in a run. Everything this call writes to the tables is one new generation of
+    parts, counted once ``run.json`` names it (written last), so a crash at any write leaves the
+    run as it was and the next call does the work again.
     """
     t0 = time.perf_counter()
     so = store.storage_options
     run = read_json(store.run_record, so)
-    manifest = read_parquet(store.manifest, so)
-    rejected = read_parquet(store.rejected, so)
-    duplicates = read_parquet(store.duplicates, so)
+    committed = int(run.get("tables_generation", 0))
+    generation = committed + 1
+    for name in TABLES:  # what a crashed call wrote counts for nothing: it is written again below
+        drop_parts(store.table(name), so, committed, later=True)
+    now = store.tables()
+    manifest, duplicates, rejected, assignments = now.manifest, now.duplicates, now.rejected, now.assignments
     if "sha256" not in rejected.columns:
         rejected["sha256"] = None
-    # Cut back to the manifest, written last: rows a crashed call added before it do not count.
-    duplicates = duplicates[duplicates["duplicate_of"].isin(set(manifest["path"]))]
-    assignments = read_parquet(store.assignments, so)
-    assignments = assignments[assignments["path"].isin(set(manifest["path"]))]
     held = (set(zip(manifest["path"], manifest["sha256"])) | set(zip(duplicates["path"], duplicates["sha256"]))
             | set(zip(rejected["path"], rejected["sha256"])))
     original_of = dict(zip(manifest["sha256"], manifest["path"]))
@@ -73,7 +74,9 @@ def assign_new(store: RunStore, source: Location, client: Client) -> dict[str, A
 
     images = open_array(store.images, so, mode="r+")
     pixels = PixelSpec.of_images(dict(images.attrs))
-    start = int(manifest["index"].max()) + 1 if len(manifest) else 0  # rows of a crashed call are reused
+    # Rows after the last committed one: those a crashed call wrote are written again.
+    indices = read_parts(store.table("manifest"), so, committed, ["index"])["index"]
+    start = int(indices.max()) + 1 if len(indices) else 0
     staging = Location(store.work("assign-staging.zarr"), so)
     info, _ = decode_into_staging(source, unique["path"].tolist(), staging, pixels, images.chunks[0], client)
     accepted_rows = np.flatnonzero(info["ok"].to_numpy(bool))
@@ -91,22 +94,20 @@ def assign_new(store: RunStore, source: Location, client: Client) -> dict[str, A
     new_rejected = pd.concat([new_rejected, unreadable.assign(sha256=None),
                               known_bad[["path", "sha256"]].assign(reason=known_bad["sha256"].map(reject_reason))],
                              ignore_index=True)[["path", "reason", "sha256"]]
-    # One table per path: a path classified now leaves whichever table held it before.
+    new_assignments = pd.DataFrame({"path": new_manifest["path"].to_numpy(), "sha256": new_manifest["sha256"].to_numpy(),
+                                    "cluster": labels, "distance": dist})
+    for name, rows in (("assignments", new_assignments), ("rejected", new_rejected), ("duplicates", dups),
+                       ("manifest", new_manifest)):
+        store.write_table(name, rows, generation)
     moved = set(new_manifest["path"]) | set(new_rejected["path"]) | set(dups["path"])
-    keep = lambda table: table[~table["path"].isin(moved)]  # noqa: E731
-    assignments = pd.concat([keep(assignments), pd.DataFrame({
-        "path": new_manifest["path"].to_numpy(), "sha256": new_manifest["sha256"].to_numpy(),
-        "cluster": labels, "distance": dist})], ignore_index=True)
-    write_parquet(store.assignments, assignments, so)
-    write_parquet(store.rejected, pd.concat([keep(rejected), new_rejected], ignore_index=True), so)
-    write_parquet(store.duplicates, pd.concat([keep(duplicates), dups], ignore_index=True), so)
-    write_json(store.clusters, cluster_summaries(assignments), so)
-    write_parquet(store.manifest, pd.concat([keep(manifest), new_manifest], ignore_index=True), so)
+    after = pd.concat([assignments[~assignments["path"].isin(moved)], new_assignments], ignore_index=True)
+    write_json(store.clusters, cluster_summaries(after), so)
     summary.update(accepted=len(new_manifest), rejected=len(new_rejected), duplicates=len(dups),
                    clusters=np.bincount(labels, minlength=len(run.get("quality", {}).get("cluster_sizes", []))).tolist(),
-                   seconds=round(time.perf_counter() - t0, 3))
+                   generation=generation, seconds=round(time.perf_counter() - t0, 3))
     run.setdefault("assign_runs", []).append(summary)
-    write_json(store.run_record, run, so)
+    run["tables_generation"] = generation
+    write_json(store.run_record, run, so)  # last: the commit of this generation
     logger.info("assign: %d new files: %d accepted, %d rejected, %d duplicates", summary["new"],
                 summary["accepted"], summary["rejected"], summary["duplicates"])
     return summary

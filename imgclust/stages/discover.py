@@ -129,7 +129,7 @@ def discover(source: Location, store: RunStore, client: Client) -> Discovery:
     probes = unique["gray"].dropna()
     gray = bool(len(probes)) and bool(probes.all())
     so = store.storage_options
-    write_parquet(store.duplicates, dups, so)
+    store.write_table("duplicates", dups)
     write_parquet(store.work(UNIQUE), unique[["path", "sha256"]], so)
     write_parquet(store.work(UNREADABLE), unreadable, so)
     logger.info(

@@ -13,7 +13,7 @@ from distributed import Client
 
 from imgclust.io.arrays import chunk_spans, create_array, open_array, read_rows
 from imgclust.io.imagefile import ImageRejected
-from imgclust.io.storage import open_fs, read_json, read_parquet, write_bytes_atomic, write_json, write_parquet
+from imgclust.io.storage import open_fs, read_json, write_bytes_atomic, write_json
 from imgclust.progress import track
 from imgclust.report.build import image_rows, render_index
 from imgclust.report.figures import cluster_members, grid, png_bytes, to_rgb_thumbs
@@ -39,7 +39,7 @@ def query_code(store: RunStore, model: RunModel, image: str) -> tuple[np.ndarray
     Returns (code, pixels (C, H, W), manifest index or None).
     """
     so = store.storage_options
-    manifest = read_parquet(store.manifest, so)
+    manifest = store.read_table("manifest")
     images = open_array(store.images, so)
     codes = open_array(store.codes, so)
     hit = manifest.index[manifest["path"] == image.replace("\\", "/")]
@@ -66,7 +66,7 @@ def nearest_neighbours(store: RunStore, image: str, k: int = 5, strip_url: str |
     """
     so = store.storage_options
     codes = open_array(store.codes, so)
-    manifest = read_parquet(store.manifest, so)
+    manifest = store.read_table("manifest")
     model = RunModel.load(Location(store.model, so))
     q, qpix, self_index = query_code(store, model, image)
     q = model.standardise(q[None])[0]
@@ -104,7 +104,7 @@ class Reclustered:
 def recluster(store: RunStore, cluster: int, n_clusters: int | None, seed: int, client: Client) -> Reclustered:
     """Cluster the members of one cluster again; results under ``RUN/recluster/cluster-<c>/``."""
     so = store.storage_options
-    assignments = read_parquet(store.assignments, so)
+    assignments = store.read_table("assignments")
     members = np.flatnonzero(assignments["cluster"].to_numpy() == cluster)
     if len(members) == 0:
         known = sorted(set(assignments["cluster"].tolist()))
@@ -131,7 +131,7 @@ def recluster(store: RunStore, cluster: int, n_clusters: int | None, seed: int, 
     table = pd.DataFrame({"path": assignments["path"].to_numpy()[members],
                           "sha256": assignments["sha256"].to_numpy()[members], "cluster": cluster,
                           "subcluster": labels.astype(np.int64), "distance": dist.astype(np.float64)})
-    write_parquet(sub.assignments, table, so)
+    sub.write_table("assignments", table)
     summaries = cluster_summaries(table.rename(columns={"cluster": "parent", "subcluster": "cluster"}))
     write_json(sub.clusters, summaries, so)
     report_url = _recluster_report(store, cluster, table, rows, summaries, seed)

@@ -15,7 +15,8 @@ from imgclust.dask_cluster import completed
 from imgclust.io.arrays import aligned_spans, chunk_spans, create_array, open_array, open_if_exists
 from imgclust.io.imagefile import DEFAULT_MAX_MEGAPIXELS, DecodedImage, ImageRejected, decode_image
 from imgclust.io.listing import source_path
-from imgclust.io.storage import exists, move_tree, read_files, read_parquet, remove, unreadable_reason, write_parquet
+from imgclust.io.storage import move_tree, read_files, read_parquet, remove, unreadable_reason
+from imgclust.io.tables import part_files
 from imgclust.progress import track
 from imgclust.runstore import Location, RunStore
 from imgclust.stages.discover import UNIQUE, UNREADABLE, Discovery
@@ -188,9 +189,9 @@ def finished_ingest(store: RunStore, key: str) -> Ingest | None:
     images = open_if_exists(store.images, so)
     if images is None:
         return None
-    if images.attrs.get("ingest_key") != key or not exists(store.rejected, so):
+    if images.attrs.get("ingest_key") != key or not part_files(store.table("rejected"), so):
         return None
-    n_rejected = len(read_parquet(store.rejected, so))
+    n_rejected = len(store.read_table("rejected"))
     return Ingest(images.shape[0], n_rejected, images.shape[1], key)
 
 
@@ -227,8 +228,8 @@ def ingest(source: Location, store: RunStore, pixels: PixelSpec, shard_size: int
     unreadable = read_parquet(store.work(UNREADABLE), so).assign(sha256=None)
     rejected = pd.concat([unreadable, decode_rejects], ignore_index=True)[["path", "reason", "sha256"]]
     rejected = rejected.sort_values("path", kind="stable").reset_index(drop=True)
-    write_parquet(store.manifest, manifest, so)
-    write_parquet(store.rejected, rejected, so)
+    store.write_table("manifest", manifest)
+    store.write_table("rejected", rejected)
     open_array(images.url, so, mode="r+").attrs["ingest_key"] = key  # last: marks it finished
     remove(staging.url, so)
     ledger.clear()

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from imgclust.io.arrays import open_array
-from imgclust.io.storage import read_parquet, write_json, write_parquet
+from imgclust.io.storage import write_json
 from imgclust.runstore import RunStore
 
 logger = logging.getLogger("imgclust")
@@ -51,7 +51,7 @@ def publish(store: RunStore, labels_url: str, distances_url: str) -> dict[str, A
     """Write assignments.parquet and clusters.json from the final labels and distances (zarr, (N,));
     return label-free quality signals."""
     so = store.storage_options
-    manifest = read_parquet(store.manifest, so)
+    manifest = store.read_table("manifest")
     labels = open_array(labels_url, so)[:]
     dist = open_array(distances_url, so)[:]
     assignments = pd.DataFrame({
@@ -59,7 +59,7 @@ def publish(store: RunStore, labels_url: str, distances_url: str) -> dict[str, A
         "cluster": labels.astype(np.int64), "distance": dist.astype(np.float64),
     })
     summaries = cluster_summaries(assignments)
-    write_parquet(store.assignments, assignments, so)
+    store.write_table("assignments", assignments)
     write_json(store.clusters, summaries, so)
     sizes = np.array([c["size"] for c in summaries], dtype=float)
     logger.info("publish: %d images in %d clusters (sizes %s)", len(assignments), len(summaries),
@@ -69,4 +69,5 @@ def publish(store: RunStore, labels_url: str, distances_url: str) -> dict[str, A
 
 def write_run_record(store: RunStore, record: dict[str, Any]) -> None:
     """run.json is written last: its presence marks a finished run."""
-    write_json(store.run_record, {**record, "versions": package_versions()}, store.storage_options)
+    write_json(store.run_record, {**record, "tables_generation": 0, "versions": package_versions()},
+               store.storage_options)
