@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from imgclust.config import ConfigError, RunConfig
-from imgclust.io.storage import StorageError, remove
+from imgclust.io.storage import StorageError, remove, with_retries
 from imgclust.runstore import RunStore
 from imgclust.stages.discover import list_images
 
@@ -27,7 +27,7 @@ def preflight(config: RunConfig) -> int:
         store = config.store
         finished = store.is_finished
         fs, root = store.fs()
-        if fs.exists(root) and not fs.isdir(root):
+        if with_retries(fs.exists, root) and not with_retries(fs.isdir, root):
             raise ConfigError("output", f"{config.output} exists and is not a folder")
     except ConfigError:
         raise

@@ -30,7 +30,7 @@ import torch
 from imgclust import __version__
 from imgclust.cluster.code_space import CodeSpace
 from imgclust.cluster.placement import ClusterPlacement
-from imgclust.io.storage import write_bytes_atomic
+from imgclust.io.storage import with_retries, write_bytes_atomic
 from imgclust.models.autoencoders import ARCHITECTURES, Autoencoder, build_model
 from imgclust.models.encoding import encode_array
 from imgclust.models.refiner import ClusterNet, predict
@@ -209,7 +209,7 @@ class RunModel:
 
         def read(name: str) -> bytes:
             try:
-                data = fs.cat(f"{root}/{name}")
+                data = with_retries(fs.cat_file, f"{root}/{name}")
             except FileNotFoundError:
                 raise ModelFormatError(f"{location.url}: {name} is missing") from None
             if _sha256(data) != files.get(name):
@@ -241,9 +241,9 @@ class RunModel:
 
 def _read_record(fs: Any, root: str, url: str) -> tuple[bytes, dict[str, Any]]:
     try:
-        raw = fs.cat(f"{root}/{MODEL_FILE}")
+        raw = with_retries(fs.cat_file, f"{root}/{MODEL_FILE}")
     except FileNotFoundError:
-        if any(fs.exists(f"{root}/{old}") for old in ("clusterer.pkl", "spec.json")):
+        if any(with_retries(fs.exists, f"{root}/{old}") for old in ("clusterer.pkl", "spec.json")):
             raise ModelFormatError(f"{url} was written by an older version of imgclust (spec.json and a pickled "
                                    "clusterer), which this version does not load: run the same command again with "
                                    "--overwrite to rebuild it") from None

@@ -22,6 +22,7 @@ from typing import Any
 from fsspec.implementations.local import LocalFileSystem
 
 from imgclust.io.imagefile import IMAGE_EXTENSIONS
+from imgclust.io.storage import find
 
 MAX_FILE_BYTES = 1 << 30  # larger files are refused unread (no image of the formats read is this large)
 _ESCAPE = re.compile(r"\\x([89a-f][0-9a-f])|\\\\")
@@ -133,7 +134,7 @@ def list_remote(fs: Any, root: str, max_bytes: int = MAX_FILE_BYTES) -> Listing:
     """An object store's listing (no FIFOs or links there); objects above ``max_bytes`` are refused."""
     listing = Listing()
     prefix = root.rstrip("/") + "/"
-    for p, info in fs.find(root, withdirs=False, detail=True).items():
+    for p, info in find(fs, root, detail=True).items():
         rel = p.removeprefix(prefix)
         if not is_image_name(rel):
             continue

@@ -96,12 +96,16 @@ def write_bytes_atomic(url: str, data: bytes, storage_options: dict[str, Any] | 
         check_fences(url)
     fs, path = open_fs(url, storage_options)
     parent = posixpath.dirname(path)
-    if parent:
-        fs.makedirs(parent, exist_ok=True)
-    tmp = posixpath.join(parent, f".{posixpath.basename(path)}.{uuid.uuid4().hex}.tmp")
-    with fs.open(tmp, "wb") as fh:
-        fh.write(data)
-    fs.mv(tmp, path)
+
+    def write() -> None:
+        if parent:
+            fs.makedirs(parent, exist_ok=True)
+        tmp = posixpath.join(parent, f".{posixpath.basename(path)}.{uuid.uuid4().hex}.tmp")
+        with fs.open(tmp, "wb") as fh:
+            fh.write(data)
+        fs.mv(tmp, path)
+
+    with_retries(write)
 
 
 def write_json(url: str, obj: Any, storage_options: dict[str, Any] | None = None, fenced: bool = True) -> None:
@@ -132,17 +136,17 @@ def read_parquet(url: str, storage_options: dict[str, Any] | None = None) -> pd.
 
 def exists(url: str, storage_options: dict[str, Any] | None = None) -> bool:
     fs, path = open_fs(url, storage_options)
-    return fs.exists(path)
+    return with_retries(fs.exists, path)
 
 
 def remove(url: str, storage_options: dict[str, Any] | None = None) -> None:
     fs, path = open_fs(url, storage_options)
-    if fs.exists(path):
-        fs.rm(path, recursive=True)
+    if with_retries(fs.exists, path):
+        with_retries(fs.rm, path, recursive=True)
 
 
 GLOB_CHARS = set("[]*?")
-RETRY_DELAYS = (0.5, 1.0, 2.0, 4.0)  # seconds before each new attempt after a transient failure
+RETRY_DELAYS = (0.1, 0.4, 1.6, 6.4)  # seconds before each new attempt after a transient failure
 
 
 def is_transient(error: BaseException) -> bool:
@@ -170,6 +174,35 @@ def with_retries(fn: Any, *args: Any, delays: tuple[float, ...] = RETRY_DELAYS, 
                                                   type(exc).__name__, exc, delay, attempt + 2)
             time.sleep(delay)
     raise AssertionError("unreachable")
+
+
+def find(fs: fsspec.AbstractFileSystem, root: str, detail: bool = False) -> Any:
+    """Every file under ``root``, as ``fs.find`` gives them, each listing asked again while it
+    fails transiently.
+
+    fsspec's generic ``find`` walks folder by folder and silently leaves out a folder whose listing
+    failed (its ``on_error`` does not reach the folders below the first): a lost folder of images.
+    Filesystems without a ``find`` of their own are therefore walked here; object stores' own
+    ``find`` is one flat listing that raises on failure, asked again as a whole.
+    """
+    from fsspec.spec import AbstractFileSystem
+
+    if getattr(type(fs), "find", None) is not AbstractFileSystem.find:
+        return with_retries(fs.find, root, withdirs=False, detail=detail)
+    root = fs._strip_protocol(root).rstrip("/") or "/"
+    out: dict[str, Any] = {}
+    stack = [root]
+    while stack:
+        folder = stack.pop()
+        for info in with_retries(fs.ls, folder, detail=True):
+            name = info["name"].rstrip("/")
+            if info.get("type") == "directory":
+                if name != folder:
+                    stack.append(name)
+            else:
+                out[name] = info
+    names = sorted(out)
+    return {n: out[n] for n in names} if detail else names
 
 
 def read_files(fs: fsspec.AbstractFileSystem, paths: list[str]) -> dict[str, bytes | BaseException]:
@@ -231,14 +264,15 @@ def move_tree(src: str, dst: str, storage_options: dict[str, Any] | None = None)
     fs, a = open_fs(src, storage_options)
     _, b = open_fs(dst, storage_options)
     fs.invalidate_cache()  # other processes (the workers) wrote under src since this one listed it
-    if fs.exists(b):
-        fs.rm(b, recursive=True)
+    if with_retries(fs.exists, b):
+        with_retries(fs.rm, b, recursive=True)
     if is_local(src):
         fs.mv(a, b, recursive=True)
         return
     # Object stores: copy the listed files only (s3fs's recursive mv also tries the "directories",
     # which are no keys, and fails), then delete the source.
     a, b = a.rstrip("/"), b.rstrip("/")
-    files = fs.find(a)
-    fs.copy(files, [b + f[len(a):] for f in files])
-    fs.rm(a, recursive=True)
+    files = find(fs, a)
+    for f in files:
+        with_retries(fs.copy, f, b + f[len(a):])
+    with_retries(fs.rm, a, recursive=True)

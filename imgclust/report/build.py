@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from imgclust.io.arrays import open_array, read_rows
-from imgclust.io.storage import open_fs, read_json, write_bytes_atomic
+from imgclust.io.storage import open_fs, read_json, with_retries, write_bytes_atomic
 from imgclust.progress import track
 from imgclust.report.figures import (
     NEAREST_IN_GRID,
@@ -146,7 +146,7 @@ def render_index(store: RunStore, run: dict[str, Any] | None = None) -> str:
     except FileNotFoundError:
         metrics = None
     fs, root = open_fs(store.report, so)
-    pages = fs.glob(f"{root}/recluster-*.html") if fs.exists(root) else []
+    pages = with_retries(fs.glob, f"{root}/recluster-*.html") if with_retries(fs.exists, root) else []
     reclustered = sorted(int(p.rsplit("-", 1)[1].split(".")[0]) for p in pages)
     url = store.report_file("index.html")
     write_bytes_atomic(url, render_html(run, clusters, metrics, reclustered).encode(), so)

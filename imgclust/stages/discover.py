@@ -13,7 +13,7 @@ from distributed import Client
 from imgclust.dask_cluster import completed
 from imgclust.io.imagefile import probe_is_gray
 from imgclust.io.listing import Listing, list_files, source_path
-from imgclust.io.storage import StorageError, normalise_url, read_files, unreadable_reason, write_parquet
+from imgclust.io.storage import StorageError, normalise_url, read_files, unreadable_reason, with_retries, write_parquet
 from imgclust.progress import track
 from imgclust.runstore import Location, RunStore
 from imgclust.state.resume import ShardLedger, fingerprint
@@ -45,7 +45,7 @@ def list_source(source: Location) -> Listing:
     try:
         fs, root = source.fs()
         try:
-            info = fs.info(root)  # unlike exists(), this lets network and permission errors through
+            info = with_retries(fs.info, root)  # unlike exists(), this lets network and permission errors through
         except FileNotFoundError:
             raise StorageError(f"source not found: {source.url}") from None
         if info.get("type") != "directory":

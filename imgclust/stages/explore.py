@@ -13,7 +13,7 @@ from distributed import Client
 
 from imgclust.io.arrays import chunk_spans, create_array, open_array, read_rows
 from imgclust.io.imagefile import ImageRejected
-from imgclust.io.storage import open_fs, read_json, write_bytes_atomic, write_json
+from imgclust.io.storage import open_fs, read_json, with_retries, write_bytes_atomic, write_json
 from imgclust.progress import track
 from imgclust.report.build import image_rows, render_index
 from imgclust.report.figures import cluster_members, grid, png_bytes, to_rgb_thumbs
@@ -47,11 +47,11 @@ def query_code(store: RunStore, model: RunModel, image: str) -> tuple[np.ndarray
         i = int(manifest.loc[hit[0], "index"])
         return codes[i].astype(np.float64), images[i], i
     fs, path = open_fs(image, so)
-    if not fs.exists(path):
+    if not with_retries(fs.exists, path):
         raise FileNotFoundError(f"{image} is neither a path of the run nor a readable file")
     spec = PixelSpec.of_images(dict(images.attrs))
     try:
-        pixels = spec.decode(fs.cat(path)).pixels
+        pixels = spec.decode(with_retries(fs.cat_file, path)).pixels
     except ImageRejected as exc:
         raise ValueError(f"{image}: {exc}") from None
     return model.encode(pixels[None], 1)[0].astype(np.float64), pixels, None

@@ -9,7 +9,7 @@ from distributed import Client
 
 from imgclust.dask_cluster import gpu_workers
 from imgclust.io.arrays import open_array
-from imgclust.io.storage import open_fs, remove, write_bytes_atomic
+from imgclust.io.storage import open_fs, remove, with_retries, write_bytes_atomic
 from imgclust.models.training import TrainPlan, train_autoencoder
 from imgclust.runmodel import ModelFormatError, ModelRef, RunModel
 from imgclust.runstore import Location, RunStore
@@ -66,7 +66,7 @@ def train(store: RunStore, plan: TrainPlan, ingest_key: str) -> Trained:
     def load_checkpoint() -> bytes | None:
         fs, path = open_fs(checkpoint, so)
         try:
-            return fs.cat(path)
+            return with_retries(fs.cat_file, path)
         except FileNotFoundError:
             return None
 

@@ -24,7 +24,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from imgclust.io.storage import add_write_fence, is_local, open_fs, read_json, remove_write_fence, write_json
+from imgclust.io.storage import add_write_fence, is_local, open_fs, read_json, remove_write_fence, with_retries, write_json
 from imgclust.runstore import RunStore
 
 logger = logging.getLogger("imgclust")
@@ -152,10 +152,14 @@ class Lease:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
-        current = self._current()
-        if current is not None and current.get("owner") == self.owner:
-            fs, path = open_fs(self.url, self.storage_options)
-            fs.rm(path)
+        try:
+            current = self._current()
+            if current is not None and current.get("owner") == self.owner:
+                fs, path = open_fs(self.url, self.storage_options)
+                with_retries(fs.rm, path)
+        except Exception as exc:  # the work is done; a lease left behind expires after its ttl
+            logger.warning("could not release the lease %s (%s: %s); it expires in %.0f s", self.url,
+                           type(exc).__name__, exc, self.ttl)
 
     def __enter__(self) -> Lease:
         return self
@@ -256,5 +260,5 @@ def force_unlock(store: RunStore) -> dict[str, Any] | None:
     except FileNotFoundError:
         return None
     fs, path = open_fs(store.lease, store.storage_options)
-    fs.rm(path)
+    with_retries(fs.rm, path)
     return current

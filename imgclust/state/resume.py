@@ -12,7 +12,7 @@ import json
 import posixpath
 from typing import Any
 
-from imgclust.io.storage import join, open_fs, remove, write_json
+from imgclust.io.storage import join, open_fs, remove, with_retries, write_json
 from imgclust.runstore import RunStore
 
 
@@ -54,11 +54,11 @@ class ShardLedger:
         """Finished names -> the payload recorded with them."""
         fs, root = open_fs(self.url, self.storage_options)
         try:
-            names = [p for p in fs.ls(root, detail=False) if p.endswith(".json")
+            names = [p for p in with_retries(fs.ls, root, detail=False) if p.endswith(".json")
                      and not posixpath.basename(p).startswith(".")]
         except FileNotFoundError:
             return {}
-        blobs = fs.cat(names) if names else {}
+        blobs = {p: with_retries(fs.cat_file, p) for p in names}
         return {posixpath.basename(p)[:-5]: json.loads(blobs[p]) for p in names}
 
     def result(self) -> Any | None:
@@ -79,11 +79,11 @@ class ShardLedger:
         """Drop this stage's records made under other keys (content or settings changed)."""
         fs, root = open_fs(self.parent, self.storage_options)
         try:
-            entries = fs.ls(root, detail=False)
+            entries = with_retries(fs.ls, root, detail=False)
         except FileNotFoundError:
             return
         mine = posixpath.basename(self.url)
         for p in entries:
             name = posixpath.basename(p.rstrip("/"))
             if name.startswith(f"{self.stage}-") and name != mine:
-                fs.rm(p, recursive=True)
+                with_retries(fs.rm, p, recursive=True)
