@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pandas as pd
 import pytest
 
 from tests.corpus import make_corpus
@@ -172,7 +173,7 @@ def test_yaml_deployments_run_on_a_process_worker(server, yaml_deployed, tmp_pat
     runs = httpx.post(f"{api}/flow_runs/filter", timeout=10,
                       json={"deployments": {"id": {"any_": [on_demand["id"]]}}}).json()
     assert [run["state_type"] for run in runs] == ["COMPLETED"]
-    assert (output / "assignments.parquet").is_file()
+    assert len(pd.read_parquet(output / "assignments.parquet")) > 0
     record = json.loads((output / "run.json").read_text())
     assert record["counts"]["accepted"] == counts["accepted"] and record["counts"]["clusters"] == 3
     assert record["config"]["preset"] == "seed-mnist"  # --params reached the flow

@@ -1,6 +1,5 @@
 """Object storage for real: a moto S3 server on 127.0.0.1, source and output in buckets."""
 
-import io
 import json
 
 import pandas as pd
@@ -24,14 +23,14 @@ def s3_run(s3, corpus):
     return s3fs.S3FileSystem(**s3), counts, r
 
 
-def test_run_from_bucket_to_bucket(s3_run):
+def test_run_from_bucket_to_bucket(s3_run, s3):
     fs, counts, _ = s3_run  # a separate client from the one the run used
     base = "out/runs/r1"
-    manifest = pd.read_parquet(io.BytesIO(fs.cat(f"{base}/manifest.parquet")))
-    rejected = pd.read_parquet(io.BytesIO(fs.cat(f"{base}/rejected.parquet")))
-    dups = pd.read_parquet(io.BytesIO(fs.cat(f"{base}/duplicates.parquet")))
+    manifest = pd.read_parquet(f"s3://{base}/manifest.parquet", storage_options=s3)
+    rejected = pd.read_parquet(f"s3://{base}/rejected.parquet", storage_options=s3)
+    dups = pd.read_parquet(f"s3://{base}/duplicates.parquet", storage_options=s3)
     assert len(manifest) + len(rejected) + len(dups) == counts["found"]
-    assignments = pd.read_parquet(io.BytesIO(fs.cat(f"{base}/assignments.parquet")))
+    assignments = pd.read_parquet(f"s3://{base}/assignments.parquet", storage_options=s3)
     assert len(assignments) == counts["accepted"] and assignments["cluster"].nunique() == 3
     assert any("img 005é" in p for p in manifest["path"])  # keys are not URL-encoded
     assert fs.exists(f"{base}/images.zarr/zarr.json") and fs.exists(f"{base}/codes.zarr/zarr.json")
