@@ -131,6 +131,15 @@ def build_parser() -> argparse.ArgumentParser:
     rc.add_argument("--dask-address", help="Dask scheduler (default: a local cluster)")
     rc.add_argument("--storage-options", help="fsspec options as JSON")
     _add_lease_options(rc)
+    cp = sub.add_parser("compact", help="rewrite a run's tables as one generation of few parts",
+                        description="Nightly assign calls add parts to the tables, and corrections leave "
+                        "superseded rows. compact writes each table's current rows as one new generation (parts of "
+                        "at most --rows-per-part rows), then removes the parts it replaces. Safe to interrupt: "
+                        "the tables read the same before, during and after.")
+    cp.add_argument("run_dir")
+    cp.add_argument("--rows-per-part", type=int, default=1_000_000, help="rows per Parquet part (default 1,000,000)")
+    cp.add_argument("--storage-options", help="fsspec options as JSON")
+    _add_lease_options(cp)
     asg = sub.add_parser("assign", help="add images new to a finished run to its clusters (flow assign-new)",
                          description="Hashes every image under SOURCE; files whose content the run has never seen "
                          "are ingested, encoded with the run's model and assigned to the existing cluster centres; "
@@ -335,6 +344,33 @@ def cmd_assign(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compact(ns: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from imgclust.config import FinishedRunConfig, split_credentials
+    from imgclust.stages.compact import compact_tables
+    from imgclust.state.lease import LeaseHeld, acquire_lease
+
+    if ns.rows_per_part < 1:
+        return _fail("rows_per_part: must be at least 1")
+    public, secret = split_credentials(ns.storage_options or {})
+    try:
+        cfg = FinishedRunConfig(run_dir=ns.run_dir, storage_options=public,
+                                **_lease_settings(ns)).with_credentials(secret)
+    except ValidationError as exc:
+        return _fail(_validation_message(exc))
+    if not cfg.store.is_finished:
+        return _fail(f"run_dir: {ns.run_dir} holds no finished run (run.json missing)")
+    try:
+        with acquire_lease(cfg.store, "compact", cfg.lease_seconds, cfg.force_unlock):
+            res = compact_tables(cfg.store, ns.rows_per_part)
+    except LeaseHeld as exc:
+        return _fail(str(exc), EXIT_BUSY)
+    rows = ", ".join(f"{name} {n:,}" for name, n in res["rows"].items())
+    print(f"compacted: {sum(res['parts_before'].values())} parts -> generation {res['generation']} ({rows} rows)")
+    return 0
+
+
 def cmd_sample(ns: argparse.Namespace) -> int:
     from imgclust.sample import write_digits
 
@@ -378,7 +414,8 @@ def main(argv: list[str] | None = None) -> int:
         except ConfigError as exc:
             return _fail(str(exc))
     command = {"run": cmd_run, "evaluate": cmd_evaluate, "report": cmd_report, "neighbors": cmd_neighbors,
-               "recluster": cmd_recluster, "assign": cmd_assign, "sample": cmd_sample}[ns.command]
+               "recluster": cmd_recluster, "assign": cmd_assign, "compact": cmd_compact,
+               "sample": cmd_sample}[ns.command]
     previous = signal.signal(signal.SIGTERM, _terminate)
     if ns.command in RESUMABLE:  # commands that start servers and workers
         from imgclust.watchdog import start_watchdog

@@ -57,30 +57,35 @@ class RunStore(Location):
         return self.path(f"{name}.parquet")
 
     @property
-    def committed_generation(self) -> int:
-        """The last generation of table parts that counts: 0 until the run is finished, then as
-        ``run.json`` says (one more per ``assign``)."""
+    def generations(self) -> tuple[int, int]:
+        """(first, last) generation of table parts that count: (0, 0) until the run is finished,
+        then as ``run.json`` says (one more per ``assign``; compaction moves the first)."""
         if not self.is_finished:
-            return 0
-        return int(read_json(self.run_record, self.storage_options).get("tables_generation", 0))
+            return 0, 0
+        run = read_json(self.run_record, self.storage_options)
+        return int(run.get("tables_base", 0)), int(run.get("tables_generation", 0))
 
-    def write_table(self, name: str, df: pd.DataFrame, generation: int = 0) -> None:
-        """``df`` as generation ``generation`` of table ``name``, replacing what that generation held."""
+    def write_table(self, name: str, df: pd.DataFrame, generation: int = 0, rows_per_part: int | None = None) -> None:
+        """``df`` as generation ``generation`` of table ``name`` (in parts of at most ``rows_per_part``
+        rows), replacing whatever that generation held."""
         url = self.table(name)
-        tables.write_part(url, df, generation, 0, self.storage_options)
-        tables.drop_parts(url, self.storage_options, generation, keep_parts=1)
+        step = max(1, rows_per_part or len(df) or 1)
+        starts = range(0, len(df), step) if len(df) else [0]
+        for part, a in enumerate(starts):
+            tables.write_part(url, df.iloc[a:a + step], generation, part, self.storage_options)
+        tables.drop_parts(url, self.storage_options, lambda g, i: g == generation and i >= len(starts))
 
     def read_table(self, name: str, columns: list[str] | None = None) -> pd.DataFrame:
         """The current rows of table ``name`` (the rule of ``imgclust.io.tables``)."""
-        upto = self.committed_generation
-        if upto == 0:  # one generation: nothing can be superseded yet
-            return tables.read_parts(self.table(name), self.storage_options, 0, columns)
+        since, upto = self.generations
+        if since == upto:  # one generation: nothing can be superseded
+            return tables.read_parts(self.table(name), self.storage_options, upto, columns, since)
         return self.tables()[name] if columns is None else self.tables()[name][columns]
 
     def tables(self) -> tables.RunTables:
         """The current rows of every table."""
-        upto = self.committed_generation
-        return tables.current_rows({t: tables.read_parts(self.table(t), self.storage_options, upto)
+        since, upto = self.generations
+        return tables.current_rows({t: tables.read_parts(self.table(t), self.storage_options, upto, since=since)
                                     for t in tables.TABLES})
 
     @property

@@ -10,13 +10,16 @@ is the one written with its current manifest row.
 
 A generation counts once ``run.json`` names it (``tables_generation``); parts of a later one are
 what a crashed ``assign`` left, ignored by readers and removed by the next ``assign``, which
-writes that generation again. So a crash at any write leaves the tables as they were.
+writes that generation again. So a crash at any write leaves the tables as they were. Compaction
+(``imgclust compact``) writes the current rows as one new generation and names it the base
+(``tables_base``): parts of earlier generations no longer count, and are removed.
 """
 
 from __future__ import annotations
 
 import io
 import posixpath
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,12 +67,13 @@ def part_files(url: str, storage_options: dict[str, Any] | None = None) -> list[
 
 
 def read_parts(url: str, storage_options: dict[str, Any] | None = None, upto: int | None = None,
-               columns: list[str] | None = None) -> pd.DataFrame:
-    """Every row of the parts of generations ``<= upto`` (all when None), oldest first; no rule applied."""
+               columns: list[str] | None = None, since: int = 0) -> pd.DataFrame:
+    """Every row of the parts of generations ``since..upto`` (all when ``upto`` is None), oldest
+    first; no rule applied."""
     fs, _ = open_fs(url, storage_options)
     frames = []
     for generation, name in part_files(url, storage_options):
-        if upto is not None and generation > upto:
+        if generation < since or (upto is not None and generation > upto):
             continue
         data = with_retries(fs.cat_file, name)
         frames.append(pd.read_parquet(io.BytesIO(data), columns=columns))
@@ -78,17 +82,14 @@ def read_parts(url: str, storage_options: dict[str, Any] | None = None, upto: in
     return pd.concat(frames, ignore_index=True)
 
 
-def drop_parts(url: str, storage_options: dict[str, Any] | None = None, generation: int = 0,
-               keep_parts: int = 0, later: bool = False) -> int:
-    """Remove parts of ``generation`` numbered ``keep_parts`` and up (a rewrite that wrote fewer
-    parts), or with ``later`` every part of a later generation (a crashed writer's); how many."""
+def drop_parts(url: str, storage_options: dict[str, Any] | None, drop: Callable[[int, int], bool]) -> int:
+    """Remove the parts whose (generation, part number) ``drop`` selects; how many."""
     fs, _ = open_fs(url, storage_options)
-    drop = [n for g, n in part_files(url, storage_options)
-            if (g > generation if later else g == generation and part_index(n) >= keep_parts)]
-    for name in drop:
+    doomed = [n for g, n in part_files(url, storage_options) if drop(g, part_index(n))]
+    for name in doomed:
         check_fences(name)
         with_retries(fs.rm_file, name)
-    return len(drop)
+    return len(doomed)
 
 
 def part_index(name: str) -> int:

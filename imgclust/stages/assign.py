@@ -38,10 +38,10 @@ def assign_new(store: RunStore, source: Location, client: Client) -> dict[str, A
     t0 = time.perf_counter()
     so = store.storage_options
     run = read_json(store.run_record, so)
-    committed = int(run.get("tables_generation", 0))
+    base, committed = int(run.get("tables_base", 0)), int(run.get("tables_generation", 0))
     generation = committed + 1
-    for name in TABLES:  # what a crashed call wrote counts for nothing: it is written again below
-        drop_parts(store.table(name), so, committed, later=True)
+    for name in TABLES:  # what a crashed call (or compaction) left counts for nothing: gone
+        drop_parts(store.table(name), so, lambda g, _: not base <= g <= committed)
     now = store.tables()
     manifest, duplicates, rejected, assignments = now.manifest, now.duplicates, now.rejected, now.assignments
     if "sha256" not in rejected.columns:
@@ -75,7 +75,7 @@ def assign_new(store: RunStore, source: Location, client: Client) -> dict[str, A
     images = open_array(store.images, so, mode="r+")
     pixels = PixelSpec.of_images(dict(images.attrs))
     # Rows after the last committed one: those a crashed call wrote are written again.
-    indices = read_parts(store.table("manifest"), so, committed, ["index"])["index"]
+    indices = read_parts(store.table("manifest"), so, committed, ["index"], base)["index"]
     start = int(indices.max()) + 1 if len(indices) else 0
     staging = Location(store.work("assign-staging.zarr"), so)
     info, _ = decode_into_staging(source, unique["path"].tolist(), staging, pixels, images.chunks[0], client)
