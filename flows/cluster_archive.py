@@ -16,7 +16,7 @@ from imgclust.io.storage import remove
 from imgclust.models.refiner import RefineSettings
 from imgclust.models.training import TrainPlan
 from imgclust.preflight import clear_previous_run, preflight
-from imgclust.presets import PRESETS, auto_epochs
+from imgclust.presets import PRESETS, train_steps
 from imgclust.stages.cluster import ClusterSettings
 from imgclust.stages.ingest import PixelSpec, too_few_images
 from imgclust.stages.publish import write_run_record
@@ -84,8 +84,8 @@ def _stages(config: RunConfig, lease: Lease) -> dict[str, Any]:
         if ing.n_accepted < max(2, config.n_clusters or 2):
             raise ConfigError("n_clusters" if config.n_clusters else "source", too_few_images(found, ing, store))
         n_train = min(ing.n_accepted, config.train_sample or ing.n_accepted)
-        epochs = config.epochs or auto_epochs(config.preset, n_train, config.batch_size)
-        plan = TrainPlan(config.preset, epochs, config.batch_size, config.resolved_learning_rate, config.seed,
+        steps = train_steps(config.preset, n_train, config.batch_size, config.epochs, config.train_steps)
+        plan = TrainPlan(config.preset, steps, config.batch_size, config.resolved_learning_rate, config.seed,
                          config.device, config.train_sample)
         lease.check()
         with _timed(sec, "train"):
@@ -112,13 +112,14 @@ def _stages(config: RunConfig, lease: Lease) -> dict[str, Any]:
               "accepted": ing.n_accepted, "clusters": clu.n_clusters}
     record = {
         "config": config.public_dict(),
-        "resolved": {"image_size": list(size), "color": "gray" if gray else "rgb", "epochs": epochs,
+        "resolved": {"image_size": list(size), "color": "gray" if gray else "rgb", "train_steps": steps,
+                     "epochs": round(steps / max(1, -(-n_train // config.batch_size)), 3),
                      "train_images": n_train, "learning_rate": config.resolved_learning_rate,
                      "embedding": preset.embedding, "method": preset.method, "merge": merge,
                      "code_dim": model.code_dim, "device": model.device, "n_clusters": clu.n_clusters},
         "counts": counts,
         "refine": refined,
-        "resumed": {"ingest_shards": ing.shards_resumed, "train_from_epoch": model.resumed_from_epoch,
+        "resumed": {"ingest_shards": ing.shards_resumed, "train_from_step": model.resumed_from_step,
                     "encode_chunks": enc.chunks_resumed},
         "seconds": sec,
         "quality": {"reconstruction_mse": enc.reconstruction_mse, "silhouette_sample": clu.silhouette,

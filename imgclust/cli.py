@@ -59,6 +59,8 @@ def _add_run_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--epochs", type=int, help="training epochs (default: the preset's; for default, "
                    f"{default.budget_epochs} epochs' worth of steps within {default.step_range[0]:,}-"
                    f"{default.step_range[1]:,}); also bounds each refinement phase")
+    p.add_argument("--train-steps", type=int, help="optimiser steps of training, instead of --epochs (which means "
+                   "epochs x ceil(images / batch size) steps)")
     p.add_argument("--batch-size", type=int, help="training and encoding batch size (default 256)")
     p.add_argument("--learning-rate", type=float, help="Adam learning rate (default: the preset's)")
     p.add_argument("--n-clusters", "-k", type=int, help="number of clusters (default: chosen from the data by "

@@ -110,6 +110,9 @@ class RunConfig(FlowConfig):
         description=f"Training epochs (default: the preset's; for default, {PRESETS['default'].budget_epochs} epochs' "
         f"worth of steps within {PRESETS['default'].step_range[0]:,}-{PRESETS['default'].step_range[1]:,}); also "
         "bounds each refinement phase.")
+    train_steps: int | None = Field(
+        default=None, ge=1, le=10_000_000, description="Optimiser steps of training, instead of --epochs (which "
+        "means epochs x ceil(images / batch size) steps).")
     batch_size: int = Field(default=256, ge=1, le=65_536, description="Training and encoding batch size.")
     learning_rate: float | None = Field(default=None, gt=0, lt=1, description="Adam learning rate (default: preset's).")
     n_clusters: int | None = Field(
@@ -189,6 +192,12 @@ class RunConfig(FlowConfig):
 
             import_class(v)
         return v
+
+    @model_validator(mode="after")
+    def _one_training_length(self) -> RunConfig:
+        if self.epochs is not None and self.train_steps is not None:
+            raise ValueError("train_steps: give --epochs or --train-steps, not both")
+        return self
 
     @model_validator(mode="after")
     def _output_outside_source(self) -> RunConfig:

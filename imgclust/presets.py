@@ -18,7 +18,7 @@ class Preset:
     name: str
     architecture: str
     image_size: tuple[int, int]
-    epochs: int | None  # None: a step budget that scales with the corpus, see ``auto_epochs``
+    epochs: int | None  # None: a step budget that scales with the corpus, see ``train_steps``
     learning_rate: float
     loss: Literal["bce", "mse"]
     embedding: Literal["none", "umap", "tsne"]
@@ -37,7 +37,7 @@ class Preset:
     # ``reconstruction``: the autoencoder learns to rebuild its input. ``contrastive``: the encoder
     # learns SimCLR's augmentation invariance first, then the decoder is fitted to its frozen codes.
     pretext: Literal["reconstruction", "contrastive"] = "reconstruction"
-    # ``epochs=None``: a budget of ``budget_epochs`` epochs' worth of steps within ``step_range`` (auto_epochs)
+    # ``epochs=None``: a budget of ``budget_epochs`` epochs' worth of steps within ``step_range`` (train_steps)
     step_range: tuple[int, int] = (500, 1_500)
     budget_epochs: int = 15
 
@@ -181,20 +181,33 @@ PRESETS: dict[str, Preset] = {
 
 
 
-def auto_epochs(preset: str, n_images: int, batch_size: int) -> int:
-    """Epochs for ``preset`` on ``n_images``: the preset's own number (raised to its ``min_steps``),
-    or a step budget.
+WHOLE_PASSES = 10  # a budget of at least this many passes is rounded up to whole passes
 
-    Presets without a fixed number train for ``budget_epochs`` epochs' worth of steps, within the
-    preset's ``step_range``: never fewer than its lower bound (small corpora need repetitions to
-    converge) nor more than its upper (large corpora are redundant enough that more steps buy little
-    clustering quality and cost linear time). The default: 1,875 steps for the 1,797 digits, 3,750
-    for 10k images, 7,500 from 20k up.
+
+def train_steps(preset: str, n_images: int, batch_size: int, epochs: int | None = None,
+                steps: int | None = None) -> int:
+    """Optimiser steps of a training on ``n_images``: ``steps`` (``--train-steps``) as given;
+    ``epochs`` (``--epochs``) as ``epochs`` x ceil(n / batch); else the preset's own budget.
+
+    A preset with a fixed number of epochs trains that many passes (raised to its ``min_steps``).
+    The others train for ``budget_epochs`` passes' worth of steps within the preset's
+    ``step_range``: never fewer than its lower bound (small corpora need repetitions to converge)
+    nor more than its upper (large corpora are redundant enough that more steps buy little
+    clustering quality and cost linear time). While that is ``WHOLE_PASSES`` passes or more, it is
+    rounded up to whole passes; above, it is exactly the budget, a fraction of one pass. The
+    default: 1,880 steps for the 1,797 digits, 3,760 for 10k images, about 7,500 from 20k up,
+    and 7,500 for 10 million.
     """
-    fixed = PRESETS[preset].epochs
     per_epoch = max(1, -(-n_images // batch_size))
-    if fixed is not None:
-        return max(fixed, -(-PRESETS[preset].min_steps // per_epoch))
-    lo, hi = PRESETS[preset].step_range
-    steps = min(max(PRESETS[preset].budget_epochs * per_epoch, lo), hi)
-    return max(1, -(-steps // per_epoch))
+    if steps is not None:
+        return steps
+    if epochs is not None:
+        return epochs * per_epoch
+    p = PRESETS[preset]
+    if p.epochs is not None:
+        return max(p.epochs, -(-p.min_steps // per_epoch)) * per_epoch
+    lo, hi = p.step_range
+    budget = min(max(p.budget_epochs * per_epoch, lo), hi)
+    if budget >= WHOLE_PASSES * per_epoch:
+        return -(-budget // per_epoch) * per_epoch
+    return budget

@@ -6,7 +6,7 @@ the manner of a scikit-learn estimator: ``encode``, ``features``, ``predict``, `
 On disk it is a versioned folder (``model/``) of JSON, arrays and torch weights:
 
 - ``model.json``: format version, the autoencoder's spec (everything needed to rebuild it, the loss
-  per epoch), the code space and cluster placement's layout, the refiner's spec, and the sha256 of
+  per round of steps), the code space and cluster placement's layout, the refiner's spec, and the sha256 of
   every binary file;
 - ``weights.pt``, ``refiner.pt``: torch state dicts, read with ``weights_only=True``;
 - ``clustering.npz``: numeric arrays only, read with ``allow_pickle=False``.

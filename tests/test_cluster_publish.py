@@ -177,6 +177,7 @@ def test_publish_killed_at_every_write_never_reports_a_finished_run_until_it_is_
             assert not store.is_finished, f"finished after a kill at write {n}"
         finally:
             remove_write_fence(fence)
+    print(f"end of a run killed before each of its {kills} writes")
     assert kills >= 5 and fence.seen[-1].endswith("run.json"), fence.seen
     assert store.is_finished
     for name, frame in frames(store.tables()).items():

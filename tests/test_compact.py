@@ -39,6 +39,7 @@ def test_compaction_killed_at_every_write_leaves_the_tables_as_they_read(run, tm
                 pd.testing.assert_frame_equal(frame, before[name], check_dtype=False, obj=f"{name} after a kill at write {n}")
         finally:
             remove_write_fence(fence)
+    print(f"compaction killed before each of its {kills} writes")
     assert kills >= 10, fence.seen  # parts, run.json, and the removal of every old part
     assert result["generation"] == 2 and result["rows"]["manifest"] == 4
     for name, frame in current(run).items():

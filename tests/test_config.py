@@ -16,13 +16,36 @@ def test_image_size_forms(given, expected):
 
 def test_preset_fixes_its_own_size():
     assert cfg(preset="seed-house").resolved_image_size == (240, 320)
-    from imgclust.presets import auto_epochs
-    assert auto_epochs("seed-mnist", 50_000, 256) == 10
-    assert auto_epochs("cae-refine", 1797, 256) == 63 and auto_epochs("cae-refine", 70_000, 256) == 6
-    assert auto_epochs("default", 1797, 256) == 235 and auto_epochs("default", 70_000, 256) == 28  # 1,875 / 7,500 steps
-    assert auto_epochs("default", 10_000, 256) == 94
+
+    from imgclust.presets import train_steps
+    assert train_steps("seed-mnist", 50_000, 256) == 10 * 196
+    assert train_steps("cae-refine", 1797, 256) == 63 * 8 and train_steps("cae-refine", 70_000, 256) == 1_500
+    assert train_steps("default", 1797, 256) == 235 * 8 and train_steps("default", 70_000, 256) == 28 * 274
+    assert train_steps("default", 10_000, 256) == 94 * 40
     # The conv VAE presets reach at least 1,500 optimiser steps: 30 epochs of 1,797 images are 240.
-    assert auto_epochs("seed-vae", 1797, 256) == 188 and auto_epochs("seed-vae", 60_000, 128) == 30
+    assert train_steps("seed-vae", 1797, 256) == 188 * 8 and train_steps("seed-vae", 60_000, 128) == 30 * 469
+    assert train_steps("default", 1797, 256, epochs=3) == 24 and train_steps("default", 1797, 256, 3, 100) == 100
+
+
+def test_the_step_budget_at_ten_million_images():
+    """10M images are 39,063 batches a pass: the default trains its 7,500-step budget, a fifth of
+    a pass, and its decoder still gets a fifth of those steps; the loss is recorded 20 times."""
+    from imgclust.models.training import loss_round, pretext_steps
+    from imgclust.presets import train_steps
+
+    steps = train_steps("default", 10_000_000, 256)
+    assert steps == 7_500
+    pretext = pretext_steps("default", steps, 39_063)
+    assert pretext == 6_000 and steps - pretext == 1_500
+    assert loss_round(steps, 39_063) == 375
+    # One whole pass is split by steps too: the decoder is never left without training.
+    assert pretext_steps("default", 100, 100) == 80 and pretext_steps("default", 10 * 8, 8) == 8 * 8
+    assert pretext_steps("cae-refine", 7_500, 39_063) == 0
+
+
+def test_epochs_and_train_steps_exclude_each_other():
+    with pytest.raises(ValidationError, match="not both"):
+        cfg(epochs=3, train_steps=100)
 
 
 @pytest.mark.parametrize("kw, field", [({"image_size": "big"}, "image_size"), ({"image_size": 4}, "image_size"),

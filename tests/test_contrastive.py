@@ -39,7 +39,7 @@ def test_default_trains_the_encoder_contrastively_then_the_decoder(tmp_path):
     _, b = train_at(tmp_path / "b", "default", 5, 16, 1e-3, 3, n=64)
     assert a.weights_sha256 == b.weights_sha256 and a.code_dim == 128
     saved = RunModel.load(Location(store.model))
-    assert saved.spec["pretext_epochs"] == 4  # 80 % of 5; the last epoch fits the decoder
+    assert saved.spec["pretext_steps"] == 4 * 4  # 80 % of 5 passes of 4 steps; the last pass fits the decoder
     assert saved.spec["loss_kinds"] == ["contrastive"] * 4 + ["reconstruction"]
     assert a.losses[0] > 1.0 > a.losses[-1]  # NT-Xent (about log(2B)) first, then a pixel MSE
     model = saved.autoencoder

@@ -93,6 +93,7 @@ def test_a_run_and_an_assign_under_injected_faults_end_with_the_clean_tables(fin
     r = cli("assign", out, f"faulty://{src}", "--storage-options", json.dumps(so), "--dask-address", address)
     assert r.returncode == 0, r.stderr[-4000:]
     assert faults.injected(log) > in_run
+    print(f"faults injected: {in_run} in the run, {faults.injected(log) - in_run} in the assign")
     counts = lambda out: out.split("new files")[1].split("(")[0]  # noqa: E731 (the seconds differ)
     assert "7 new files of" in r.stdout and counts(r.stdout) == counts(ok.stdout)
     assert_same_tables(tables(str(tmp_path / "out")), tables(str(clean)))

@@ -96,7 +96,7 @@ def test_killed_runs_resume_to_the_uninterrupted_result(digits_folder, tmp_path)
     # The impatient way: take the dead run's lease at once.
     kill_when(start(digits_folder, out, logs[2], "--force-unlock"), lambda: records(out, "encode-*/*.json"), "an encoded chunk")
     text = logs[2].read_text()
-    assert "ingest: already done" in text and "train: resuming from the checkpoint after epoch" in text
+    assert "ingest: already done" in text and "train: resuming from the checkpoint after step" in text
     assert "taking over the forced lease" in text or "taking over the expired lease" in text  # slow start: expired
 
     # Killed while refining: the finished cluster stage (UMAP + K-means) is recorded and not redone.

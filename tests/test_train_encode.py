@@ -27,7 +27,8 @@ def train_at(folder, preset, epochs, batch_size, learning_rate, seed, ingest_key
     store = RunStore(str(folder))
     if not store.exists("images.zarr"):
         make_images(store.images, n=n)
-    return store, train(store, TrainPlan(preset, epochs, batch_size, learning_rate, seed, "cpu", train_sample),
+    steps = epochs * -(-min(n, train_sample or n) // batch_size)
+    return store, train(store, TrainPlan(preset, steps, batch_size, learning_rate, seed, "cpu", train_sample),
                         ingest_key)
 
 
@@ -153,3 +154,80 @@ def test_cuda_is_checked_where_training_will_run():
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster, \
             Client(cluster, set_as_default=False) as client, pytest.raises(ValueError, match="no worker declares a GPU resource"):
         check_training_device(client, "cuda")
+
+
+def test_a_stream_resumed_at_a_buffer_boundary_yields_the_uninterrupted_batches(tmp_path):
+    from imgclust.models.batches import BatchStream
+
+    url = str(tmp_path / "im.zarr")
+    arr = create_array(url, (230, 1, 2, 2), 10, "uint8")
+    arr[:] = np.arange(230, dtype=np.uint8).reshape(-1, 1, 1, 1).repeat(4, 1).reshape(230, 1, 2, 2)
+    array = open_array(url)
+    whole, states = [], {}
+    stream = BatchStream(array, 16, np.random.default_rng(5), buffer_chunks=3, buffer_bytes=0)
+    for batch in stream:
+        whole.append(batch[:, 0, 0, 0].copy())
+        if stream.boundary is not None:
+            rng_state = stream.rng.bit_generator.state
+            states[len(whole)] = ({**stream.boundary, "remainder": stream.boundary["remainder"].copy()}, rng_state)
+    assert len(whole) == -(-230 // 16) and len(states) >= 3
+    assert sorted(np.concatenate(whole).tolist()) == list(range(230))
+    for done, (position, rng_state) in states.items():
+        rng = np.random.default_rng()
+        rng.bit_generator.state = rng_state
+        rest = [b[:, 0, 0, 0] for b in BatchStream(array, 16, rng, buffer_chunks=3, buffer_bytes=0, resume=position)]
+        assert len(rest) == len(whole) - done
+        for a, b in zip(rest, whole[done:]):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_training_resumed_inside_a_pass_ends_with_the_uninterrupted_weights(tmp_path, monkeypatch):
+    """Fewer steps than one pass, over several shuffle buffers: checkpoints come at buffer ends,
+    and training resumed from any of them gives the same weights."""
+    import imgclust.models.batches as batches
+    import imgclust.models.training as training
+    from imgclust.models.training import read_checkpoint, train_autoencoder
+
+    monkeypatch.setattr(training, "CHECKPOINT_SECONDS", 0.0)
+    monkeypatch.setattr(batches, "BUFFER_BYTES", 0)  # 4 chunks of 32 per buffer
+    url = str(tmp_path / "im.zarr")
+    make_images(url, n=400, chunk=32)
+    images = open_array(url)
+    plan = TrainPlan("cae-refine", 20, 16, 1e-3, 3, "cpu")  # a pass is 25 steps
+    saved: list[bytes] = []
+    full = train_autoencoder(images, plan, save_checkpoint=saved.append)
+    mid = [c for c in saved if read_checkpoint(c)["stream"] is not None]
+    assert mid and all(0 < read_checkpoint(c)["step"] < 20 for c in mid)
+    assert full.spec["train_steps"] == 20 and full.spec["round_steps"] == 1 and len(full.losses) == 20
+    for checkpoint in (mid[0], mid[-1]):
+        again = train_autoencoder(images, plan, load_checkpoint=lambda c=checkpoint: c)
+        assert again.resumed_from_step == read_checkpoint(checkpoint)["step"]
+        for (name, a), b in zip(full.model.state_dict().items(), again.model.state_dict().values()):
+            assert torch.equal(a, b), name
+        assert again.losses == full.losses
+
+
+def test_a_train_sample_is_copied_once_and_training_reads_only_the_copy(tmp_path, client, monkeypatch):
+    import imgclust.stages.train as stage
+    from imgclust.stages.train import train_where_best
+
+    store = RunStore(str(tmp_path))
+    make_images(store.images, n=100, chunk=32)
+    seen = []
+    real = stage.train_autoencoder
+
+    def spy(images, plan, *args, **kwargs):
+        seen.append((images.store_path, images.shape[0]))
+        return real(images, plan, *args, **kwargs)
+
+    monkeypatch.setattr(stage, "train_autoencoder", spy)
+    plan = TrainPlan("cae-refine", 4, 16, 1e-3, 7, "cpu", train_sample=30)
+    trained = train_where_best(store, plan, "k", client)
+    assert len(seen) == 1 and seen[0][1] == 30 and "train-sample.zarr" in str(seen[0][0])
+    assert saved_spec(store)["train_sample"] == 30 and trained.code_dim > 0
+    assert not store.exists("_work/train-sample.zarr")  # removed once the model is saved
+    # The copy holds exactly the sampled rows, in order.
+    from imgclust.models.training import training_rows
+
+    url = stage.sampled_copy(store, plan, "k", client)
+    np.testing.assert_array_equal(open_array(url)[:], open_array(store.images)[:][training_rows(100, 30, 7)])

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import zarr
 
 from imgclust.models.autoencoders import Autoencoder, build_model
-from imgclust.models.batches import iter_batches
+from imgclust.models.batches import BatchStream
 from imgclust.models.contrastive import ProjectionHead, augment_views, nt_xent, warmup_cosine
 from imgclust.models.refiner import random_shift
 from imgclust.presets import PRESETS
@@ -23,8 +23,9 @@ from imgclust.progress import track
 from imgclust.threads import local_cores, torch_threads
 
 logger = logging.getLogger("imgclust")
-PRETEXT_SHARE = 0.8  # contrastive presets: share of the epochs for the pretext, the rest for the decoder
-CHECKPOINT_SECONDS = 5.0  # a killed run loses at most this much training (plus the epoch in progress)
+PRETEXT_SHARE = 0.8  # contrastive presets: share of the steps for the pretext, the rest for the decoder
+CHECKPOINT_SECONDS = 5.0  # a killed run loses at most this much training, plus the buffer in progress
+LOSS_ROUNDS = 20  # a training shorter than two passes records its loss this many times
 
 
 @dataclass(frozen=True)
@@ -32,7 +33,7 @@ class TrainPlan:
     """What to train and how: the settings that shape the weights (and key a resumed training)."""
 
     preset: str
-    epochs: int
+    steps: int  # optimiser steps (``imgclust.presets.train_steps``)
     batch_size: int
     learning_rate: float
     seed: int
@@ -74,11 +75,25 @@ def reconstruction_loss(model: Autoencoder, x: torch.Tensor, target: torch.Tenso
     return loss
 
 
-def pretext_epochs(preset: str, epochs: int) -> int:
-    """Epochs of the contrastive pretext; the rest fit the decoder to the frozen codes (0: none)."""
-    if PRESETS[preset].pretext != "contrastive":
+def pretext_steps(preset: str, steps: int, per_epoch: int) -> int:
+    """Steps of the contrastive pretext; the rest fit the decoder to the frozen codes (0: none).
+
+    A training of two or more whole passes splits at a pass (at least one for each phase); any
+    other splits at ``PRETEXT_SHARE`` of its steps, so the decoder always gets its share.
+    """
+    if PRESETS[preset].pretext != "contrastive" or steps < 2:
         return 0
-    return max(1, min(epochs - 1, round(epochs * PRETEXT_SHARE)))
+    if steps % per_epoch == 0 and steps // per_epoch >= 2:
+        epochs = steps // per_epoch
+        return max(1, min(epochs - 1, round(epochs * PRETEXT_SHARE))) * per_epoch
+    return max(1, min(steps - 1, round(steps * PRETEXT_SHARE)))
+
+
+def loss_round(steps: int, per_epoch: int) -> int:
+    """Steps per recorded loss: a pass while training makes two or more, else a twentieth."""
+    if steps % per_epoch == 0 and steps // per_epoch >= 2:
+        return per_epoch
+    return max(1, -(-steps // LOSS_ROUNDS))
 
 
 def to_float(batch: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -109,27 +124,29 @@ def read_checkpoint(data: bytes) -> dict[str, Any]:
 
 @dataclass
 class TrainResult:
-    """The trained model (on the CPU, in eval mode), the spec that rebuilds it, the loss per epoch."""
+    """The trained model (on the CPU, in eval mode), the spec that rebuilds it, the loss per round."""
 
     model: Autoencoder
     spec: dict[str, Any]
     losses: list[float]
     device: str
-    resumed_from_epoch: int
+    resumed_from_step: int
 
 
 def train_autoencoder(images: zarr.Array, plan: TrainPlan,
                       load_checkpoint: Callable[[], bytes | None] = lambda: None,
                       save_checkpoint: Callable[[bytes], None] = lambda data: None) -> TrainResult:
-    """Train ``plan.preset``'s autoencoder on uint8 images (N, C, H, W), logging the loss per epoch.
+    """Train ``plan.preset``'s autoencoder on uint8 images (N, C, H, W) for ``plan.steps`` optimiser
+    steps, logging the loss per round (a pass, or a twentieth of a shorter training).
 
-    Every few seconds the whole training state (weights, optimiser, schedule, random generators)
-    goes to ``save_checkpoint``; when ``load_checkpoint`` returns one, training continues from it
-    and ends with the same weights as an uninterrupted run.
+    Every few seconds, at the end of a pass or of a shuffle buffer, the whole training state
+    (weights, optimiser, schedule, random generators, the stream's position) goes to
+    ``save_checkpoint``; when ``load_checkpoint`` returns one, training continues from it and ends
+    with the same weights as an uninterrupted run. The batches depend only on the seed and the step.
     """
     p = PRESETS[plan.preset]
     n, channels, h, w = images.shape
-    epochs, batch_size, seed = plan.epochs, plan.batch_size, plan.seed
+    steps, batch_size, seed = plan.steps, plan.batch_size, plan.seed
     rows = training_rows(n, plan.train_sample, seed)
     n_train = n if rows is None else len(rows)
     dev = resolve_device(plan.device)
@@ -141,25 +158,26 @@ def train_autoencoder(images: zarr.Array, plan: TrainPlan,
     model = build_model(spec).to(dev)
     if dev.type == "cpu":
         model = model.to(memory_format=torch.channels_last)
-    pretext = pretext_epochs(plan.preset, epochs)
+    per_epoch = max(1, -(-n_train // batch_size))
+    pretext = pretext_steps(plan.preset, steps, per_epoch)
     proj = ProjectionHead(int(np.prod(model.code_shape))).to(dev) if pretext else None
     params = list(model.parameters()) + (list(proj.parameters()) if proj is not None else [])
     opt = torch.optim.Adam(params, lr=plan.learning_rate, weight_decay=1e-6 if pretext else 0.0)
-    steps_per_epoch = max(1, -(-n_train // batch_size))
     if pretext:  # SimCLR's schedule for the pretext, then a fresh warm-up and anneal for the decoder
-        s1, s2 = pretext * steps_per_epoch, (epochs - pretext) * steps_per_epoch
+        s1, s2 = pretext, steps - pretext
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: warmup_cosine(s, s1) if s < s1 else warmup_cosine(s - s1, s2))
     else:  # one-cycle: warm up, then anneal. Faster, steadier convergence than a constant rate (measured).
-        sched = (torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=plan.learning_rate,
-                                                     total_steps=epochs * steps_per_epoch, pct_start=0.1)
+        sched = (torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=plan.learning_rate, total_steps=steps,
+                                                     pct_start=0.1)
                  if p.one_cycle else None)
-    warmup_steps = p.kl_warmup * epochs * steps_per_epoch
+    warmup_steps = p.kl_warmup * steps
     use_amp = dev.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     shift = max(1, round(min(h, w) / 14)) if p.augment else 0
+    per_round = loss_round(steps, per_epoch)
     losses: list[float] = []
-    first = 0
+    step, round_total, round_seen, stream_state = 0, 0.0, 0, None
     saved = load_checkpoint()
     if saved is not None:
         state = read_checkpoint(saved)
@@ -173,27 +191,44 @@ def train_autoencoder(images: zarr.Array, plan: TrainPlan,
         rng.bit_generator.state = state["numpy_rng"]
         torch.set_rng_state(state["torch_rng"])
         gen.set_state(state["shift_rng"])
-        losses, first = list(state["losses"]), int(state["epoch"])
-        logger.info("train: resuming from the checkpoint after epoch %d of %d", first, epochs)
-    logger.info("train: %s on %d of %d images of %dx%dx%d, %d epochs, device %s", plan.preset, n_train, n, channels,
-                h, w, epochs, dev)
+        losses, step = list(state["losses"]), int(state["step"])
+        round_total, round_seen = float(state["round_total"]), int(state["round_seen"])
+        if state["stream"] is not None:
+            stream_state = {**state["stream"], "remainder": state["stream"]["remainder"].numpy()}
+        logger.info("train: resuming from the checkpoint after step %d of %d", step, steps)
+    first = step
+    logger.info("train: %s on %d of %d images of %dx%dx%d, %d steps (%.2f passes), device %s", plan.preset,
+                n_train, n, channels, h, w, steps, steps / per_epoch, dev)
+
+    def checkpoint(stream: dict[str, Any] | None) -> bytes:
+        return checkpoint_bytes({
+            "step": step, "losses": losses, "round_total": round_total, "round_seen": round_seen,
+            "stream": None if stream is None else {**stream, "remainder": torch.from_numpy(stream["remainder"])},
+            "model": model.state_dict(), "opt": opt.state_dict(),
+            "proj": proj.state_dict() if proj is not None else None,
+            "sched": sched.state_dict() if sched is not None else None, "scaler": scaler.state_dict(),
+            "numpy_rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(), "shift_rng": gen.get_state()})
+
     # A fixed thread count (all cores: the workers idle meanwhile) makes the weights independent of
     # whatever set torch's threads earlier in this process.
     with torch_threads(local_cores()):
-        last_save = float("-inf")
-        for epoch in track(range(first, epochs), total=epochs - first, desc="train", unit="epoch"):
+        last_save, t0 = float("-inf"), time.perf_counter()
+        bar = track(range(steps - first), total=steps - first, desc="train", unit="step")
+        ticks = iter(bar)
+        while step < steps:
+            stream = BatchStream(images, batch_size, rng, rows=rows, resume=stream_state)
+            stream_state = None
             model.train()
-            if pretext and epoch >= pretext:
-                model.encoder.eval()  # frozen: its batch statistics stay those of the pretext
-            t0, total, seen = time.perf_counter(), 0.0, 0
-            for i, batch in enumerate(iter_batches(images, batch_size, rng, rows=rows)):
-                beta = min(1.0, (epoch * steps_per_epoch + i) / warmup_steps) if warmup_steps else 1.0
+            for batch in stream:
+                if pretext and step >= pretext:
+                    model.encoder.eval()  # frozen: its batch statistics stay those of the pretext
+                beta = min(1.0, step / warmup_steps) if warmup_steps else 1.0
                 target = to_float(batch, dev)
                 x = random_shift(target, shift, gen) if shift else target
                 if shift:
                     target = x
                 with torch.autocast(device_type=dev.type, dtype=torch.float16, enabled=use_amp):
-                    if epoch < pretext:
+                    if step < pretext:
                         views = torch.cat([augment_views(x, gen), augment_views(x, gen)])
                         loss = nt_xent(proj(model.features(views)))
                     else:
@@ -204,21 +239,25 @@ def train_autoencoder(images: zarr.Array, plan: TrainPlan,
                 scaler.update()
                 if sched is not None:
                     sched.step()
-                total += float(loss.detach()) * len(batch)
-                seen += len(batch)
-            losses.append(total / max(seen, 1))
-            logger.info("train: epoch %d/%d %s loss %.5f (%.1f s)", epoch + 1, epochs,
-                        "contrastive" if epoch < pretext else "reconstruction", losses[-1], time.perf_counter() - t0)
-            if epoch + 1 < epochs and time.monotonic() - last_save >= CHECKPOINT_SECONDS:
-                save_checkpoint(checkpoint_bytes({
-                    "epoch": epoch + 1, "losses": losses, "model": model.state_dict(), "opt": opt.state_dict(),
-                    "proj": proj.state_dict() if proj is not None else None,
-                    "sched": sched.state_dict() if sched is not None else None, "scaler": scaler.state_dict(),
-                    "numpy_rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
-                    "shift_rng": gen.get_state()}))
-                last_save = time.monotonic()
+                round_total += float(loss.detach()) * len(batch)
+                round_seen += len(batch)
+                step += 1
+                next(ticks, None)
+                if step % per_round == 0 or step == steps:
+                    losses.append(round_total / max(round_seen, 1))
+                    logger.info("train: step %d/%d (pass %.2f) %s loss %.5f (%.1f s)", step, steps, step / per_epoch,
+                                "contrastive" if step <= pretext else "reconstruction", losses[-1],
+                                time.perf_counter() - t0)
+                    round_total, round_seen, t0 = 0.0, 0, time.perf_counter()
+                if step == steps:
+                    break
+                at_pass_end = step % per_epoch == 0
+                if (at_pass_end or stream.boundary is not None) and time.monotonic() - last_save >= CHECKPOINT_SECONDS:
+                    save_checkpoint(checkpoint(None if at_pass_end else stream.boundary))
+                    last_save = time.monotonic()
     model = model.to(memory_format=torch.contiguous_format).cpu().eval()
-    spec.update(losses=losses, device=str(dev), train_sample=n_train, resumed_from_epoch=first,
-                pretext_epochs=pretext, loss_kinds=["contrastive" if e < pretext else "reconstruction"
-                                                    for e in range(epochs)])
+    kinds = ["contrastive" if min(steps, (i + 1) * per_round) <= pretext else "reconstruction"
+             for i in range(len(losses))]
+    spec.update(losses=losses, device=str(dev), train_sample=n_train, resumed_from_step=first, train_steps=steps,
+                pretext_steps=pretext, round_steps=per_round, loss_kinds=kinds)
     return TrainResult(model, spec, losses, str(dev), first)

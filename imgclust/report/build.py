@@ -77,7 +77,7 @@ section{{border-top:1px solid #ccc;margin-top:1.5rem}} nav a{{margin-right:.4rem
 <p>Preset <b>{html.escape(str(cfg.get('preset')))}</b>, seed {html.escape(str(cfg.get('seed')))},
 output {html.escape(str(cfg.get('output')))}.</p>
 <table>{rows}</table>
-<div class="charts">{_img("sizes.png", "bar chart of cluster sizes")}{_img("loss.png", "training loss per epoch")}</div>
+<div class="charts">{_img("sizes.png", "bar chart of cluster sizes")}{_img("loss.png", "training loss by optimiser step")}</div>
 {_img("map.png", "2-D map of a sample of the clustered features coloured by cluster")}
 <h2>Reconstructions</h2><p>Originals (top) and the autoencoder's reconstructions (bottom).</p>
 {_img("reconstructions.png", "original images above their reconstructions")}
@@ -123,7 +123,7 @@ def write_report(store: RunStore, seed: int = 0, run: dict[str, Any] | None = No
     embedded = model.code_space is not None and model.code_space.embedding is not None
     features = "UMAP features" if embedded or run.get("resolved", {}).get("embedding") == "umap" else "codes"
     pictures = charts([c["size"] for c in clusters], run.get("train_loss", []), xy, labels,
-                      model.spec.get("loss_kinds"), features)
+                      model.spec.get("loss_kinds"), features, int(model.spec.get("round_steps", 1)))
     for name, data in pictures.items():
         write_bytes_atomic(store.report_file(name), data, so)
     return render_index(store, run)

@@ -110,9 +110,10 @@ def map_2d(features: np.ndarray, seed: int) -> np.ndarray:
                 init="pca").fit_transform(features.astype(np.float64))
 
 
-def loss_chart(losses: list[float], kinds: list[str] | None = None) -> Any:
-    """The loss per epoch, one axis per kind of loss (a contrastive pretext, then the decoder's
-    reconstruction loss): the two are on different scales and mean different things."""
+def loss_chart(losses: list[float], kinds: list[str] | None = None, round_steps: int = 1) -> Any:
+    """The loss of each round of ``round_steps`` optimiser steps, one axis per kind of loss (a
+    contrastive pretext, then the decoder's reconstruction loss): the two are on different scales
+    and mean different things."""
     import matplotlib.pyplot as plt
 
     kinds = list(kinds or [])[:len(losses)]
@@ -120,10 +121,10 @@ def loss_chart(losses: list[float], kinds: list[str] | None = None) -> Any:
     names = list(dict.fromkeys(kinds))
     fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 3), squeeze=False)
     for ax, name in zip(axes[0], names):
-        epochs = [i + 1 for i, k in enumerate(kinds) if k == name]
-        values = [losses[i - 1] for i in epochs]
-        ax.plot(epochs, values, marker="o" if len(values) < 30 else None)
-        ax.set_xlabel("epoch")
+        rounds = [i for i, k in enumerate(kinds) if k == name]
+        values = [losses[i] for i in rounds]
+        ax.plot([(i + 1) * round_steps for i in rounds], values, marker="o" if len(values) < 30 else None)
+        ax.set_xlabel("optimiser step")
         ax.set_ylabel(f"{name} loss")
         if min(values, default=1) > 0:
             ax.set_yscale("log")
@@ -133,7 +134,7 @@ def loss_chart(losses: list[float], kinds: list[str] | None = None) -> Any:
 
 
 def charts(sizes: list[int], losses: list[float], xy: np.ndarray, labels: np.ndarray,
-           loss_kinds: list[str] | None = None, features: str = "codes") -> dict[str, bytes]:
+           loss_kinds: list[str] | None = None, features: str = "codes", round_steps: int = 1) -> dict[str, bytes]:
     """Cluster sizes, the training loss and the 2-D map of a sample, as PNG bytes by file name."""
     import matplotlib
 
@@ -148,7 +149,7 @@ def charts(sizes: list[int], losses: list[float], xy: np.ndarray, labels: np.nda
     ax.set_title("Cluster sizes")
     ax.set_xticks(range(len(sizes)))
     out["sizes.png"] = png_bytes(fig)
-    out["loss.png"] = png_bytes(loss_chart(losses, loss_kinds))
+    out["loss.png"] = png_bytes(loss_chart(losses, loss_kinds, round_steps))
     fig, ax = plt.subplots(figsize=(6, 5))
     k = int(labels.max()) + 1 if len(labels) else 1
     cmap = "tab10" if k <= 10 else "tab20" if k <= 20 else "nipy_spectral"

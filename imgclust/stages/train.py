@@ -8,11 +8,12 @@ from dataclasses import dataclass
 from distributed import Client
 
 from imgclust.dask_cluster import gpu_workers
-from imgclust.io.arrays import open_array
+from imgclust.io.arrays import create_array, open_array, open_if_exists
 from imgclust.io.storage import open_fs, remove, with_retries, write_bytes_atomic
-from imgclust.models.training import TrainPlan, train_autoencoder
+from imgclust.models.training import TrainPlan, train_autoencoder, training_rows
 from imgclust.runmodel import ModelFormatError, ModelRef, RunModel
 from imgclust.runstore import Location, RunStore
+from imgclust.stages.ingest import compact_into
 from imgclust.state.resume import fingerprint
 
 logger = logging.getLogger("imgclust")
@@ -25,7 +26,7 @@ class Trained:
     losses: list[float]
     device: str
     code_dim: int
-    resumed_from_epoch: int = 0
+    resumed_from_step: int = 0
 
     @property
     def ref(self) -> ModelRef:
@@ -34,7 +35,7 @@ class Trained:
 
 def train_key(plan: TrainPlan, ingest_key: str) -> str:
     """Identity of a training: the images and every setting that shapes the weights."""
-    return fingerprint("train", ingest_key, plan.preset, plan.epochs, plan.batch_size, plan.learning_rate, plan.seed,
+    return fingerprint("train", ingest_key, plan.preset, plan.steps, plan.batch_size, plan.learning_rate, plan.seed,
                        plan.train_sample)
 
 
@@ -49,8 +50,30 @@ def finished_training(store: RunStore, key: str) -> Trained | None:
     return Trained(model.token, model.weights_sha256, model.spec["losses"], model.spec.get("device", "cpu"), model.code_dim)
 
 
-def train(store: RunStore, plan: TrainPlan, ingest_key: str) -> Trained:
-    """Train on ``images.zarr`` and save the autoencoder as the run's model (``model/``).
+def sampled_copy(store: RunStore, plan: TrainPlan, ingest_key: str, client: Client) -> str | None:
+    """With ``--train-sample`` smaller than the corpus: the sampled images copied once, in parallel
+    on the workers, into ``_work/train-sample.zarr``, which training then reads pass after pass
+    instead of the whole corpus. None when training uses every image."""
+    so = store.storage_options
+    images = open_array(store.images, so)
+    rows = training_rows(images.shape[0], plan.train_sample, plan.seed)
+    if rows is None:
+        return None
+    url = store.work("train-sample.zarr")
+    key = fingerprint("train-sample", ingest_key, plan.train_sample, plan.seed)
+    done = open_if_exists(url, so)
+    if done is not None and done.attrs.get("sample_key") == key:
+        return url
+    create_array(url, (len(rows), *images.shape[1:]), images.chunks[0], "uint8", so, dict(images.attrs))
+    compact_into(Location(store.images, so), Location(url, so), rows, 0, client)
+    open_array(url, so, mode="r+").attrs["sample_key"] = key  # last: marks the copy complete
+    logger.info("train: copied the %d sampled images to %s", len(rows), url)
+    return url
+
+
+def train(store: RunStore, plan: TrainPlan, ingest_key: str, images_url: str | None = None) -> Trained:
+    """Train on ``images.zarr`` (or ``images_url``, its sampled copy) and save the autoencoder as
+    the run's model (``model/``).
 
     A checkpoint under ``_work/resume/`` lets a killed run continue where it stopped; a finished
     training with the same key is reused.
@@ -70,12 +93,14 @@ def train(store: RunStore, plan: TrainPlan, ingest_key: str) -> Trained:
         except FileNotFoundError:
             return None
 
-    result = train_autoencoder(open_array(store.images, so), plan, load_checkpoint,
+    result = train_autoencoder(open_array(images_url or store.images, so), plan, load_checkpoint,
                                lambda data: write_bytes_atomic(checkpoint, data, so))
     model = RunModel(result.model, {**result.spec, "train_key": key})
     model.save(Location(store.model, so))
     remove(checkpoint, so)
-    return Trained(model.token, model.weights_sha256, result.losses, result.device, model.code_dim, result.resumed_from_epoch)
+    if images_url is not None:
+        remove(images_url, so)
+    return Trained(model.token, model.weights_sha256, result.losses, result.device, model.code_dim, result.resumed_from_step)
 
 
 def _cuda_devices() -> int:
@@ -112,8 +137,11 @@ def train_where_best(store: RunStore, plan: TrainPlan, ingest_key: str, client: 
     Training is one sequential job: on a GPU worker it gets the accelerator; without one it runs in
     the flow's process, which avoids shipping the loop to a worker that is no faster.
     """
+    if finished_training(store, train_key(plan, ingest_key or store.images)) is not None:
+        return train(store, plan, ingest_key)  # reused as it is: no copy of the sample needed
+    sample = sampled_copy(store, plan, ingest_key, client)
     gpus = gpu_workers(client)
     if gpus:
         logger.info("train: pinned to a GPU worker (%s)", ", ".join(gpus))
-        return client.submit(train, store, plan, ingest_key, resources={"GPU": 1}, pure=False).result()
-    return train(store, plan, ingest_key)
+        return client.submit(train, store, plan, ingest_key, sample, resources={"GPU": 1}, pure=False).result()
+    return train(store, plan, ingest_key, sample)
