@@ -26,7 +26,7 @@ from imgclust.cluster.kmeans import (
 )
 from imgclust.cluster.merge import merge_subclusters, subcluster_count
 from imgclust.cluster.placement import ClusterPlacement
-from imgclust.cluster.sampling import sample_rows
+from imgclust.cluster.sampling import sample_rows, umap_fit_rows
 from imgclust.io.arrays import create_array, open_array
 from imgclust.runmodel import RunModel
 from imgclust.runstore import Location, RunStore
@@ -92,7 +92,7 @@ def cluster_codes(codes: Location, store: RunStore, settings: ClusterSettings, c
         x, mu, sd = standardise(da.from_zarr(arr))
         fitted = None
         if settings.method == "kmeans" and settings.embedding == "umap" and n > 20:
-            x, fitted = umap_embed(x, seed, settings.embedding_dim)
+            x, fitted = umap_embed(x, seed, settings.embedding_dim, umap_fit_rows(n, n_clusters))
         features_url = store.work("features.zarr")
         create_array(features_url, (n, x.shape[1]), step, "float32", so)
         with warnings.catch_warnings():  # the fitted sample (a few MB) is in the graph once, by design

@@ -22,7 +22,7 @@ from imgclust.cluster.kmeans import (
     relabel_by_size,
     silhouette,
 )
-from imgclust.cluster.sampling import sample_rows
+from imgclust.cluster.sampling import refine_rows, sample_rows
 from imgclust.dask_cluster import completed, torch_threads_by_worker
 from imgclust.io.arrays import aligned_spans, create_array, open_array
 from imgclust.models.refiner import RefineSettings, refine
@@ -67,7 +67,7 @@ def refine_clusters(store: RunStore, clu: Clustering, seed: int, client: Client,
         if recorded is not None:
             logger.info("refine: already done for these clusters and settings; reusing it")
             return Clustering.from_record(recorded["clustering"]), recorded["summary"]
-    rows = sample_rows(n, settings.sample, seed)
+    rows = sample_rows(n, max(settings.sample, refine_rows(n, k)), seed)
     x = torch.from_numpy(images.get_orthogonal_selection((rows, slice(None), slice(None), slice(None)))).float().div_(255.0)
     f_all = open_array(clu.features_url, so)[:]
     labels0 = open_array(clu.labels_url, so)[:]
