@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 
 from imgclust.io.arrays import open_array
 from imgclust.io.storage import read_parquet
@@ -76,3 +77,41 @@ def test_the_decode_limit_reaches_the_workers_and_is_recorded(tmp_path, client):
     assert rejected["path"].tolist() == ["big.png"]
     assert "40x40 pixels is 0.0 megapixels, above the limit of 0.001" in rejected["reason"].iloc[0]
     assert PixelSpec.of_images(dict(open_array(f"{out}/images.zarr").attrs)) == spec
+
+
+def big_jpeg(width: int = 4000, height: int = 3000) -> bytes:
+    """A 12-megapixel photo-like JPEG of about 10 MB."""
+    import io
+
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:height, 0:width]
+    base = np.stack([xx * 255 / width, yy * 255 / height, (xx + yy) * 127 / (width + height)], -1)
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(base + rng.normal(0, 40, base.shape), 0, 255).astype(np.uint8)).save(buf, "JPEG",
+                                                                                              quality=95)
+    return buf.getvalue()
+
+
+@pytest.mark.slow
+def test_a_shard_of_large_photos_runs_within_a_workers_memory_limit(tmp_path):
+    """40 photos of 10 MB in one shard (430 MB) on a worker limited to 600 MB: read a bounded group
+    at a time, the shard is decoded without the worker being paused or killed (reading it whole
+    gets the worker killed and restarted)."""
+    from distributed import Client, LocalCluster
+
+    data = big_jpeg()
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(40):  # distinct files: bytes after the end marker change the hash, not the pixels
+        (src / f"{i:02d}.jpg").write_bytes(data + i.to_bytes(4, "big"))
+    assert 40 * len(data) > 400e6
+    with LocalCluster(n_workers=1, threads_per_worker=1, memory_limit="600MB", dashboard_address=None,
+                      host="127.0.0.1") as cluster, Client(cluster, set_as_default=False) as client:
+        workers = set(client.scheduler_info()["workers"])
+        out = RunStore(str(tmp_path / "out"))
+        discover(Location(str(src)), out, client)
+        ing = ingest(Location(str(src)), out, PixelSpec((32, 32), False), 64, client)
+        assert ing.n_accepted == 40 and ing.n_rejected == 0
+        assert set(client.scheduler_info()["workers"]) == workers  # the same worker: never killed

@@ -6,6 +6,7 @@ import io
 import json
 import posixpath
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import fsspec
@@ -203,6 +204,34 @@ def find(fs: fsspec.AbstractFileSystem, root: str, detail: bool = False) -> Any:
                 out[name] = info
     names = sorted(out)
     return {n: out[n] for n in names} if detail else names
+
+
+READ_BYTES, READ_FILES = 256 << 20, 64  # what one group of reads holds at most (a file may exceed it alone)
+
+
+def read_file_groups(fs: fsspec.AbstractFileSystem, paths: list[str], max_bytes: int | None = None,
+                     max_files: int | None = None) -> Iterator[list[tuple[str, bytes | BaseException | None]]]:
+    """(path, contents or the exception that stopped it) of every path, in order, a group at a
+    time: local files until ``max_bytes`` are held, remote ones ``max_files`` at a time (one
+    concurrent request each). A worker given a shard of large photos holds one group, not the shard.
+    """
+    max_bytes, max_files = max_bytes or READ_BYTES, max_files or READ_FILES
+    if not isinstance(fs, LocalFileSystem):
+        for a in range(0, len(paths), max_files):
+            got = read_files(fs, paths[a:a + max_files])
+            yield [(p, got.get(p)) for p in paths[a:a + max_files]]
+        return
+    group: list[tuple[str, bytes | BaseException | None]] = []
+    held = 0
+    for path in paths:
+        data = read_files(fs, [path]).get(path)
+        group.append((path, data))
+        held += len(data) if isinstance(data, bytes) else 0
+        if held >= max_bytes:
+            yield group
+            group, held = [], 0
+    if group:
+        yield group
 
 
 def read_files(fs: fsspec.AbstractFileSystem, paths: list[str]) -> dict[str, bytes | BaseException]:

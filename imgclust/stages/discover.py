@@ -13,7 +13,7 @@ from distributed import Client
 from imgclust.dask_cluster import completed
 from imgclust.io.imagefile import probe_is_gray
 from imgclust.io.listing import Listing, list_files, source_path
-from imgclust.io.storage import StorageError, normalise_url, read_files, unreadable_reason, with_retries, write_parquet
+from imgclust.io.storage import StorageError, normalise_url, read_file_groups, unreadable_reason, with_retries, write_parquet
 from imgclust.progress import track
 from imgclust.runstore import Location, RunStore
 from imgclust.state.resume import ShardLedger, fingerprint
@@ -62,17 +62,22 @@ def list_source(source: Location) -> Listing:
 HashRow = tuple[str, str | None, str | None, bool | None]  # path, sha256, reason it could not be read, is gray
 
 
-def hash_batch(fs: fsspec.AbstractFileSystem, root: str, paths: list[str]) -> list[HashRow]:
-    """(path, sha256, error, is_gray) per file; runs on a Dask worker, reads each file once."""
+def hash_batch(fs: fsspec.AbstractFileSystem, root: str, paths: list[str], ledger: ShardLedger | None = None,
+               name: str | None = None) -> list[HashRow]:
+    """(path, sha256, error, is_gray) per file; runs on a Dask worker, reads each file once, a
+    bounded group at a time. With a ledger, the worker records the batch (when every file could be
+    read: unreadable ones are asked again next time) under ``name``."""
     full = [f"{root.rstrip('/')}/{source_path(p)}" for p in paths]
+    rel_of = dict(zip(full, paths))
     out: list[tuple[str, str | None, str | None, bool | None]] = []
-    blobs = read_files(fs, full)
-    for rel, path in zip(paths, full):
-        data = blobs.get(path)
-        if isinstance(data, BaseException) or data is None:
-            out.append((rel, None, unreadable_reason(data), None))
-            continue
-        out.append((rel, hashlib.sha256(data).hexdigest(), None, probe_is_gray(data)))
+    for group in read_file_groups(fs, full):
+        for path, data in group:
+            if isinstance(data, BaseException) or data is None:
+                out.append((rel_of[path], None, unreadable_reason(data), None))
+            else:
+                out.append((rel_of[path], hashlib.sha256(data).hexdigest(), None, probe_is_gray(data)))
+    if ledger is not None and name is not None and all(r[1] is not None for r in out):
+        ledger.mark(name, out)
     return out
 
 
@@ -92,14 +97,11 @@ def hash_files(fs: fsspec.AbstractFileSystem, root: str, paths: list[str], clien
         if name in done:
             rows.extend(tuple(r) for r in done[name])
         else:
-            futures[client.submit(hash_batch, fs, root, paths[a:b], pure=False)] = name
+            futures[client.submit(hash_batch, fs, root, paths[a:b], ledger, name, pure=False)] = name
     if done:
         logger.info("discover: %d of %d batches hashed by an earlier attempt", len(spans) - len(futures), len(spans))
     for fut in track(completed(client, futures), total=len(futures), desc="discover", unit="batch"):
-        result = fut.result()
-        if ledger is not None and all(r[1] is not None for r in result):  # retry unreadable files next time
-            ledger.mark(futures[fut], result)
-        rows.extend(result)
+        rows.extend(fut.result())
     return pd.DataFrame(rows, columns=["path", "sha256", "reason", "gray"]).sort_values("path").reset_index(drop=True)
 
 

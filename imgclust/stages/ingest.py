@@ -15,7 +15,7 @@ from imgclust.dask_cluster import completed
 from imgclust.io.arrays import aligned_spans, chunk_spans, create_array, open_array, open_if_exists
 from imgclust.io.imagefile import DEFAULT_MAX_MEGAPIXELS, DecodedImage, ImageRejected, decode_image
 from imgclust.io.listing import source_path
-from imgclust.io.storage import move_tree, read_files, read_parquet, remove, unreadable_reason
+from imgclust.io.storage import move_tree, read_file_groups, read_parquet, remove, unreadable_reason
 from imgclust.io.tables import part_files
 from imgclust.progress import track
 from imgclust.runstore import Location, RunStore
@@ -93,20 +93,21 @@ def ingest_shard(source: Location, paths: list[str], staging: Location, start: i
     block = np.zeros((len(paths), pixels.channels, *pixels.size), dtype=np.uint8)
     fs, root = source.fs()
     full = [f"{root.rstrip('/')}/{source_path(p)}" for p in paths]
-    blobs = read_files(fs, full)
     meta: list[Meta] = []
-    for i, path in enumerate(full):
-        data = blobs.get(path)
-        if isinstance(data, BaseException) or data is None:
-            meta.append((False, 0, 0, "", unreadable_reason(data)))
-            continue
-        try:
-            img = pixels.decode(data)
-        except ImageRejected as exc:
-            meta.append((False, 0, 0, "", str(exc)))
-            continue
-        block[i] = img.pixels
-        meta.append((True, img.width, img.height, img.format, ""))
+    i = 0
+    for group in read_file_groups(fs, full):  # bounded bytes in memory, whatever the shard holds
+        for _, data in group:
+            if isinstance(data, BaseException) or data is None:
+                meta.append((False, 0, 0, "", unreadable_reason(data)))
+            else:
+                try:
+                    img = pixels.decode(data)
+                    block[i] = img.pixels
+                    meta.append((True, img.width, img.height, img.format, ""))
+                except ImageRejected as exc:
+                    meta.append((False, 0, 0, "", str(exc)))
+            i += 1
+        del group
     if ledger is not None:
         ledger.check_fence()
     open_array(staging.url, staging.storage_options, mode="r+")[start:start + len(paths)] = block
