@@ -198,7 +198,7 @@ def cmd_run(ns: argparse.Namespace) -> int:
         config = RunConfig(**{**settings, "storage_options": public}).with_credentials(secret)
         from imgclust.preflight import preflight
 
-        n = preflight(config)
+        preflight(config)
         if not config.force_unlock:
             check_free(config.store)
     except ValidationError as exc:
@@ -207,7 +207,7 @@ def cmd_run(ns: argparse.Namespace) -> int:
         return _fail(str(exc))
     except LeaseHeld as exc:
         return _fail(str(exc), EXIT_BUSY)
-    print(f"imgclust: {n} image files under {config.source}; writing to {config.output}", file=sys.stderr)
+    print(f"imgclust: clustering the images under {config.source}; writing to {config.output}", file=sys.stderr)
     from flows.cluster_archive import cluster_archive
 
     try:
@@ -328,10 +328,10 @@ def cmd_assign(ns: argparse.Namespace) -> int:
                            dask_address=ns.dask_address, **_lease_settings(ns)).with_credentials(secret)
     except ValidationError as exc:
         return _fail(_validation_message(exc))
-    from imgclust.stages.discover import list_images
+    from imgclust.stages.discover import peek_source
 
     try:
-        list_images(cfg.source_location)
+        peek_source(cfg.source_location, 1)  # a bounded peek: assign lists it once itself
     except Exception as exc:
         return _fail(f"source: {exc}")
     from flows.assign_new import assign_new_flow

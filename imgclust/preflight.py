@@ -5,13 +5,15 @@ from __future__ import annotations
 from imgclust.config import ConfigError, RunConfig
 from imgclust.io.storage import StorageError, remove, with_retries
 from imgclust.runstore import RunStore
-from imgclust.stages.discover import list_images
+from imgclust.stages.discover import peek_source
 
 
-def preflight(config: RunConfig) -> int:
-    """Validate source, output and k against storage; returns how many image files were found."""
+def preflight(config: RunConfig) -> None:
+    """Validate source, output and k against storage, in seconds and in memory that does not grow
+    with the archive: the source is peeked at (enough images for k), not listed; discover lists it."""
+    wanted = max(1, config.n_clusters or 1)
     try:
-        paths = list_images(config.source_location)
+        paths = peek_source(config.source_location, wanted)
     except StorageError as exc:
         raise ConfigError("source", str(exc)) from None
     except Exception as exc:  # credentials, endpoint, DNS: the library's message is what helps
@@ -35,7 +37,6 @@ def preflight(config: RunConfig) -> int:
         raise ConfigError("output", f"cannot access {config.output}: {type(exc).__name__}: {exc}") from None
     if finished and not config.overwrite:
         raise ConfigError("output", f"{config.output} already holds a finished run; pass --overwrite to replace it")
-    return len(paths)
 
 
 def _check_compute(config: RunConfig) -> None:

@@ -43,3 +43,18 @@ def test_discover_writes_duplicates(corpus, client, tmp_path):
     unique = read_parquet(RunStore(str(tmp_path)).work(UNIQUE))
     assert not set(dups["path"]) & set(unique["path"])
     assert set(dups["duplicate_of"]) <= set(unique["path"])
+
+
+def test_a_peek_stops_at_what_it_needs(tmp_path):
+    """The checks before a run look for k images, not at every file of the archive."""
+    from imgclust.stages.discover import peek_source
+
+    for d in range(5):
+        (tmp_path / f"d{d}").mkdir()
+        for i in range(10):
+            (tmp_path / f"d{d}" / f"{i}.png").write_bytes(b"x")
+    (tmp_path / "notes.txt").write_text("not an image")
+    assert len(peek_source(Location(str(tmp_path)), 3)) == 3
+    assert len(peek_source(Location(str(tmp_path)), 500)) == 50
+    with pytest.raises(StorageError, match="source not found"):
+        peek_source(Location(str(tmp_path / "nope")), 1)

@@ -151,3 +151,40 @@ def list_remote(fs: Any, root: str, max_bytes: int = MAX_FILE_BYTES) -> Listing:
 
 def list_files(fs: Any, root: str, max_bytes: int = MAX_FILE_BYTES) -> Listing:
     return list_local(root, max_bytes) if isinstance(fs, LocalFileSystem) else list_remote(fs, root, max_bytes)
+
+
+def peek_images(fs: Any, root: str, limit: int) -> list[str]:
+    """Up to ``limit`` image files under ``root`` (full paths), stopping as soon as it has them: the
+    checks before a run need to know there are images, not to hold a listing of every one.
+
+    Local folders are walked with ``os.scandir``; other filesystems one folder listing at a time
+    (an object store's flat prefix is one listing).
+    """
+    from imgclust.io.storage import with_retries
+
+    found: list[str] = []
+    stack, seen = [root.rstrip("/") or "/"], set()
+    local = isinstance(fs, LocalFileSystem)
+    while stack and len(found) < limit:
+        folder = stack.pop()
+        if folder in seen:
+            continue
+        seen.add(folder)
+        if local:
+            try:
+                with os.scandir(folder) as entries:
+                    items = [(e.path, e.is_dir(follow_symlinks=True)) for e in entries]
+            except OSError:
+                continue
+        else:
+            items = [(i["name"].rstrip("/"), i.get("type") == "directory")
+                     for i in with_retries(fs.ls, folder, detail=True)]
+        for path, is_dir in sorted(items):
+            if is_dir:
+                if path != folder:
+                    stack.append(os.path.realpath(path) if local else path)
+            elif is_image_name(path):
+                found.append(path)
+                if len(found) >= limit:
+                    break
+    return found

@@ -12,7 +12,7 @@ from distributed import Client
 
 from imgclust.dask_cluster import completed
 from imgclust.io.imagefile import probe_is_gray
-from imgclust.io.listing import Listing, list_files, source_path
+from imgclust.io.listing import Listing, list_files, peek_images, source_path
 from imgclust.io.storage import StorageError, normalise_url, read_file_groups, unreadable_reason, with_retries, write_parquet
 from imgclust.progress import track
 from imgclust.runstore import Location, RunStore
@@ -39,9 +39,14 @@ def list_images(source: Location) -> list[str]:
     return list_source(source).paths
 
 
-def list_source(source: Location) -> Listing:
-    """Every image file under ``source`` with its stamp (size, modification), and the entries refused
-    unread (FIFOs, devices, files too large, folders that cannot be listed) with their reason."""
+def peek_source(source: Location, limit: int) -> list[str]:
+    """Up to ``limit`` image files under ``source``, with ``list_source``'s errors for a source that
+    is missing, not a folder or unreachable."""
+    fs, root = _source_root(source)
+    return peek_images(fs, root, limit)
+
+
+def _source_root(source: Location) -> tuple[fsspec.AbstractFileSystem, str]:
     try:
         fs, root = source.fs()
         try:
@@ -50,9 +55,21 @@ def list_source(source: Location) -> Listing:
             raise StorageError(f"source not found: {source.url}") from None
         if info.get("type") != "directory":
             raise StorageError(f"source is not a folder or prefix: {source.url}")
-        return list_files(fs, root)
+        return fs, root
     except StorageError:
         raise
+    except PermissionError as exc:
+        raise StorageError(f"no permission to list source {source.url}: {exc}") from exc
+    except Exception as exc:  # endpoint unreachable, bad credentials, ...: the library's words help most
+        raise StorageError(f"cannot list source {source.url}: {type(exc).__name__}: {exc}") from exc
+
+
+def list_source(source: Location) -> Listing:
+    """Every image file under ``source`` with its stamp (size, modification), and the entries refused
+    unread (FIFOs, devices, files too large, folders that cannot be listed) with their reason."""
+    fs, root = _source_root(source)
+    try:
+        return list_files(fs, root)
     except PermissionError as exc:
         raise StorageError(f"no permission to list source {source.url}: {exc}") from exc
     except Exception as exc:  # endpoint unreachable, bad credentials, ...: the library's words help most
