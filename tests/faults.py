@@ -1,5 +1,5 @@
 """A storage layer that fails: the local disk behind an fsspec filesystem (``faulty://``) whose reads,
-writes and listings fail transiently at a given rate.
+writes and listings fail transiently at a given rate, and which can log every file it reads.
 
 It has no retries of its own, so whatever survives the faults is the product's handling. Each
 injected fault is appended as one line to ``fault_log`` (by every process: the flow and the Dask
@@ -32,10 +32,10 @@ class FaultyFileSystem(AbstractFileSystem):
     cachable = True
 
     def __init__(self, fault_rate: float = 0.05, fault_log: str | None = None, fault_seed: int | None = None,
-                 **kwargs) -> None:
+                 read_log: str | None = None, **kwargs) -> None:
         kwargs.pop("asynchronous", None)  # zarr asks for it; the async wrapper it applies does the rest
         super().__init__(**kwargs)
-        self.fault_rate, self.fault_log = float(fault_rate), fault_log
+        self.fault_rate, self.fault_log, self.read_log = float(fault_rate), fault_log, read_log
         self._rng = random.Random(fault_seed if fault_seed is not None else os.getpid())
         self._lock = threading.Lock()
         self.local = LocalFileSystem()
@@ -68,12 +68,20 @@ class FaultyFileSystem(AbstractFileSystem):
         return self.local.exists(self._strip_protocol(path))
 
     # Reads
+    def _log_read(self, path) -> None:
+        if self.read_log:
+            with open(self.read_log, "a") as fh:
+                fh.write(f"{self._strip_protocol(path)}\n")
+
     def cat_file(self, path, start=None, end=None, **kwargs):
         self._maybe_fail("read", path)
+        self._log_read(path)
         return self.local.cat_file(self._strip_protocol(path), start=start, end=end)
 
     def _open(self, path, mode="rb", **kwargs):
         self._maybe_fail("open", path)
+        if "r" in mode:
+            self._log_read(path)
         return self.local._open(self._strip_protocol(path), mode=mode, **kwargs)
 
     # Writes

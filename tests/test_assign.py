@@ -218,3 +218,30 @@ def test_assign_accounts_for_copies_edits_and_files_that_became_readable_killed_
     assert fixed in now.index and fixed not in set(after["rejected"]["path"])
     again = assign_new(store, source, client)
     assert again["new"] == 0  # nothing is new the second time
+
+
+def test_a_nightly_assign_reads_only_the_new_files(finished_run, tmp_path, client):
+    """Files whose path, size and modification time the tables hold are not read again: the cost
+    of an assign is what is new, not the archive."""
+    from imgclust.runstore import Location, RunStore
+    from imgclust.stages.assign import assign_new
+    from tests import faults
+
+    client.run(faults.register)
+    root, out, counts, _ = finished_run
+    run, src = tmp_path / "run", tmp_path / "src"
+    shutil.copytree(out, run)
+    shutil.copytree(root, src)  # modification times are copied too
+    new = [f"tonight/{i}.png" for i in range(3)]
+    (src / "tonight").mkdir()
+    for i, path in enumerate(new):
+        Image.fromarray(np.full((28, 28), 30 + 70 * i, np.uint8)).save(src / path)
+    log = tmp_path / "reads.log"
+    source = Location(f"faulty://{src}", {"fault_rate": 0.0, "read_log": str(log)})
+    summary = assign_new(RunStore(str(run)), source, client)
+    assert summary["files"] == counts["found"] + 3 and summary["read"] == 3 and summary["accepted"] == 3
+    read = {line.strip() for line in log.read_text().splitlines()}
+    assert read == {str(src / p) for p in new}, sorted(read)[:10]
+    log.unlink()
+    again = assign_new(RunStore(str(run)), source, client)
+    assert again["read"] == 0 and again["new"] == 0 and not log.exists()

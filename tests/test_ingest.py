@@ -22,7 +22,7 @@ def test_ingest_accounts_for_every_file(corpus, client, tmp_path):
     all_paths = set(manifest["path"]) | set(rejected["path"]) | set(dups["path"])
     assert len(all_paths) == counts["found"]
     assert manifest["index"].tolist() == list(range(len(manifest)))
-    assert set(manifest.columns) == {"index", "path", "sha256", "width", "height", "format", "generation"}
+    assert set(manifest.columns) == {"index", "path", "sha256", "width", "height", "format", "stamp", "generation"}
     reasons = dict(zip(rejected["path"], rejected["reason"]))
     assert reasons["broken/deeper/empty.png"] == "empty file (0 bytes)"
     assert reasons["broken/deeper/notes.jpg"] == "not a recognised image format"

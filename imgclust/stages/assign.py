@@ -53,9 +53,16 @@ def assign_new(store: RunStore, source: Location, client: Client) -> dict[str, A
 
     fs, root = source.fs()
     listing = list_source(source)
-    hashed = hash_files(fs, root, listing.paths, client)
+    # A file whose path, size and modification time the tables hold is not read again.
+    stamped = pd.concat([t[["path", "stamp"]] for t in (manifest, duplicates, rejected) if "stamp" in t.columns],
+                        ignore_index=True)
+    unchanged = set(zip(stamped["path"], stamped["stamp"])) if len(stamped) else set()
+    to_read = [p for p, s in listing.files if (p, s) not in unchanged]
+    hashed = hash_files(fs, root, to_read, client)
+    hashed["stamp"] = hashed["path"].map(dict(listing.files))
     refused = pd.DataFrame(listing.refused, columns=["path", "reason"])
-    unreadable = pd.concat([hashed.loc[hashed["sha256"].isna(), ["path", "reason"]], refused], ignore_index=True)
+    unreadable = pd.concat([hashed.loc[hashed["sha256"].isna(), ["path", "reason", "stamp"]], refused],
+                           ignore_index=True)
     unreadable = unreadable[~unreadable["path"].isin(set(rejected.loc[rejected["sha256"].isna(), "path"]))]
     readable = hashed[hashed["sha256"].notna()]
     fresh = readable.loc[np.array([(p, h) not in held for p, h in zip(readable["path"], readable["sha256"])],
@@ -63,13 +70,14 @@ def assign_new(store: RunStore, source: Location, client: Client) -> dict[str, A
     copies = fresh[fresh["sha256"].isin(original_of.keys()) & ~fresh["path"].isin(original_of.values())]
     known_bad = fresh[fresh["sha256"].isin(reject_reason.keys()) & ~fresh.index.isin(copies.index)]
     rest = fresh.drop(index=copies.index.union(known_bad.index))
-    unique, dups = split_duplicates(rest[["path", "sha256", "gray"]])
-    dups = pd.concat([dups, copies[["path", "sha256"]].assign(duplicate_of=copies["sha256"].map(original_of))],
+    unique, dups = split_duplicates(rest[["path", "sha256", "gray", "stamp"]])
+    dups = pd.concat([dups, copies[["path", "sha256", "stamp"]].assign(duplicate_of=copies["sha256"].map(original_of))],
                      ignore_index=True)
     summary = {"at": datetime.now(UTC).isoformat(timespec="seconds"), "source": source.url,
-               "files": len(listing), "new": len(unique) + len(dups) + len(unreadable) + len(known_bad)}
+               "files": len(listing), "read": len(to_read),
+               "new": len(unique) + len(dups) + len(unreadable) + len(known_bad)}
     if summary["new"] == 0:
-        logger.info("assign: nothing new among %d files", len(listing))
+        logger.info("assign: nothing new among %d files (%d read)", len(listing), len(to_read))
         return {**summary, "accepted": 0, "rejected": 0, "duplicates": 0, "seconds": round(time.perf_counter() - t0, 3)}
 
     images = open_array(store.images, so, mode="r+")
@@ -91,9 +99,8 @@ def assign_new(store: RunStore, source: Location, client: Client) -> dict[str, A
     labels, dist = model.predict(open_array(store.images, so)[new], open_array(store.codes, so)[new])
 
     new_manifest, new_rejected = manifest_rows(unique, info, start)
-    new_rejected = pd.concat([new_rejected, unreadable.assign(sha256=None),
-                              known_bad[["path", "sha256"]].assign(reason=known_bad["sha256"].map(reject_reason))],
-                             ignore_index=True)[["path", "reason", "sha256"]]
+    new_rejected = pd.concat([new_rejected, unreadable.assign(sha256=None), known_bad[["path", "sha256", "stamp"]].assign(
+        reason=known_bad["sha256"].map(reject_reason))], ignore_index=True)[["path", "reason", "sha256", "stamp"]]
     new_assignments = pd.DataFrame({"path": new_manifest["path"].to_numpy(), "sha256": new_manifest["sha256"].to_numpy(),
                                     "cluster": labels, "distance": dist})
     for name, rows in (("assignments", new_assignments), ("rejected", new_rejected), ("duplicates", dups),

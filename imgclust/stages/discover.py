@@ -127,7 +127,8 @@ def split_duplicates(hashed: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     hashed = hashed.sort_values("path", kind="stable").reset_index(drop=True)
     first = hashed.groupby("sha256", sort=False)["path"].transform("first")
     is_dup = hashed["path"] != first
-    dups = hashed.loc[is_dup, ["path", "sha256"]].assign(duplicate_of=first[is_dup]).reset_index(drop=True)
+    keep = [c for c in ("path", "sha256", "stamp") if c in hashed.columns]
+    dups = hashed.loc[is_dup, keep].assign(duplicate_of=first[is_dup]).reset_index(drop=True)
     unique = hashed.loc[~is_dup].reset_index(drop=True)
     return unique, dups
 
@@ -141,15 +142,16 @@ def discover(source: Location, store: RunStore, client: Client) -> Discovery:
     ledger = ShardLedger(store, "discover", fingerprint("discover", normalise_url(source.url)))
     ledger.clear_others()
     table = hash_files(fs, root, paths, client, ledger, stamps)
-    unreadable = pd.concat([table.loc[table["sha256"].isna(), ["path", "reason"]],
+    table["stamp"] = table["path"].map(dict(listing.files))  # size and modification: assign skips unchanged files
+    unreadable = pd.concat([table.loc[table["sha256"].isna(), ["path", "reason", "stamp"]],
                             pd.DataFrame(listing.refused, columns=["path", "reason"])], ignore_index=True)
     unreadable = unreadable.sort_values("path", kind="stable").reset_index(drop=True)
-    unique, dups = split_duplicates(table.loc[table["sha256"].notna(), ["path", "sha256", "gray"]])
+    unique, dups = split_duplicates(table.loc[table["sha256"].notna(), ["path", "sha256", "gray", "stamp"]])
     probes = unique["gray"].dropna()
     gray = bool(len(probes)) and bool(probes.all())
     so = store.storage_options
     store.write_table("duplicates", dups)
-    write_parquet(store.work(UNIQUE), unique[["path", "sha256"]], so)
+    write_parquet(store.work(UNIQUE), unique[["path", "sha256", "stamp"]], so)
     write_parquet(store.work(UNREADABLE), unreadable, so)
     logger.info(
         "discover: %d image files, %d unique, %d duplicates, %d unreadable",

@@ -172,6 +172,9 @@ def manifest_rows(unique: pd.DataFrame, info: pd.DataFrame, start: int) -> tuple
     })
     rejected = pd.DataFrame({"path": unique["path"].to_numpy()[~ok], "reason": info.loc[~ok, "reason"].to_numpy(),
                              "sha256": unique["sha256"].to_numpy()[~ok]})
+    if "stamp" in unique.columns:
+        manifest["stamp"] = unique["stamp"].to_numpy()[ok]
+        rejected["stamp"] = unique["stamp"].to_numpy()[~ok]
     return manifest, rejected
 
 
@@ -227,7 +230,8 @@ def ingest(source: Location, store: RunStore, pixels: PixelSpec, shard_size: int
         compact_into(staging, images, accepted_rows, 0, client)
     manifest, decode_rejects = manifest_rows(unique, info, 0)
     unreadable = read_parquet(store.work(UNREADABLE), so).assign(sha256=None)
-    rejected = pd.concat([unreadable, decode_rejects], ignore_index=True)[["path", "reason", "sha256"]]
+    columns = ["path", "reason", "sha256"] + (["stamp"] if "stamp" in unreadable.columns else [])
+    rejected = pd.concat([unreadable, decode_rejects], ignore_index=True)[columns]
     rejected = rejected.sort_values("path", kind="stable").reset_index(drop=True)
     store.write_table("manifest", manifest)
     store.write_table("rejected", rejected)
