@@ -143,9 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--storage-options", help="fsspec options as JSON")
     _add_lease_options(cp)
     asg = sub.add_parser("assign", help="add images new to a finished run to its clusters (flow assign-new)",
-                         description="Hashes every image under SOURCE; files whose content the run has never seen "
-                         "are ingested, encoded with the run's model and assigned to the existing cluster centres; "
-                         "manifest, assignments, rejected and duplicates are extended. Nothing new: nothing done.")
+                         description="Lists SOURCE and reads only the files whose path, size or modification time the run's "
+                         "tables do not hold; those whose content the run has never seen are ingested, encoded "
+                         "with the run's model and assigned to the existing cluster centres, as one new generation "
+                         "of table parts. Nothing new: nothing done.")
     asg.add_argument("run_dir")
     asg.add_argument("source")
     asg.add_argument("--dask-address", help="Dask scheduler (default: a local cluster)")
