@@ -17,8 +17,10 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pandas as pd
 import pytest
+from PIL import Image
 
 from tests.corpus import make_corpus
 
@@ -167,8 +169,21 @@ def test_yaml_deployments_run_on_a_process_worker(server, yaml_deployed, tmp_pat
                             "--params", json.dumps(params), "--watch", "--watch-timeout", "240"],
                            env=env, cwd=tmp_path, capture_output=True, text=True, timeout=270)
         assert r.returncode == 0, f"{r.stdout[-3000:]}\n{r.stderr[-2000:]}\n--- worker ---\n{_tail(worker_log, 6000)}"
+        # The nightly deployment itself, on the same worker, against the finished run with new files.
+        prefect(env, "deploy", "--prefect-file", YAML, "--name", "nightly", "--pool", "imgclust-test")
+        (source / "tonight").mkdir()
+        for i in range(3):
+            Image.fromarray(np.full((28, 28), 40 + 80 * i, np.uint8)).save(source / "tonight" / f"{i}.png")
+        nightly_params = {"config": {"run_dir": str(output), "source": str(source)}}
+        r = subprocess.run([PREFECT, "--no-prompt", "deployment", "run", "assign-new/nightly",
+                            "--params", json.dumps(nightly_params), "--watch", "--watch-timeout", "240"],
+                           env=env, cwd=tmp_path, capture_output=True, text=True, timeout=270)
+        assert r.returncode == 0, f"{r.stdout[-3000:]}\n{r.stderr[-2000:]}\n--- worker ---\n{_tail(worker_log, 6000)}"
     finally:
         _stop(worker)  # SIGINT: the worker deregisters cleanly, before the server goes
+    assign_runs = json.loads((output / "run.json").read_text())["assign_runs"]
+    assert len(assign_runs) == 1 and assign_runs[0]["accepted"] == 3 and assign_runs[0]["read"] == 3
+    assert {f"tonight/{i}.png" for i in range(3)} <= set(pd.read_parquet(output / "assignments.parquet")["path"])
 
     runs = httpx.post(f"{api}/flow_runs/filter", timeout=10,
                       json={"deployments": {"id": {"any_": [on_demand["id"]]}}}).json()
