@@ -64,3 +64,20 @@ def test_prototype_strips_have_attention_maps_only_where_the_encoder_has_a_featu
         strip = prototype_and_attention(model, np.zeros((3, code), np.float32), pixels)
         widths[arch] = strip.size[0]
     assert widths["conv-vae"] > widths["dense-vae"] > 96 * 4
+
+
+def test_members_by_distance_gives_each_clusters_rows_nearest_first_as_one_scan_per_cluster_did():
+    import numpy as np
+    import pandas as pd
+
+    from imgclust.report.figures import cluster_members, members_by_distance
+
+    rng = np.random.default_rng(0)
+    a = pd.DataFrame({"cluster": rng.integers(0, 7, 500), "distance": rng.integers(0, 20, 500) / 4})
+    by = members_by_distance(a)
+    assert sorted(by) == sorted(set(a["cluster"])) and sum(len(v) for v in by.values()) == 500
+    for c, rows in by.items():
+        near, rand = cluster_members(a, c, 3)
+        near2, rand2 = cluster_members(a, c, 3, rows)
+        np.testing.assert_array_equal(near, near2)
+        np.testing.assert_array_equal(rand, rand2)

@@ -21,6 +21,7 @@ from imgclust.report.figures import (
     cluster_members,
     grid,
     map_2d,
+    members_by_distance,
     png_bytes,
     prototype_and_attention,
     reconstructions,
@@ -102,12 +103,15 @@ def write_report(store: RunStore, seed: int = 0, run: dict[str, Any] | None = No
     codes = open_array(store.codes, so)
     model = RunModel.load(Location(store.model, so))
     autoencoder = model.autoencoder
+    assignments = assignments.reset_index(drop=True)
+    by_cluster = members_by_distance(assignments)
     for c in track(clusters, total=len(clusters), desc="report", unit="cluster"):
-        near, rand = cluster_members(assignments, c["id"], seed)
+        ordered = by_cluster.get(c["id"], np.zeros(0, np.int64))
+        near, rand = cluster_members(assignments, c["id"], seed, ordered)
         idx = rows[np.concatenate([near, rand]).astype(int)]
         write_bytes_atomic(store.report_file(f"cluster-{c['id']}.png"),
                            png_bytes(grid(to_rgb_thumbs(read_rows(images, idx)))), so)
-        members = assignments.index[assignments["cluster"] == c["id"]].to_numpy()
+        members = np.sort(ordered)
         sample = np.sort(np.random.default_rng(seed).choice(members, size=min(2000, len(members)), replace=False))
         strip = prototype_and_attention(autoencoder, read_rows(codes, np.sort(rows[sample])), read_rows(images, idx[:4]))
         write_bytes_atomic(store.report_file(f"cluster-{c['id']}-prototype.png"), png_bytes(strip), so)
