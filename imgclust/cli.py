@@ -246,9 +246,12 @@ def _finished_run_missing(ns: argparse.Namespace) -> str | None:
     store = RunStore(ns.run_dir, ns.storage_options or {})
     if not store.is_finished:
         return f"run_dir: {ns.run_dir} holds no finished run (run.json missing)"
+    from imgclust.io.tables import TableFormatError, part_files
+
     try:
         RunModel.load(Location(store.model, store.storage_options))
-    except ModelFormatError as exc:
+        part_files(store.table("manifest"), store.storage_options)
+    except (ModelFormatError, TableFormatError) as exc:
         return f"run_dir: {exc}"
     return None
 
@@ -362,8 +365,8 @@ def cmd_compact(ns: argparse.Namespace) -> int:
                                 **_lease_settings(ns)).with_credentials(secret)
     except ValidationError as exc:
         return _fail(_validation_message(exc))
-    if not cfg.store.is_finished:
-        return _fail(f"run_dir: {ns.run_dir} holds no finished run (run.json missing)")
+    if missing := _finished_run_missing(ns):
+        return _fail(missing)
     try:
         with acquire_lease(cfg.store, "compact", cfg.lease_seconds, cfg.force_unlock):
             res = compact_tables(cfg.store, ns.rows_per_part)

@@ -9,7 +9,7 @@ import fsspec
 import pandas as pd
 
 from imgclust.io import tables
-from imgclust.io.storage import exists, join, open_fs, read_json
+from imgclust.io.storage import exists, join, open_fs, read_json, remove
 
 
 @dataclass(frozen=True)
@@ -69,6 +69,11 @@ class RunStore(Location):
         """``df`` as generation ``generation`` of table ``name`` (in parts of at most ``rows_per_part``
         rows), replacing whatever that generation held."""
         url = self.table(name)
+        if generation == 0:
+            try:
+                tables.part_files(url, self.storage_options)
+            except tables.TableFormatError:  # an older version's single file, which this stage replaces
+                remove(url, self.storage_options)
         step = max(1, rows_per_part or len(df) or 1)
         starts = range(0, len(df), step) if len(df) else [0]
         for part, a in enumerate(starts):

@@ -245,3 +245,15 @@ def test_a_nightly_assign_reads_only_the_new_files(finished_run, tmp_path, clien
     log.unlink()
     again = assign_new(RunStore(str(run)), source, client)
     assert again["read"] == 0 and again["new"] == 0 and not log.exists()
+
+
+def test_a_run_with_tables_of_an_older_layout_is_refused_with_what_to_do(finished_run, tmp_path):
+    root, out, _, _ = finished_run
+    run = tmp_path / "run"
+    shutil.copytree(out, run)
+    table = pd.read_parquet(run / "manifest.parquet")
+    shutil.rmtree(run / "manifest.parquet")
+    table.to_parquet(run / "manifest.parquet")  # one file, as older versions wrote it
+    for command in (("assign", str(run), str(root)), ("compact", str(run))):
+        r = imgclust(*command)
+        assert r.returncode == 2 and "written by an older version" in r.stderr and "--overwrite" in r.stderr, r.stderr

@@ -55,13 +55,21 @@ def write_part(url: str, df: pd.DataFrame, generation: int, part: int = 0,
     write_bytes_atomic(posixpath.join(url, part_name(generation, part)), buf.getvalue(), storage_options)
 
 
+class TableFormatError(ValueError):
+    """A table in a layout this version does not read (a single file, from an older version)."""
+
+
 def part_files(url: str, storage_options: dict[str, Any] | None = None) -> list[tuple[int, str]]:
     """(generation, path) of every part of a table, in write order; none when the table is absent."""
     fs, root = open_fs(url, storage_options)
     try:
-        names = with_retries(fs.ls, root, detail=False)
+        info = with_retries(fs.info, root)
     except FileNotFoundError:
         return []
+    if info.get("type") != "directory":
+        raise TableFormatError(f"{url} is a single file, written by an older version of imgclust; this version "
+                               "keeps tables as folders of parts: run the same command again with --overwrite")
+    names = with_retries(fs.ls, root, detail=False)
     parts = [(part_generation(n), n) for n in names]
     return sorted((g, n) for g, n in parts if g is not None)
 

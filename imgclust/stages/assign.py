@@ -54,9 +54,8 @@ def assign_new(store: RunStore, source: Location, client: Client) -> dict[str, A
     fs, root = source.fs()
     listing = list_source(source)
     # A file whose path, size and modification time the tables hold is not read again.
-    stamped = pd.concat([t[["path", "stamp"]] for t in (manifest, duplicates, rejected) if "stamp" in t.columns],
-                        ignore_index=True)
-    unchanged = set(zip(stamped["path"], stamped["stamp"])) if len(stamped) else set()
+    unchanged = {(p, s) for t in (manifest, duplicates, rejected) if "stamp" in t.columns
+                 for p, s in zip(t["path"], t["stamp"])}
     to_read = [p for p, s in listing.files if (p, s) not in unchanged]
     hashed = hash_files(fs, root, to_read, client)
     hashed["stamp"] = hashed["path"].map(dict(listing.files))
