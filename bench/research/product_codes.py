@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from bench.research.common import WORK, load
 from imgclust.models.autoencoders import build_model
-from imgclust.presets import auto_epochs
+from imgclust.presets import train_steps
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--datasets", default="digits,fashion10k")
@@ -23,8 +23,8 @@ for ds in a.datasets.split(","):
         t0 = time.perf_counter()
         torch.manual_seed(seed)
         model = build_model({"architecture": "conv-dense", "channels": 1, "image_size": [32, 32], "code_dim": 32})
-        epochs = auto_epochs("default", len(X), 256)
         spe = -(-len(X) // 256)
+        epochs = -(-train_steps("default", len(X), 256) // spe)
         opt = torch.optim.Adam(model.parameters(), lr=1e-3)
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=epochs * spe, pct_start=0.1)
         g = torch.Generator().manual_seed(seed)
