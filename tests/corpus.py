@@ -77,9 +77,17 @@ def start_run_until_training(tmp_path: Path) -> tuple[object, Path]:
     for i, img in enumerate(digit_images(300)[0]):
         Image.fromarray(img).save(src / f"{i:03d}.png")
     log = tmp_path / "log.txt"
+    import signal
+
+    def as_from_a_terminal() -> None:
+        # A child inherits an ignored SIGINT from its parent (Python then installs no Ctrl-C
+        # handler); a command started at a terminal has the default, which the tests mean to test.
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
     with open(log, "w") as fh:
         proc = subprocess.Popen([sys.executable, "-m", "imgclust.cli", "run", str(src), str(tmp_path / "out"), "-k",
-                                 "3", "--no-progress"], stdout=fh, stderr=subprocess.STDOUT, env=os.environ.copy())
+                                 "3", "--no-progress"], stdout=fh, stderr=subprocess.STDOUT, env=os.environ.copy(),
+                                preexec_fn=as_from_a_terminal)
     deadline = time.monotonic() + 300
     while "train:" not in log.read_text():
         assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]

@@ -18,9 +18,8 @@ import dask
 import dask.array as da
 import numpy as np
 
-from imgclust.cluster.sampling import sample_rows
+from imgclust.cluster.sampling import sample_rows, umap_fit_rows
 
-UMAP_SAMPLE = 20_000  # rows the manifold is fitted on; the rest are placed with ``place``
 N_NEIGHBORS = 15  # as UMAP's own default and fit
 
 
@@ -84,14 +83,14 @@ def _place_block(block: np.ndarray, fitted: FittedSample) -> np.ndarray:
 
 def umap_embed(x: da.Array, seed: int, n_components: int = 10,
                fit_rows: int | None = None) -> tuple[da.Array, FittedSample]:
-    """UMAP fitted on a sample of ``x`` (at most ``fit_rows``, default ``UMAP_SAMPLE`` rows); every
+    """UMAP fitted on a sample of ``x`` (at most ``fit_rows``, default ``umap_fit_rows``); every
     other row placed on it with ``place``.
 
     When the sample is all of ``x``, the rows keep their fitted embedding. Returns the (N, d)
     features and the fitted sample.
     """
     n = x.shape[0]
-    rows = sample_rows(n, fit_rows or UMAP_SAMPLE, seed)
+    rows = sample_rows(n, fit_rows or umap_fit_rows(n), seed)
     sample = x[rows].compute().astype(np.float32)
     emb = fit_umap(sample, seed, n_components)
     fitted = FittedSample(sample, emb)
