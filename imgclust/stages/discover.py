@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import fsspec
 import pandas as pd
@@ -20,6 +22,7 @@ from imgclust.state.resume import ShardLedger, fingerprint
 
 logger = logging.getLogger("imgclust")
 HASH_BATCH = 256
+T = TypeVar("T")
 UNIQUE, UNREADABLE = "unique.parquet", "unreadable.parquet"  # under _work/: what ingest decodes
 
 
@@ -42,11 +45,18 @@ def list_images(source: Location) -> list[str]:
 def peek_source(source: Location, limit: int) -> list[str]:
     """Up to ``limit`` image files under ``source``, with ``list_source``'s errors for a source that
     is missing, not a folder or unreachable."""
-    fs, root = _source_root(source)
-    return peek_images(fs, root, limit)
+    return _on_source(source, lambda fs, root: peek_images(fs, root, limit))
 
 
-def _source_root(source: Location) -> tuple[fsspec.AbstractFileSystem, str]:
+def list_source(source: Location) -> Listing:
+    """Every image file under ``source`` with its stamp (size, modification), and the entries refused
+    unread (FIFOs, devices, files too large, folders that cannot be listed) with their reason."""
+    return _on_source(source, list_files)
+
+
+def _on_source(source: Location, look: Callable[[fsspec.AbstractFileSystem, str], T]) -> T:
+    """``look(fs, root)`` on the source folder; a missing source, one that is not a folder, and every
+    failure to reach or list it become a ``StorageError`` naming the source."""
     try:
         fs, root = source.fs()
         try:
@@ -55,21 +65,9 @@ def _source_root(source: Location) -> tuple[fsspec.AbstractFileSystem, str]:
             raise StorageError(f"source not found: {source.url}") from None
         if info.get("type") != "directory":
             raise StorageError(f"source is not a folder or prefix: {source.url}")
-        return fs, root
+        return look(fs, root)
     except StorageError:
         raise
-    except PermissionError as exc:
-        raise StorageError(f"no permission to list source {source.url}: {exc}") from exc
-    except Exception as exc:  # endpoint unreachable, bad credentials, ...: the library's words help most
-        raise StorageError(f"cannot list source {source.url}: {type(exc).__name__}: {exc}") from exc
-
-
-def list_source(source: Location) -> Listing:
-    """Every image file under ``source`` with its stamp (size, modification), and the entries refused
-    unread (FIFOs, devices, files too large, folders that cannot be listed) with their reason."""
-    fs, root = _source_root(source)
-    try:
-        return list_files(fs, root)
     except PermissionError as exc:
         raise StorageError(f"no permission to list source {source.url}: {exc}") from exc
     except Exception as exc:  # endpoint unreachable, bad credentials, ...: the library's words help most
