@@ -7,7 +7,6 @@ import pandas as pd
 from imgclust.cluster.code_space import standardise
 from imgclust.cluster.kmeans import choose_k, relabel_by_size
 from imgclust.io.arrays import create_array
-from imgclust.io.storage import read_parquet
 from imgclust.runmodel import RunModel
 from imgclust.runstore import Location, RunStore
 from imgclust.stages.cluster import ClusterSettings, cluster_codes
@@ -95,7 +94,7 @@ def test_publish_tables(tmp_path):
     create_array(f"{out}/l.zarr", (n,), 8, "int32")[:] = np.arange(n) % 3
     create_array(f"{out}/d.zarr", (n,), 8, "float32")[:] = np.arange(n, dtype=np.float32)
     q = publish(RunStore(out), f"{out}/l.zarr", f"{out}/d.zarr")
-    a = read_parquet(f"{out}/assignments.parquet")
+    a = RunStore(out).read_table("assignments")
     assert list(a.columns) == ["path", "sha256", "cluster", "distance", "generation"] and len(a) == n
     assert a["cluster"].dtype == np.int64
     clusters = json.loads((tmp_path / "clusters.json").read_text())

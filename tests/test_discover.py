@@ -37,7 +37,7 @@ def test_discover_writes_duplicates(corpus, client, tmp_path):
     assert found.n_found == counts["found"]
     assert found.n_duplicates == counts["duplicates"]
     assert found.gray is False  # a quarter of the corpus was saved as RGB
-    dups = read_parquet(str(tmp_path / "duplicates.parquet"))
+    dups = RunStore(str(tmp_path)).read_table("duplicates")
     assert set(dups.columns) == {"path", "sha256", "stamp", "duplicate_of", "generation"}
     assert sorted(dups["path"]) == ["x-copies/copy-a.png", "x-copies/copy-b.png", "x-copies/copy-c.jpg"]
     unique = read_parquet(RunStore(str(tmp_path)).work(UNIQUE))

@@ -14,7 +14,6 @@ import pytest
 from PIL import Image
 
 from imgclust.io.listing import list_local, source_path, table_path
-from imgclust.io.storage import read_parquet
 from imgclust.runstore import Location, RunStore
 from imgclust.stages.discover import discover
 from imgclust.stages.ingest import PixelSpec, ingest
@@ -30,7 +29,7 @@ def png(path: Path | bytes, value: int) -> None:
 
 
 def tables(out: Path) -> dict[str, pd.DataFrame]:
-    return {name: read_parquet(str(out / f"{name}.parquet")) for name in ("manifest", "rejected", "duplicates")}
+    return {name: RunStore(str(out)).read_table(name) for name in ("manifest", "rejected", "duplicates")}
 
 
 @pytest.mark.timeout(180)
@@ -97,9 +96,9 @@ def test_object_keys_with_glob_characters_are_read(s3, client, tmp_path):
     out = RunStore("s3://globby/out", s3)
     discover(Location("s3://globby/src", s3), out, client)
     ingest(Location("s3://globby/src", s3), out, PixelSpec((8, 8), True), 16, client)
-    manifest = read_parquet(out.manifest, s3)
+    manifest = out.read_table("manifest")
     assert sorted(manifest["path"]) == ["plain.png", "shot[1].png", "star*.png", "what?.png"]
-    assert len(read_parquet(out.rejected, s3)) == 0
+    assert len(out.read_table("rejected")) == 0
 
 
 def test_a_transient_error_is_asked_again_and_never_passes_for_not_there(tmp_path, monkeypatch):

@@ -2,7 +2,6 @@ import numpy as np
 import pytest
 
 from imgclust.io.arrays import open_array
-from imgclust.io.storage import read_parquet
 from imgclust.runstore import Location, RunStore
 from imgclust.stages.discover import discover
 from imgclust.stages.ingest import PixelSpec, ingest
@@ -13,9 +12,9 @@ def test_ingest_accounts_for_every_file(corpus, client, tmp_path):
     out = str(tmp_path)
     discover(Location(str(root)), RunStore(out), client)
     ing = ingest(Location(str(root)), RunStore(out), PixelSpec((20, 20), False, "crop"), 16, client)
-    manifest = read_parquet(f"{out}/manifest.parquet")
-    rejected = read_parquet(f"{out}/rejected.parquet")
-    dups = read_parquet(f"{out}/duplicates.parquet")
+    manifest = RunStore(out).read_table("manifest")
+    rejected = RunStore(out).read_table("rejected")
+    dups = RunStore(out).read_table("duplicates")
     assert ing.n_accepted == counts["accepted"] == len(manifest)
     assert len(rejected) == counts["rejected"]
     assert len(manifest) + len(rejected) + len(dups) == counts["found"]
@@ -51,7 +50,7 @@ def test_without_rejects_the_staging_array_is_moved_into_place(tmp_path, client)
     out = str(tmp_path / "out")
     discover(Location(str(src)), RunStore(out), client)
     ing = ingest(Location(str(src)), RunStore(out), PixelSpec((8, 8), True, "crop"), 16, client)
-    manifest = read_parquet(f"{out}/manifest.parquet")
+    manifest = RunStore(out).read_table("manifest")
     images = open_array(f"{out}/images.zarr")
     assert ing.n_accepted == 37 and images.shape == (37, 1, 8, 8) and images.chunks[0] == 16
     assert not exists(f"{out}/_work/staging.zarr")
@@ -73,7 +72,7 @@ def test_the_decode_limit_reaches_the_workers_and_is_recorded(tmp_path, client):
     discover(Location(str(src)), RunStore(out), client)
     spec = PixelSpec((8, 8), True, "crop", max_megapixels=0.001)
     ingest(Location(str(src)), RunStore(out), spec, 16, client)
-    rejected = read_parquet(f"{out}/rejected.parquet")
+    rejected = RunStore(out).read_table("rejected")
     assert rejected["path"].tolist() == ["big.png"]
     assert "40x40 pixels is 0.0 megapixels, above the limit of 0.001" in rejected["reason"].iloc[0]
     assert PixelSpec.of_images(dict(open_array(f"{out}/images.zarr").attrs)) == spec

@@ -125,13 +125,8 @@ def write_parquet(url: str, df: pd.DataFrame, storage_options: dict[str, Any] | 
 
 
 def read_parquet(url: str, storage_options: dict[str, Any] | None = None) -> pd.DataFrame:
-    """A Parquet file, or every row of a folder of parts (a run's tables, oldest part first)."""
+    """A Parquet file (a run's tables are folders of parts: ``RunStore.read_table``)."""
     fs, path = open_fs(url, storage_options)
-    if with_retries(fs.isdir, path):
-        parts = sorted(p for p in with_retries(fs.ls, path, detail=False) if p.endswith(".parquet")
-                       and not posixpath.basename(p).startswith("."))
-        frames = [pd.read_parquet(io.BytesIO(with_retries(fs.cat_file, p))) for p in parts]
-        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     return pd.read_parquet(io.BytesIO(with_retries(fs.cat_file, path)))
 
 
