@@ -95,9 +95,9 @@ def big_jpeg(width: int = 4000, height: int = 3000) -> bytes:
 
 @pytest.mark.slow
 def test_a_shard_of_large_photos_runs_within_a_workers_memory_limit(tmp_path):
-    """40 photos of 10 MB in one shard (430 MB) on a worker limited to 600 MB: read a bounded group
-    at a time, the shard is decoded without the worker being paused or killed (reading it whole
-    gets the worker killed and restarted)."""
+    """40 photos of 10 MB in one shard (430 MB) on a worker limited to 600 MB: read a group of an
+    eighth of the limit at a time, discover and ingest peak under three quarters of the limit, and
+    the worker is never killed (reading the shard whole gets it killed and restarted)."""
     from distributed import Client, LocalCluster
 
     data = big_jpeg()
@@ -109,8 +109,33 @@ def test_a_shard_of_large_photos_runs_within_a_workers_memory_limit(tmp_path):
     with LocalCluster(n_workers=1, threads_per_worker=1, memory_limit="600MB", dashboard_address=None,
                       host="127.0.0.1") as cluster, Client(cluster, set_as_default=False) as client:
         workers = set(client.scheduler_info()["workers"])
+        client.run(_watch_rss)
         out = RunStore(str(tmp_path / "out"))
         discover(Location(str(src)), out, client)
         ing = ingest(Location(str(src)), out, PixelSpec((32, 32), False), 64, client)
         assert ing.n_accepted == 40 and ing.n_rejected == 0
         assert set(client.scheduler_info()["workers"]) == workers  # the same worker: never killed
+        peak_mb = max(client.run(_peak_rss_mb).values())
+        assert peak_mb < 0.75 * 600e6 / 2**20, peak_mb
+
+
+def _watch_rss(dask_worker) -> None:
+    """On a worker: sample its resident memory every 5 ms (the nanny samples far less often)."""
+    import threading
+    import time
+
+    import psutil
+
+    worker, proc = dask_worker, psutil.Process()
+    worker.rss_peak = proc.memory_info().rss
+
+    def sample() -> None:
+        while True:
+            worker.rss_peak = max(worker.rss_peak, proc.memory_info().rss)
+            time.sleep(0.005)
+
+    threading.Thread(target=sample, daemon=True).start()
+
+
+def _peak_rss_mb(dask_worker) -> float:
+    return dask_worker.rss_peak / 2**20

@@ -202,19 +202,41 @@ def find(fs: fsspec.AbstractFileSystem, root: str, detail: bool = False) -> Any:
 
 
 READ_BYTES, READ_FILES = 256 << 20, 64  # what one group of reads holds at most (a file may exceed it alone)
+READ_SHARE = 8  # on a Dask worker, a group holds at most this fraction of its memory limit
+
+
+def read_budget() -> int:
+    """Bytes one group of reads may hold: ``READ_BYTES``, or an eighth of the memory limit of the
+    Dask worker this runs on when that is less (a worker of 600 MB that holds 400 MB of libraries
+    reads 75 MB at a time)."""
+    try:
+        from distributed import get_worker
+
+        limit = get_worker().memory_manager.memory_limit
+    except (ImportError, ValueError, AttributeError):  # not on a worker
+        return READ_BYTES
+    return min(READ_BYTES, max(1 << 20, int(limit) // READ_SHARE)) if limit else READ_BYTES
 
 
 def read_file_groups(fs: fsspec.AbstractFileSystem, paths: list[str], max_bytes: int | None = None,
                      max_files: int | None = None) -> Iterator[list[tuple[str, bytes | BaseException | None]]]:
     """(path, contents or the exception that stopped it) of every path, in order, a group at a
-    time: local files until ``max_bytes`` are held, remote ones ``max_files`` at a time (one
-    concurrent request each). A worker given a shard of large photos holds one group, not the shard.
+    time, each group holding about ``max_bytes`` (default ``read_budget()``). Local files are read
+    one by one until the group is full; remote ones at most ``max_files`` at a time (one concurrent
+    request each), starting with a few and sizing later groups by the mean size read so far. A
+    worker given a shard of large photos holds one group, not the shard.
     """
-    max_bytes, max_files = max_bytes or READ_BYTES, max_files or READ_FILES
+    max_bytes, max_files = max_bytes or read_budget(), max_files or READ_FILES
     if not isinstance(fs, LocalFileSystem):
-        for a in range(0, len(paths), max_files):
-            got = read_files(fs, paths[a:a + max_files])
-            yield [(p, got.get(p)) for p in paths[a:a + max_files]]
+        a, take, seen_bytes, seen_files = 0, min(4, max_files), 0, 0
+        while a < len(paths):
+            got = read_files(fs, paths[a:a + take])
+            yield [(p, got.get(p)) for p in paths[a:a + take]]
+            seen_bytes += sum(len(v) for v in got.values() if isinstance(v, bytes))
+            seen_files += take
+            a += take
+            mean = max(1, seen_bytes // max(1, seen_files))
+            take = max(1, min(max_files, max_bytes // mean))
         return
     group: list[tuple[str, bytes | BaseException | None]] = []
     held = 0
