@@ -80,7 +80,8 @@ def _stages(config: RunConfig, lease: Lease) -> dict[str, Any]:
         gray = found.gray if config.color == "auto" else config.color == "gray"
         lease.check()
         with _timed(sec, "ingest"):
-            ing = ingest_task(source, store, PixelSpec(size, gray, config.fit, config.max_megapixels), config.shard_size, address)
+            pixels = PixelSpec(size, gray, config.fit, config.max_megapixels, config.thumbnail_size)
+            ing = ingest_task(source, store, pixels, config.shard_size, address)
         if ing.n_accepted < max(2, config.n_clusters or 2):
             raise ConfigError("n_clusters" if config.n_clusters else "source", too_few_images(found, ing, store))
         n_train = min(ing.n_accepted, config.train_sample or ing.n_accepted)

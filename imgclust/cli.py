@@ -53,6 +53,8 @@ def _add_run_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-megapixels", type=float, help="largest decode accepted, in megapixels held in memory; "
                    "JPEGs count at the reduced scale they decode at, so a 144 MP photo passes for small image "
                    "sizes (default 89.5, Pillow's own ceiling)")
+    p.add_argument("--thumbnail-size", type=int, help="side of the thumbnails decoded with the images for "
+                   "`imgclust serve` to show (whole image, letterboxed; 0 = none; default 128)")
     p.add_argument("--preset", choices=list(PRESETS), help="model preset (default: default). " + " | ".join(
         f"{k}: {v.description}" for k, v in PRESETS.items()))
     default = PRESETS["default"]
@@ -152,6 +154,31 @@ def build_parser() -> argparse.ArgumentParser:
     asg.add_argument("--dask-address", help="Dask scheduler (default: a local cluster)")
     asg.add_argument("--storage-options", help="fsspec options as JSON")
     _add_lease_options(asg)
+    sv = sub.add_parser("serve", help="browse, search and curate a finished run in a local web app",
+                        description="Starts a web app over RUN_DIR (a folder or any fsspec URL): every cluster "
+                        "with its size and cohesion, each cluster's members page by page in order of distance to "
+                        "its centre, a 2-D map, similar images (click one, or upload a file), and curation "
+                        "(rename, merge, move, 'not this'), kept in RUN_DIR/curation/ and applied by export, the "
+                        "report and later assign runs. Bound to an address other than 127.0.0.1 it asks for the "
+                        "token it prints.")
+    sv.add_argument("run_dir")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    sv.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    sv.add_argument("--storage-options", help="fsspec options as JSON")
+    ex = sub.add_parser("export", help="write a run's clusters, curation applied, as a table or folders",
+                        description="csv / parquet: one table (DEST is the file) of every image once, with path, "
+                        "sha256, cluster, name, model_cluster and distance. folders: DEST/<cluster>-<name>/ "
+                        "holding each member at its path relative to the source, copied (--copy, the default; "
+                        "any fsspec URL) or symlinked (--link; SOURCE and DEST both local).")
+    ex.add_argument("run_dir")
+    ex.add_argument("dest")
+    ex.add_argument("--format", choices=["csv", "parquet", "folders"], default="csv", help="default csv")
+    ex.add_argument("--cluster", type=int, help="only this cluster")
+    how = ex.add_mutually_exclusive_group()
+    how.add_argument("--link", action="store_true", help="symlink the images instead of copying them")
+    how.add_argument("--copy", action="store_true", help="copy the images (the default)")
+    ex.add_argument("--source", help="where the images are now (default: the run's source)")
+    ex.add_argument("--storage-options", help="fsspec options as JSON (for the run, DEST and SOURCE)")
     sa = sub.add_parser("sample", help="write scikit-learn's digits as PNG files into a folder (one folder per "
                         "digit) for a first run")
     sa.add_argument("folder")
@@ -377,6 +404,60 @@ def cmd_compact(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(ns: argparse.Namespace) -> int:
+    import secrets
+
+    import uvicorn
+
+    from imgclust.runstore import RunStore
+    from imgclust.serve.app import create_app, serve_url
+    from imgclust.serve.catalog import NotARun, RunCatalog
+
+    if not 0 <= ns.port <= 65535:
+        return _fail(f"port: {ns.port} is not a port number (0 to 65535)")
+    if missing := _finished_run_missing(ns):
+        return _fail(missing)
+    try:
+        catalog = RunCatalog(RunStore(ns.run_dir, ns.storage_options or {}))
+    except NotARun as exc:
+        return _fail(f"run_dir: {exc}")
+    loopback = ns.host in ("127.0.0.1", "localhost", "::1")
+    token = None if loopback else secrets.token_urlsafe(24)
+    config = uvicorn.Config(create_app(catalog, token), host=ns.host, port=ns.port, log_level="warning")
+    server = uvicorn.Server(config)
+
+    def announce() -> None:
+        import time
+
+        while not server.started:
+            time.sleep(0.05)
+        port = server.servers[0].sockets[0].getsockname()[1] if server.servers else ns.port
+        print(f"imgclust serve: {ns.run_dir} at {serve_url(ns.host, port, token)}  (Ctrl-C stops it)", flush=True)
+
+    import threading
+
+    threading.Thread(target=announce, daemon=True).start()
+    server.run()
+    return 0
+
+
+def cmd_export(ns: argparse.Namespace) -> int:
+    from imgclust.export import ExportError, export_run
+    from imgclust.runstore import Location, RunStore
+
+    if missing := _finished_run_missing(ns):
+        return _fail(missing)
+    so = ns.storage_options or {}
+    source = Location(ns.source, so) if ns.source else None
+    try:
+        res = export_run(RunStore(ns.run_dir, so), Location(ns.dest, so), ns.format, ns.cluster, ns.link, source)
+    except ExportError as exc:
+        return _fail(str(exc))
+    extra = f" in {res['clusters']} cluster folders" if "clusters" in res else ""
+    print(f"exported {res['rows']:,} images{extra} to {ns.dest}")
+    return 0
+
+
 def cmd_sample(ns: argparse.Namespace) -> int:
     from imgclust.sample import write_digits
 
@@ -421,7 +502,7 @@ def main(argv: list[str] | None = None) -> int:
             return _fail(str(exc))
     command = {"run": cmd_run, "evaluate": cmd_evaluate, "report": cmd_report, "neighbors": cmd_neighbors,
                "recluster": cmd_recluster, "assign": cmd_assign, "compact": cmd_compact,
-               "sample": cmd_sample}[ns.command]
+               "serve": cmd_serve, "export": cmd_export, "sample": cmd_sample}[ns.command]
     previous = signal.signal(signal.SIGTERM, _terminate)
     if ns.command in RESUMABLE:  # commands that start servers and workers
         from imgclust.watchdog import start_watchdog

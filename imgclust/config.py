@@ -104,6 +104,9 @@ class RunConfig(FlowConfig):
         default=DEFAULT_MAX_MEGAPIXELS, gt=0, le=10_000,
         description="Largest decode accepted, in megapixels held in memory; a JPEG counts at the reduced scale "
         "it is decoded at (a 144 MP photo decodes at 2.3 MP for 32x32). Larger images are rejected with their size.")
+    thumbnail_size: int = Field(
+        default=128, ge=0, le=512, description="Side of the square thumbnails decoded with the images for "
+        "`imgclust serve` (the whole image, letterboxed); 0 writes none.")
     preset: str = Field(default="default", description="Model preset: " + ", ".join(PRESETS))
     epochs: int | None = Field(
         default=None, ge=1, le=10_000,

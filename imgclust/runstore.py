@@ -127,6 +127,15 @@ class RunStore(Location):
         return self.path("images.zarr")
 
     @property
+    def thumbs(self) -> str:
+        """Thumbnails for people to look at, (N, C, T, T) uint8, row i of images.zarr's image i."""
+        return self.path("thumbs.zarr")
+
+    def members(self, name: str) -> str:
+        """A file of the members layout (imgclust.members): every cluster's members by distance."""
+        return self.path("members", name)
+
+    @property
     def codes(self) -> str:
         return self.path("codes.zarr")
 

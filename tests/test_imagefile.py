@@ -110,3 +110,15 @@ def testdraft_size_is_the_smallest_that_covers_the_target(w, h, tw, th, fit):
     if fit == "crop":
         assert nw >= tw and nh >= th
     assert draft_size(256, 256, 32, 32, "crop") == (32, 32)  # not 33: that would decode at 64x64
+
+
+def test_a_thumbnail_is_the_whole_image_letterboxed_from_the_same_decode():
+    a = np.zeros((60, 240, 3), np.uint8)
+    a[:, :120] = (255, 0, 0)  # left half red, right half black: a crop to a square would lose the black
+    for fmt in ("PNG", "JPEG"):
+        out = decode_image(encode(Image.fromarray(a), fmt), (16, 16), gray=False, thumbnail=64)
+        assert out.pixels.shape == (3, 16, 16) and out.thumbnail.shape == (3, 64, 64)
+        band = out.thumbnail[:, 24:40]  # the image is 64 x 16 in the middle of the square
+        assert band[0, :, :28].mean() > 200 and band[0, :, 36:].mean() < 30
+        assert out.thumbnail[:, :20].max() < 30 and out.thumbnail[:, 44:].max() < 30  # black bars
+    assert decode_image(encode(Image.fromarray(a), "PNG"), (16, 16), gray=False).thumbnail is None

@@ -89,12 +89,21 @@ WRITE_CONFIG = {"write_empty_chunks": True}
 
 def create_array(url: str, shape: tuple[int, ...], chunk_rows: int, dtype: str,
                  storage_options: dict[str, Any] | None = None,
-                 attributes: dict[str, Any] | None = None) -> zarr.Array:
-    """A new array chunked along the first axis only; whole chunks are what tasks write."""
+                 attributes: dict[str, Any] | None = None, read_rows: int | None = None) -> zarr.Array:
+    """A new array chunked along the first axis only; whole chunks are what tasks write.
+
+    With ``read_rows``, each chunk of ``chunk_rows`` is one file of independently compressed
+    pieces of ``read_rows`` rows (Zarr's sharding): a reader of one row fetches and decodes only
+    its piece (thumbnails shown one at a time), writers still write whole chunks.
+    """
     check_fences(url)
     chunks = (max(1, min(chunk_rows, shape[0] or 1)), *shape[1:])
+    shards = None
+    if read_rows:
+        shards, chunks = chunks, (max(1, min(read_rows, chunks[0])), *shape[1:])
+        shards = (shards[0] - shards[0] % chunks[0] or chunks[0], *shape[1:])
     return zarr.create_array(
-        store=array_store(url, storage_options), shape=shape, chunks=chunks,
+        store=array_store(url, storage_options), shape=shape, chunks=chunks, shards=shards,
         dtype=dtype, compressors=compressor(dtype),
         fill_value=0, overwrite=True, attributes=attributes or {}, config=WRITE_CONFIG,
     )

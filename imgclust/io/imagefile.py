@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,6 +33,7 @@ class DecodedImage:
     width: int
     height: int
     format: str
+    thumbnail: np.ndarray | None = None  # (C, T, T) uint8, the whole image letterboxed, when asked for
 
 
 def _flatten_alpha(im: Image.Image, background: int = 0) -> Image.Image:
@@ -73,12 +75,17 @@ _TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
               8: Image.Transpose.ROTATE_90}  # EXIF orientation -> the transpose that undoes it
 
 
-def _draft_need(width: int, height: int, orientation: int, size: tuple[int, int], fit: str) -> tuple[int, int]:
-    """(width, height) of the stored image that a scaled JPEG decode must still cover."""
+def _draft_need(width: int, height: int, orientation: int, size: tuple[int, int], fit: str,
+                thumbnail: int = 0) -> tuple[int, int]:
+    """(width, height) of the stored image that a scaled JPEG decode must still cover: the target,
+    and the ``thumbnail`` x ``thumbnail`` letterboxed thumbnail when one is asked for."""
     th, tw = size
     rotated = orientation in _ROTATED
     w, h = (height, width) if rotated else (width, height)
     need = draft_size(w, h, tw, th, fit)
+    if thumbnail:
+        other = draft_size(w, h, thumbnail, thumbnail, "pad")
+        need = (max(need[0], other[0]), max(need[1], other[1]))
     return need[::-1] if rotated else need
 
 
@@ -105,8 +112,9 @@ def _check_pixels(width: int, height: int, max_pixels: int, stored: tuple[int, i
                             "(raise it with --max-megapixels)")
 
 
-def _decode_with_pillow(data: bytes, size: tuple[int, int], gray: bool, fit: str,
-                        max_pixels: int) -> tuple[np.ndarray, int, int, str]:
+def _decode_with_pillow(data: bytes, need: Callable[[int, int, int], tuple[int, int]], gray: bool,
+                        max_pixels: int) -> tuple[np.ndarray, int, int, int, str]:
+    """(pixels as stored, before orientation and fit; width; height; EXIF orientation; format)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         with Image.open(io.BytesIO(data)) as im:
@@ -122,15 +130,15 @@ def _decode_with_pillow(data: bytes, size: tuple[int, int], gray: bool, fit: str
                 pass
             orientation = im.getexif().get(0x0112, 1) if hasattr(im, "getexif") else 1
             if fmt == "JPEG":  # decodes at 1/2, 1/4 or 1/8 scale where that still covers the target
-                im.draft("L" if gray else "RGB", _draft_need(width, height, orientation, size, fit))
+                im.draft("L" if gray else "RGB", need(width, height, orientation))
                 _check_pixels(*im.size, max_pixels, (width, height))  # before a single pixel is decoded
             im.load()
             arr = np.asarray(_to_mode(im, gray), dtype=np.uint8)
-    return _fit(arr, orientation, size, fit), width, height, fmt
+    return arr, width, height, orientation, fmt
 
 
 def decode_image(data: bytes, size: tuple[int, int], gray: bool, fit: str = "crop",
-                 max_pixels: int = int(DEFAULT_MAX_MEGAPIXELS * 1e6)) -> DecodedImage:
+                 max_pixels: int = int(DEFAULT_MAX_MEGAPIXELS * 1e6), thumbnail: int = 0) -> DecodedImage:
     """Decode ``data`` to (C, H, W) uint8 at ``size`` = (height, width).
 
     EXIF orientation is applied; animated images give their first frame; JPEGs are decoded at a
@@ -139,30 +147,34 @@ def decode_image(data: bytes, size: tuple[int, int], gray: bool, fit: str = "cro
     ``fit="crop"`` centre-crops to the target aspect, ``fit="pad"`` letterboxes on black.
     ``max_pixels`` bounds the pixels a decode holds in memory (a JPEG counts at its draft scale).
     A JPEG that lacks only its two-byte end marker, all its pixels present, is decoded as if it
-    had one; truncated image data is rejected.
+    had one; truncated image data is rejected. ``thumbnail`` > 0 also makes a square thumbnail of
+    that side from the same decode (the whole image, letterboxed on black).
     Raises ``ImageRejected`` with a readable reason for anything that cannot be decoded.
     """
     if not data:
         raise ImageRejected("empty file (0 bytes)")
     try:
-        return _decode(data, size, gray, fit, max_pixels)
+        return _decode(data, size, gray, fit, max_pixels, thumbnail)
     except ImageRejected as exc:
         if not str(exc).startswith("truncated"):
             raise
         whole = with_end_marker(data)
         if whole is None:
             raise
-        return _decode(whole, size, gray, fit, max_pixels)
+        return _decode(whole, size, gray, fit, max_pixels, thumbnail)
 
 
-def _decode(data: bytes, size: tuple[int, int], gray: bool, fit: str, max_pixels: int) -> DecodedImage:
-    fast = decode_jpeg_scaled(data, gray, lambda w, h, o: _draft_need(w, h, o, size, fit), max_pixels)
+def _decode(data: bytes, size: tuple[int, int], gray: bool, fit: str, max_pixels: int, thumbnail: int) -> DecodedImage:
+    def need(w: int, h: int, o: int) -> tuple[int, int]:
+        return _draft_need(w, h, o, size, fit, thumbnail)
+
+    fast = decode_jpeg_scaled(data, gray, need, max_pixels)
     if fast is not None:
-        arr, width, height, orientation = fast
-        arr, fmt = _fit(arr, orientation, size, fit), "JPEG"
+        raw, width, height, orientation = fast
+        fmt = "JPEG"
     else:
         try:
-            arr, width, height, fmt = _decode_with_pillow(data, size, gray, fit, max_pixels)
+            raw, width, height, orientation, fmt = _decode_with_pillow(data, need, gray, max_pixels)
         except ImageRejected:
             raise
         except UnidentifiedImageError:
@@ -175,8 +187,13 @@ def _decode(data: bytes, size: tuple[int, int], gray: bool, fit: str, max_pixels
             raise ImageRejected(f"corrupt or unsupported image data: {msg}") from None
         except MemoryError:
             raise ImageRejected("not enough memory to decode this image") from None
-    pixels = arr[None, :, :] if arr.ndim == 2 else arr.transpose(2, 0, 1)
-    return DecodedImage(np.ascontiguousarray(pixels), width, height, fmt)
+    thumb = _channels_first(_fit(raw, orientation, (thumbnail, thumbnail), "pad")) if thumbnail else None
+    return DecodedImage(_channels_first(_fit(raw, orientation, size, fit)), width, height, fmt, thumb)
+
+
+def _channels_first(arr: np.ndarray) -> np.ndarray:
+    """(H, W) or (H, W, C) to a contiguous (C, H, W)."""
+    return np.ascontiguousarray(arr[None, :, :] if arr.ndim == 2 else arr.transpose(2, 0, 1))
 
 
 def probe_is_gray(data: bytes) -> bool | None:

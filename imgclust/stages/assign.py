@@ -18,7 +18,7 @@ from imgclust.runmodel import RunModel
 from imgclust.runstore import Location, RunStore
 from imgclust.stages.discover import hash_files, list_source, split_duplicates
 from imgclust.stages.encode import encode
-from imgclust.stages.ingest import PixelSpec, compact_into, decode_into_staging, manifest_rows
+from imgclust.stages.ingest import PixelSpec, compact_into, decode_into_staging, manifest_rows, thumbs_of
 from imgclust.stages.publish import cluster_summaries
 
 logger = logging.getLogger("imgclust")
@@ -87,9 +87,13 @@ def assign_new(store: RunStore, source: Location, client: Client) -> dict[str, A
     staging = Location(store.work("assign-staging.zarr"), so)
     info, _ = decode_into_staging(source, unique["path"].tolist(), staging, pixels, images.chunks[0], client)
     accepted_rows = np.flatnonzero(info["ok"].to_numpy(bool))
+    if pixels.thumbnail:
+        thumbs = open_array(store.thumbs, so, mode="r+")
+        thumbs.resize((start + len(accepted_rows), *thumbs.shape[1:]))
     images.resize((start + len(accepted_rows), *images.shape[1:]))
     compact_into(staging, Location(store.images, so), accepted_rows, start, client)
     remove(staging.url, so)
+    remove(thumbs_of(staging).url, so)
 
     model = RunModel.load(Location(store.model, so))
     batch_size = int(run.get("config", {}).get("batch_size", 256))

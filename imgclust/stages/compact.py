@@ -6,8 +6,11 @@ import logging
 from datetime import UTC, datetime
 from typing import Any
 
+import numpy as np
+
 from imgclust.io.storage import read_json, write_json
-from imgclust.io.tables import TABLES, drop_parts, part_files
+from imgclust.io.tables import TABLES, RunTables, drop_parts, part_files
+from imgclust.members import MemberLayout, write_members
 from imgclust.runstore import RunStore
 
 logger = logging.getLogger("imgclust")
@@ -32,6 +35,7 @@ def compact_tables(store: RunStore, rows_per_part: int = ROWS_PER_PART) -> dict[
     before = {name: len(part_files(store.table(name), so)) for name in TABLES}
     current = store.tables()
     if base == committed and run.get("compactions"):  # compacted already: finish an interrupted removal
+        refresh_members(store, current, base)
         removed = sum(drop_parts(store.table(name), so, lambda g, _: g < base) for name in TABLES)
         return {"generation": base, "parts_before": before, "rows": {n: len(current[n]) for n in TABLES},
                 "parts_removed": removed}
@@ -43,8 +47,20 @@ def compact_tables(store: RunStore, rows_per_part: int = ROWS_PER_PART) -> dict[
     run["tables_base"] = run["tables_generation"] = generation
     run.setdefault("compactions", []).append(record)
     write_json(store.run_record, run, so)  # the commit: from here on only the new parts count
+    refresh_members(store, current, generation)
     removed = sum(drop_parts(store.table(name), so, lambda g, _: g < generation) for name in TABLES)
     logger.info("compact: %d parts replaced by %d (generation %d; %s rows)", removed,
                 sum(len(part_files(store.table(n), so)) for n in TABLES), generation,
                 ", ".join(f"{n} {len(current[n]):,}" for n in TABLES))
     return {**record, "parts_removed": removed}
+
+
+def refresh_members(store: RunStore, current: RunTables, generation: int) -> None:
+    """Rewrite the members layout (imgclust.members) from the current tables unless it already
+    is of ``generation``."""
+    layout = MemberLayout.open(store)
+    if layout is not None and layout.generation == generation:
+        return
+    index_of = dict(zip(current["manifest"]["path"], current["manifest"]["index"]))
+    assignments = current["assignments"]
+    write_members(store, assignments, assignments["path"].map(index_of).to_numpy(np.int64), generation)

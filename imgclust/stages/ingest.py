@@ -28,13 +28,15 @@ STAGING = "staging.zarr"  # under _work/: decoded shards before compaction
 
 @dataclass(frozen=True)
 class PixelSpec:
-    """How files become pixels: target (height, width), grayscale or RGB, crop or pad, and the largest
-    decode accepted (megapixels held in memory)."""
+    """How files become pixels: target (height, width), grayscale or RGB, crop or pad, the largest
+    decode accepted (megapixels held in memory), and the side of the thumbnails decoded with them
+    for people to look at (0: none)."""
 
     size: tuple[int, int]
     gray: bool
     fit: str = "crop"
     max_megapixels: float = DEFAULT_MAX_MEGAPIXELS
+    thumbnail: int = 0
 
     @property
     def channels(self) -> int:
@@ -46,17 +48,34 @@ class PixelSpec:
 
     def decode(self, data: bytes) -> DecodedImage:
         """``data`` decoded as this spec says; raises ``ImageRejected`` with the reason."""
-        return decode_image(data, self.size, self.gray, self.fit, self.max_pixels)
+        return decode_image(data, self.size, self.gray, self.fit, self.max_pixels, self.thumbnail)
 
     def attributes(self) -> dict[str, Any]:
         """What images.zarr records of it (``assign`` decodes new files the same way)."""
         return {"color": "gray" if self.gray else "rgb", "height": self.size[0], "width": self.size[1],
-                "fit": self.fit, "max_megapixels": self.max_megapixels}
+                "fit": self.fit, "max_megapixels": self.max_megapixels, "thumbnail": self.thumbnail}
 
     @classmethod
     def of_images(cls, attrs: dict[str, Any]) -> PixelSpec:
         return cls((int(attrs["height"]), int(attrs["width"])), attrs["color"] == "gray", attrs.get("fit", "crop"),
-                   float(attrs.get("max_megapixels", DEFAULT_MAX_MEGAPIXELS)))
+                   float(attrs.get("max_megapixels", DEFAULT_MAX_MEGAPIXELS)), int(attrs.get("thumbnail", 0)))
+
+    def create(self, images: Location, n: int, chunk_rows: int, attributes: dict[str, Any] | None = None) -> None:
+        """Empty arrays for ``n`` images at ``images`` and, with thumbnails, at ``thumbs_of(images)``."""
+        create_array(images.url, (n, self.channels, *self.size), chunk_rows, "uint8", images.storage_options, attributes)
+        if self.thumbnail:
+            t = thumbs_of(images)
+            create_array(t.url, (n, self.channels, self.thumbnail, self.thumbnail), chunk_rows, "uint8",
+                         t.storage_options, read_rows=1)
+
+
+def thumbs_of(images: Location) -> Location:
+    """Where the thumbnails that go with an images array are: beside it, ``images.zarr`` ->
+    ``thumbs.zarr`` and ``x.zarr`` -> ``x-thumbs.zarr``."""
+    url = images.url.rstrip("/")
+    if url.endswith("/images.zarr"):
+        return Location(url[: -len("images.zarr")] + "thumbs.zarr", images.storage_options)
+    return Location(url.removesuffix(".zarr") + "-thumbs.zarr", images.storage_options)
 
 
 @dataclass(frozen=True)
@@ -91,6 +110,7 @@ def ingest_shard(source: Location, paths: list[str], staging: Location, start: i
     always a written one.
     """
     block = np.zeros((len(paths), pixels.channels, *pixels.size), dtype=np.uint8)
+    thumbs = np.zeros((len(paths), pixels.channels, pixels.thumbnail, pixels.thumbnail), np.uint8)
     fs, root = source.fs()
     full = [f"{root.rstrip('/')}/{source_path(p)}" for p in paths]
     meta: list[Meta] = []
@@ -103,6 +123,8 @@ def ingest_shard(source: Location, paths: list[str], staging: Location, start: i
                 try:
                     img = pixels.decode(data)
                     block[i] = img.pixels
+                    if img.thumbnail is not None:
+                        thumbs[i] = img.thumbnail
                     meta.append((True, img.width, img.height, img.format, ""))
                 except ImageRejected as exc:
                     meta.append((False, 0, 0, "", str(exc)))
@@ -110,6 +132,9 @@ def ingest_shard(source: Location, paths: list[str], staging: Location, start: i
         del group
     if ledger is not None:
         ledger.check_fence()
+    if pixels.thumbnail:
+        t = thumbs_of(staging)
+        open_array(t.url, t.storage_options, mode="r+")[start:start + len(paths)] = thumbs
     open_array(staging.url, staging.storage_options, mode="r+")[start:start + len(paths)] = block
     if ledger is not None:
         ledger.mark(start, meta)
@@ -117,11 +142,15 @@ def ingest_shard(source: Location, paths: list[str], staging: Location, start: i
 
 
 def compact_chunk(staging: Location, images: Location, source_rows: np.ndarray, start: int) -> int:
-    """Copy accepted rows of the staging array into one chunk of the final array (on a worker)."""
-    src = open_array(staging.url, staging.storage_options)
+    """Copy accepted rows of the staging array into one chunk of the final array (on a worker), and
+    of their thumbnails when the staging array has them."""
     lo, hi = int(source_rows.min()), int(source_rows.max()) + 1
-    block = src[lo:hi][source_rows - lo]
-    open_array(images.url, images.storage_options, mode="r+")[start:start + len(source_rows)] = block
+    pairs = [(staging, images)]
+    if open_if_exists(thumbs_of(staging).url, staging.storage_options) is not None:
+        pairs.insert(0, (thumbs_of(staging), thumbs_of(images)))
+    for src, dst in pairs:  # the images last: a written images chunk means its thumbnails are written
+        block = open_array(src.url, src.storage_options)[lo:hi][source_rows - lo]
+        open_array(dst.url, dst.storage_options, mode="r+")[start:start + len(source_rows)] = block
     return len(source_rows)
 
 
@@ -137,7 +166,7 @@ def decode_into_staging(source: Location, paths: list[str], staging: Location, p
     if ledger is not None:
         meta = {a: [tuple(m) for m in rows] for a, rows in ledger.done_rows().items()}
     if not meta:
-        create_array(staging.url, (n, pixels.channels, *pixels.size), shard_size, "uint8", staging.storage_options)
+        pixels.create(staging, n, shard_size)
     resumed = len(meta)
     if resumed:
         logger.info("ingest: resuming, %d of %d shards already decoded", resumed, -(-n // shard_size))
@@ -184,7 +213,7 @@ def ingest_key(unique: pd.DataFrame, pixels: PixelSpec, shard_size: int) -> str:
     for i, (path, sha) in enumerate(zip(unique["path"], unique["sha256"])):
         digest.update((f"\n{path}\t{sha}" if i else f"{path}\t{sha}").encode())
     return fingerprint("ingest", digest.hexdigest(), list(pixels.size), pixels.gray, pixels.fit,
-                       pixels.max_megapixels, shard_size)
+                       pixels.max_megapixels, shard_size, *([pixels.thumbnail] if pixels.thumbnail else []))
 
 
 def finished_ingest(store: RunStore, key: str) -> Ingest | None:
@@ -222,11 +251,12 @@ def ingest(source: Location, store: RunStore, pixels: PixelSpec, shard_size: int
     accepted_rows = np.flatnonzero(info["ok"].to_numpy(bool))
     if len(accepted_rows) == len(info):  # nothing rejected: the staging array is already the final one
         ledger.clear()  # first: a crash while moving must not leave shards recorded in a moved array
+        if pixels.thumbnail:
+            move_tree(thumbs_of(staging).url, thumbs_of(images).url, so)
         move_tree(staging.url, images.url, so)
         open_array(images.url, so, mode="r+").update_attributes(pixels.attributes())
     else:
-        create_array(images.url, (len(accepted_rows), pixels.channels, *pixels.size), shard_size, "uint8", so,
-                     pixels.attributes())
+        pixels.create(images, len(accepted_rows), shard_size, pixels.attributes())
         compact_into(staging, images, accepted_rows, 0, client)
     manifest, decode_rejects = manifest_rows(unique, info, 0)
     unreadable = read_parquet(store.work(UNREADABLE), so).assign(sha256=None)
@@ -237,6 +267,7 @@ def ingest(source: Location, store: RunStore, pixels: PixelSpec, shard_size: int
     store.write_table("rejected", rejected)
     open_array(images.url, so, mode="r+").attrs["ingest_key"] = key  # last: marks it finished
     remove(staging.url, so)
+    remove(thumbs_of(staging).url, so)
     ledger.clear()
     logger.info("ingest: %d images accepted, %d rejected", len(manifest), len(rejected))
     for path, reason in rejected[["path", "reason"]].head(20).itertuples(index=False):

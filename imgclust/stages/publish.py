@@ -11,6 +11,7 @@ import pandas as pd
 
 from imgclust.io.arrays import open_array
 from imgclust.io.storage import write_json
+from imgclust.members import write_members
 from imgclust.runstore import RunStore
 
 logger = logging.getLogger("imgclust")
@@ -60,6 +61,7 @@ def publish(store: RunStore, labels_url: str, distances_url: str) -> dict[str, A
     })
     summaries = cluster_summaries(assignments)
     store.write_table("assignments", assignments)
+    write_members(store, assignments, manifest["index"].to_numpy(np.int64), 0)
     write_json(store.clusters, summaries, so)
     sizes = np.array([c["size"] for c in summaries], dtype=float)
     logger.info("publish: %d images in %d clusters (sizes %s)", len(assignments), len(summaries),

@@ -1,0 +1,191 @@
+"""People's corrections to a run's clusters, kept beside it and applied by every reader.
+
+An edit is one small JSON file ``RUN/curation/<time>-<id>.json``, never rewritten: two people (or
+two browser tabs) editing at once each add a file, so nothing is lost, and the log says who did
+what when. Edits apply in the order of their names. Curation never retrains:
+
+- ``rename``: a cluster's name (``{"cluster": 3, "name": "kitchens"}``);
+- ``merge``: cluster ids mapped onto another (``{"clusters": [4, 7], "into": 3}``);
+- ``move``: images given to another cluster (``{"paths": [...], "cluster": 3}``), a per-path
+  override that later ``assign`` runs keep;
+- ``reject``: images marked "not this" (``{"paths": [...]}``): they leave every cluster, shown
+  as cluster ``UNASSIGNED``.
+
+``Curation.apply`` gives any table with ``path`` and ``cluster`` its curated cluster and name.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from imgclust.io.storage import open_fs, with_retries, write_json
+from imgclust.runstore import RunStore
+
+UNASSIGNED = -1
+ACTIONS = ("rename", "merge", "move", "reject")
+
+
+class CurationError(ValueError):
+    """An edit that cannot apply (a cluster that does not exist, a merge into itself, ...)."""
+
+
+@dataclass
+class Curation:
+    """The state the edits of a run add up to."""
+
+    names: dict[int, str] = field(default_factory=dict)
+    merged_into: dict[int, int] = field(default_factory=dict)  # cluster -> the cluster it was merged into
+    moved: dict[str, int] = field(default_factory=dict)  # path -> cluster (UNASSIGNED: "not this")
+    edits: list[dict[str, Any]] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, store: RunStore) -> Curation:
+        """The curation of ``store`` (empty when nobody edited it)."""
+        cur = cls()
+        for edit in read_edits(store):
+            cur._apply_edit(edit)
+        return cur
+
+    def target(self, cluster: int) -> int:
+        """The cluster ``cluster`` now belongs to, after merges."""
+        seen = set()
+        while cluster in self.merged_into and cluster not in seen:
+            seen.add(cluster)
+            cluster = self.merged_into[cluster]
+        return cluster
+
+    def name(self, cluster: int) -> str:
+        if cluster == UNASSIGNED:
+            return "not assigned"
+        return self.names.get(cluster, f"cluster {cluster}")
+
+    def parts(self, cluster: int, clusters: list[int]) -> list[int]:
+        """The original clusters that make up ``cluster`` now, itself first."""
+        return [cluster] + sorted(c for c in clusters if c != cluster and self.target(c) == cluster)
+
+    def apply(self, table: pd.DataFrame) -> pd.DataFrame:
+        """``table`` (with ``path`` and ``cluster``) with ``cluster`` curated, the model's own in
+        ``model_cluster``, and a ``name`` column."""
+        out = table.copy()
+        model = out["cluster"].to_numpy(np.int64)
+        curated = np.array([self.target(int(c)) for c in model], np.int64) if self.merged_into else model.copy()
+        if self.moved:
+            override = out["path"].map(self.moved)
+            hit = override.notna().to_numpy()
+            curated[hit] = override[hit].to_numpy(np.int64)
+        out["model_cluster"], out["cluster"] = model, curated
+        out["name"] = [self.name(int(c)) for c in curated]
+        return out
+
+    def check(self, edit: dict[str, Any], clusters: set[int]) -> None:
+        """Raise ``CurationError`` when ``edit`` cannot apply to a run with these (model) clusters."""
+        action = edit.get("action")
+        live = {c for c in clusters if self.target(c) == c}
+
+        def known(c: Any, what: str) -> int:
+            if not isinstance(c, int) or isinstance(c, bool) or c not in live:
+                raise CurationError(f"{what} {c!r} is not a cluster of this run" + (
+                    f" (it was merged into {self.target(c)})" if c in clusters else ""))
+            return c
+
+        if action not in ACTIONS:
+            raise CurationError(f"unknown edit {action!r}; one of {', '.join(ACTIONS)}")
+        if action == "rename":
+            known(edit.get("cluster"), "cluster")
+            name = edit.get("name")
+            if not isinstance(name, str) or not name.strip() or len(name) > 200:
+                raise CurationError("a name is 1 to 200 characters")
+        elif action == "merge":
+            into = known(edit.get("into"), "cluster")
+            others = edit.get("clusters")
+            if not isinstance(others, list) or not others:
+                raise CurationError("merge needs the clusters to merge")
+            for c in others:
+                if known(c, "cluster") == into:
+                    raise CurationError(f"cluster {into} cannot be merged into itself")
+        else:
+            paths = edit.get("paths")
+            if not isinstance(paths, list) or not paths or not all(isinstance(p, str) for p in paths):
+                raise CurationError(f"{action} needs a list of image paths")
+            if action == "move":
+                known(edit.get("cluster"), "cluster")
+
+    def _apply_edit(self, edit: dict[str, Any]) -> None:
+        action = edit.get("action")
+        if action == "rename":
+            self.names[int(edit["cluster"])] = str(edit["name"]).strip()
+        elif action == "merge":
+            for c in edit["clusters"]:
+                self.merged_into[int(c)] = int(edit["into"])
+        elif action == "move":
+            self.moved.update({p: int(edit["cluster"]) for p in edit["paths"]})
+        elif action == "reject":
+            self.moved.update({p: UNASSIGNED for p in edit["paths"]})
+        self.edits.append(edit)
+
+
+def read_edits(store: RunStore) -> list[dict[str, Any]]:
+    """Every edit of the run, oldest first."""
+    fs, root = open_fs(store.path("curation"), store.storage_options)
+    if not with_retries(fs.exists, root):
+        return []
+    names = sorted(p for p in with_retries(fs.ls, root, detail=False) if p.endswith(".json"))
+    return [json.loads(with_retries(fs.cat_file, p)) for p in names]
+
+
+def add_edit(store: RunStore, edit: dict[str, Any], who: str | None = None, wait_s: float = 10.0) -> dict[str, Any]:
+    """Check ``edit`` against the run and its curation so far, and append it.
+
+    The run's lease is taken for the moment of the append only, so an open app never keeps a
+    nightly ``assign`` out; while another writer holds it, this waits up to ``wait_s`` and then
+    raises ``LeaseHeld``. Returns the edit as stored (with ``at`` and ``who``).
+    """
+    from imgclust.state.lease import LeaseHeld, acquire_lease
+
+    clusters = {int(c) for c in _model_clusters(store)}
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            lease = acquire_lease(store, "curation", ttl=30.0, settle=0.0 if _is_local(store) else 0.5)
+            break
+        except LeaseHeld:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+    try:
+        Curation.of(store).check(edit, clusters)  # against the edits of the moment, under the lease
+        now = datetime.now(UTC)
+        stored = {**edit, "at": now.isoformat(timespec="milliseconds"), "who": who or _user()}
+        name = f"{now.strftime('%Y%m%dT%H%M%S%f')}-{uuid.uuid4().hex[:8]}.json"
+        write_json(store.path("curation", name), stored, store.storage_options)
+        return stored
+    finally:
+        lease.release()
+
+
+def _model_clusters(store: RunStore) -> list[int]:
+    from imgclust.io.storage import read_json
+
+    return [int(c["id"]) for c in read_json(store.clusters, store.storage_options)]
+
+
+def _is_local(store: RunStore) -> bool:
+    from imgclust.io.storage import is_local
+
+    return is_local(store.url)
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:  # no login name (a container): say so rather than fail the edit
+        return "unknown"

@@ -1,0 +1,301 @@
+"""What the app shows, read from a finished run without loading its tables whole.
+
+``RunCatalog`` answers the app's questions: the clusters (sizes, cohesion, names after curation),
+a page of a cluster's members in order of distance, an image's row, its thumbnail, its nearest
+neighbours and a 2-D map of a sample. Pages come from the members layout (``imgclust.members``):
+one or two row groups per page whatever the run's size. Rows that ``assign`` added after the
+layout was written, and images that curation moved, follow a cluster's layout rows.
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from imgclust.curation import UNASSIGNED, Curation
+from imgclust.io.arrays import chunk_spans, open_array, open_if_exists
+from imgclust.io.imagefile import ImageRejected
+from imgclust.io.storage import read_json
+from imgclust.io.tables import read_parts
+from imgclust.members import COLUMNS, MemberLayout
+from imgclust.runstore import Location, RunStore
+
+CODES_IN_MEMORY = 256 << 20  # codes smaller than this are held for similar-image queries
+MAP_SAMPLE, MAP_GROUPS = 3000, 200  # points on the map, row groups they are read from
+
+
+class NotFound(LookupError):
+    """A cluster, image or page the run does not have; ``str`` says which."""
+
+
+class NotARun(ValueError):
+    """The folder is not a finished run the app can show."""
+
+
+@dataclass(frozen=True)
+class ClusterInfo:
+    id: int
+    name: str
+    size: int
+    cohesion: float  # mean distance of members to the centre (smaller: tighter)
+    parts: tuple[int, ...]  # the model's clusters merged into it, itself first
+
+
+class RunCatalog:
+    """Read-side of a finished run for ``imgclust serve``."""
+
+    def __init__(self, store: RunStore) -> None:
+        so = store.storage_options
+        self.store = store
+        try:
+            self.run = read_json(store.run_record, so)
+            self.model_clusters = {int(c["id"]): c for c in read_json(store.clusters, so)}
+        except FileNotFoundError:
+            raise NotARun(f"{store.url} is not a finished run (no run.json or clusters.json); "
+                          "run `imgclust run SOURCE OUTPUT` first") from None
+        layout = MemberLayout.open(store)
+        if layout is None:
+            raise NotARun(f"{store.url} has no members layout (a run made by an older release); "
+                          f"`imgclust compact {store.url}` writes it")
+        self.layout = layout
+        thumbs = open_if_exists(store.thumbs, so)
+        self.thumbs = thumbs if thumbs is not None else open_array(store.images, so)
+        self.codes = open_array(store.codes, so)
+        self._lock = threading.RLock()
+        self._model: Any = None
+        self._codes_cache: np.ndarray | None = None
+        self._map: dict[str, Any] | None = None
+        self.refresh()
+        threading.Thread(target=self.model, daemon=True).start()  # seconds to load: not on the first query
+
+    # -- state that changes while the app runs: curation and assign's additions ----------------
+    def refresh(self) -> None:
+        """Re-read the curation and the rows added since the layout (cheap: both are small)."""
+        so = self.store.storage_options
+        self.curation = Curation.of(self.store)
+        run = read_json(self.store.run_record, so)
+        committed = int(run.get("tables_generation", 0))
+        newer = pd.DataFrame({"path": pd.Series([], dtype=object), "cluster": pd.Series([], dtype=np.int64),
+                              "distance": pd.Series([], dtype=np.float64), "index": pd.Series([], dtype=np.int64)})
+        if committed > self.layout.generation:
+            newer = read_parts(self.store.table("assignments"), so, committed, ["path", "cluster", "distance"],
+                               self.layout.generation + 1).drop_duplicates("path", keep="last")
+            manifest = read_parts(self.store.table("manifest"), so, committed, ["path", "index"],
+                                  self.layout.generation + 1).drop_duplicates("path", keep="last")
+            newer = newer.merge(manifest, on="path", how="inner")
+        self.added = newer.reset_index(drop=True)  # path, cluster, distance, index
+        moved = self.curation.moved
+        self.hidden = set(self.added["path"]) | set(moved)  # layout rows that no longer say where they are
+
+    def _moved_rows(self) -> pd.DataFrame:
+        """Rows of the images curation moved (their model cluster and distance, from the layout)."""
+        moved = [e for e in self.curation.edits if e.get("action") in ("move", "reject")]
+        index = np.array(sorted({int(i) for e in moved for i in e.get("indices", [])}), np.int64)
+        rows = self.layout.rows_of(index) if len(index) else pd.DataFrame(columns=COLUMNS)
+        extra = self.added[self.added["path"].isin(self.curation.moved.keys())]
+        rows = pd.concat([rows, extra[COLUMNS]], ignore_index=True) if len(extra) else rows
+        return rows[rows["path"].isin(self.curation.moved.keys())].drop_duplicates("path", keep="last")
+
+    # -- clusters -----------------------------------------------------------------------------
+    def clusters(self) -> list[ClusterInfo]:
+        cur = self.curation
+        ids = sorted(self.model_clusters)
+        moved = self._moved_rows()
+        out_of = moved.groupby("cluster").size().to_dict() if len(moved) else {}
+        into: dict[int, int] = {}
+        for p in moved["path"]:
+            c = cur.moved[p]
+            into[c] = into.get(c, 0) + 1
+        added = cur.apply(self.added)
+        added = added[~added["path"].isin(cur.moved.keys())]
+        out = []
+        for c in ids:
+            if cur.target(c) != c:
+                continue
+            parts = cur.parts(c, ids)
+            size = sum(self.model_clusters[p]["size"] for p in parts)
+            size -= sum(int(out_of.get(p, 0)) for p in parts)
+            size += into.get(c, 0) + int((added["cluster"] == c).sum())
+            weight = sum(self.model_clusters[p]["size"] for p in parts) or 1
+            cohesion = sum(self.model_clusters[p]["mean_distance"] * self.model_clusters[p]["size"] for p in parts)
+            out.append(ClusterInfo(c, cur.name(c), max(0, size), cohesion / weight, tuple(parts)))
+        n_out = into.get(UNASSIGNED, 0)
+        if n_out:
+            out.append(ClusterInfo(UNASSIGNED, cur.name(UNASSIGNED), n_out, float("nan"), ()))
+        return out
+
+    def cluster(self, cluster: int) -> ClusterInfo:
+        for c in self.clusters():
+            if c.id == cluster:
+                return c
+        if cluster in self.model_clusters:
+            raise NotFound(f"cluster {cluster} was merged into cluster {self.curation.target(cluster)}")
+        raise NotFound(f"there is no cluster {cluster} in this run ({len(self.model_clusters)} clusters, "
+                       f"0 to {max(self.model_clusters)})")
+
+    def members(self, cluster: int, start: int, count: int) -> pd.DataFrame:
+        """Members [start, start + count) of a (curated) cluster: the layout rows of its parts in
+        order of distance, then the images added or moved into it. Rows whose image was moved
+        away or replaced are left out, so a page may hold fewer than ``count``.
+
+        Returns a frame of cluster, distance, path, index.
+        """
+        info = self.cluster(cluster)
+        segments: list[tuple[str, int, int]] = [("layout", *self.layout.clusters.get(p, (0, 0))) for p in info.parts]
+        tail = self._tail(cluster)
+        total = sum(s for _, _, s in segments) + len(tail)
+        start, stop = max(0, start), min(total, start + count)
+        frames, at = [], 0
+        for _, first, size in segments:
+            a, b = max(start, at), min(stop, at + size)
+            if a < b:
+                rows = self.layout.read(first + a - at, first + b - at)
+                frames.append(rows[~rows["path"].isin(self.hidden)])
+            at += size
+        a, b = max(start, at), min(stop, at + len(tail))
+        if a < b:
+            frames.append(tail.iloc[a - at:b - at])
+        if not frames:
+            return pd.DataFrame(columns=COLUMNS)
+        return pd.concat(frames, ignore_index=True)[COLUMNS]
+
+    def member_span(self, cluster: int) -> int:
+        """How many rows ``members`` pages through for ``cluster`` (its layout rows and tail)."""
+        info = self.cluster(cluster)
+        return sum(self.layout.clusters.get(p, (0, 0))[1] for p in info.parts) + len(self._tail(cluster))
+
+    def _tail(self, cluster: int) -> pd.DataFrame:
+        """Images added by assign or moved into ``cluster``, by distance."""
+        cur = self.curation
+        added = cur.apply(self.added)
+        added = added[(added["cluster"] == cluster) & ~added["path"].isin(cur.moved.keys())]
+        moved = self._moved_rows()
+        moved = moved[moved["path"].map(cur.moved) == cluster].assign(cluster=cluster)
+        tail = pd.concat([added[COLUMNS], moved[COLUMNS]], ignore_index=True) if len(moved) else added[COLUMNS]
+        return tail.sort_values(["distance", "path"], kind="stable").reset_index(drop=True)
+
+    # -- images ---------------------------------------------------------------------------------
+    def image(self, index: int) -> dict[str, Any]:
+        """Path, model cluster, curated cluster and distance of images.zarr row ``index``."""
+        if not 0 <= index < self.codes.shape[0]:
+            raise NotFound(f"there is no image {index} in this run (0 to {self.codes.shape[0] - 1})")
+        rows = self.layout.rows_of(np.array([index]))
+        hit = self.added[self.added["index"] == index]
+        if len(hit):
+            rows = hit[COLUMNS]
+        if not len(rows):
+            raise NotFound(f"image {index} is no longer part of this run (replaced by a later assign)")
+        row = self.curation.apply(rows.iloc[:1].reset_index(drop=True)).iloc[0]
+        return {"index": int(index), "path": str(row["path"]), "model_cluster": int(row["model_cluster"]),
+                "cluster": int(row["cluster"]), "name": str(row["name"]), "distance": float(row["distance"])}
+
+    def thumbnail_png(self, index: int) -> bytes:
+        if not 0 <= index < self.thumbs.shape[0]:
+            raise NotFound(f"there is no image {index} in this run")
+        return pixels_png(self.thumbs[index])
+
+    # -- similar images -------------------------------------------------------------------------
+    def model(self) -> Any:
+        with self._lock:
+            if self._model is None:
+                from imgclust.runmodel import RunModel
+
+                self._model = RunModel.load(Location(self.store.model, self.store.storage_options))
+            return self._model
+
+    def similar(self, index: int | None = None, image: bytes | None = None, k: int = 24) -> pd.DataFrame:
+        """The ``k`` images closest to image ``index`` or to an uploaded ``image`` (its bytes), by
+        distance of the clustering's standardised codes; the query itself is left out.
+
+        Returns the layout's columns plus ``similarity_distance``, nearest first.
+        """
+        model = self.model()
+        if image is not None:
+            from imgclust.stages.ingest import PixelSpec
+
+            spec = PixelSpec.of_images(dict(open_array(self.store.images, self.store.storage_options).attrs))
+            try:
+                pixels = spec.decode(image).pixels
+            except ImageRejected as exc:
+                raise ValueError(f"the upload is not an image this run can read: {exc}") from None
+            q = model.encode(pixels[None], 1)[0]
+        else:
+            self.image(int(index))  # NotFound for a bad index
+            q = self.codes[int(index)]
+        q = model.standardise(np.asarray(q, np.float64)[None])[0]
+        best_d, best_i = np.zeros(0), np.zeros(0, np.int64)
+        for a, block in self._code_blocks():
+            d = np.sqrt(((model.standardise(block) - q) ** 2).sum(1))
+            if index is not None and a <= index < a + len(block):
+                d[index - a] = np.inf
+            best_d, best_i = np.concatenate([best_d, d]), np.concatenate([best_i, np.arange(a, a + len(block))])
+            keep = np.argsort(best_d, kind="stable")[: k + 8]  # spare rows for images no longer in the run
+            best_d, best_i = best_d[keep], best_i[keep]
+        rows = self.layout.rows_of(best_i)
+        if len(self.added):
+            rows = pd.concat([rows, self.added[self.added["index"].isin(best_i)][COLUMNS]], ignore_index=True)
+        rows = rows.drop_duplicates("index", keep="last")
+        dist = dict(zip(best_i.tolist(), best_d.tolist()))
+        rows = rows.assign(similarity_distance=rows["index"].map(dist)).sort_values(
+            ["similarity_distance", "index"], kind="stable")
+        return self.curation.apply(rows.head(k).reset_index(drop=True))
+
+    def _code_blocks(self) -> Any:
+        if self._codes_cache is None and self.codes.nbytes <= CODES_IN_MEMORY:
+            self._codes_cache = self.codes[:]
+        if self._codes_cache is not None:
+            yield 0, self._codes_cache
+            return
+        for a, b in chunk_spans(self.codes.shape[0], self.codes.chunks[0]):
+            yield a, self.codes[a:b]
+
+    # -- the map ----------------------------------------------------------------------------------
+    def map_points(self, seed: int = 0) -> dict[str, Any]:
+        """2-D positions (the first two principal axes of the standardised codes) of a sample of
+        up to ``MAP_SAMPLE`` images: {"x", "y", "index", "cluster"}."""
+        with self._lock:
+            if self._map is None:
+                n = self.layout.rows
+                rng = np.random.default_rng(seed)
+                per = self.layout.rows_per_group
+                groups = -(-n // per)
+                if groups > MAP_GROUPS:  # whole row groups at random, rows at random in them: few reads
+                    chosen = np.sort(rng.choice(groups, MAP_GROUPS, replace=False))
+                    cand = (chosen[:, None] * per + np.arange(per)[None, :]).ravel()
+                    cand = cand[cand < n]
+                else:
+                    cand = np.arange(n)
+                pos = np.sort(rng.choice(cand, size=min(MAP_SAMPLE, len(cand)), replace=False))
+                rows = self.layout.at(pos)
+                idx = rows["index"].to_numpy(np.int64)
+                order = np.argsort(idx)
+                codes = np.empty((len(idx), self.codes.shape[1]))
+                codes[order] = self.codes.get_orthogonal_selection((idx[order],))
+                z = self._standardise(codes)
+                z = z - z.mean(0)
+                _, _, vt = np.linalg.svd(z, full_matrices=False)
+                xy = z @ vt[:2].T
+                self._map = {"x": xy[:, 0].round(4).tolist(), "y": xy[:, 1].round(4).tolist(),
+                             "index": idx.tolist(), "paths": rows["path"].tolist(),
+                             "model_cluster": rows["cluster"].astype(int).tolist()}
+            m = dict(self._map)
+        curated = self.curation.apply(pd.DataFrame({"path": m.pop("paths"), "cluster": m["model_cluster"]}))
+        m["cluster"] = curated["cluster"].astype(int).tolist()
+        return m
+
+    def _standardise(self, codes: np.ndarray) -> np.ndarray:
+        return self.model().standardise(codes)
+
+
+def pixels_png(pixels: np.ndarray) -> bytes:
+    """(C, H, W) uint8 as PNG bytes."""
+    im = Image.fromarray(pixels[0] if pixels.shape[0] == 1 else pixels.transpose(1, 2, 0))
+    buf = io.BytesIO()
+    im.save(buf, "PNG")
+    return buf.getvalue()
