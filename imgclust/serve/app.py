@@ -27,7 +27,7 @@ from imgclust.state.lease import LeaseHeld
 
 logger = logging.getLogger("imgclust")
 STATIC = Path(__file__).parent / "static"
-PER_PAGE = 60
+PER_PAGE, MAX_PER_PAGE = 60, 500
 MAX_UPLOAD = 64 << 20
 SORTS = {"size": lambda c: (-c.size, c.id), "cohesion": lambda c: (c.cohesion if math.isfinite(c.cohesion) else 1e300,
                                                                       c.id),
@@ -117,16 +117,18 @@ def create_app(catalog: RunCatalog, token: str | None = None) -> FastAPI:
         return _page("Clusters", body)
 
     @app.get("/cluster/{cluster}", response_class=HTMLResponse)
-    def cluster_page(cluster: int, page: int = 1) -> Response:
+    def cluster_page(cluster: int, page: int = 1, per: int = PER_PAGE) -> Response:
         catalog.refresh()
+        if not 1 <= per <= MAX_PER_PAGE:
+            raise ValueError(f"per (images a page) is 1 to {MAX_PER_PAGE} (got {per})")
         info = catalog.cluster(cluster)
         span = catalog.member_span(cluster)
-        pages = max(1, -(-span // PER_PAGE))
+        pages = max(1, -(-span // per))
         if not 1 <= page <= pages:
-            raise NotFound(f"cluster {cluster} has {pages} page{'s' if pages != 1 else ''} of {PER_PAGE}; "
+            raise NotFound(f"cluster {cluster} has {pages} page{'s' if pages != 1 else ''} of {per}; "
                            f"there is no page {page}")
-        rows = catalog.members(cluster, (page - 1) * PER_PAGE, PER_PAGE)
-        first = (page - 1) * PER_PAGE
+        rows = catalog.members(cluster, (page - 1) * per, per)
+        first = (page - 1) * per
         cells = "".join(
             f'<figure class="member" data-index="{int(r.index)}" data-path="{html.escape(str(r.path))}">'
             f'<label><input type="checkbox" class="pick" aria-label="select {html.escape(str(r.path))}">'
@@ -145,8 +147,8 @@ def create_app(catalog: RunCatalog, token: str | None = None) -> FastAPI:
                 '<button id="move">Move to cluster</button> <button id="reject">Not this</button></div>')
         body = (f'<p>{info.size:,} images, in order of distance to the centre (the number under each). '
                 f'Page {page:,} of {pages:,}.</p><div class="tools" data-cluster="{cluster}">{tools}{move}</div>'
-                f'{_pager(f"/cluster/{cluster}", page, pages)}<div class="grid">{cells}</div>'
-                f'{_pager(f"/cluster/{cluster}", page, pages)}')
+                f'{_pager(f"/cluster/{cluster}", page, pages, per)}<div class="grid">{cells}</div>'
+                f'{_pager(f"/cluster/{cluster}", page, pages, per)}')
         return _page(f"{info.name}", body)
 
     @app.get("/image/{index}", response_class=HTMLResponse)
@@ -245,11 +247,13 @@ def _result_grid(rows: Any) -> str:
     return f'<div class="grid results">{cells}</div>'
 
 
-def _pager(base: str, page: int, pages: int) -> str:
+def _pager(base: str, page: int, pages: int, per: int) -> str:
+    extra = "" if per == PER_PAGE else f"&per={per}"
+
     def link(p: int, label: str) -> str:
         if p == page or not 1 <= p <= pages:
             return f'<span class="off">{label}</span>'
-        return f'<a href="{base}?page={p}" rel="{label.lower()}">{label}</a>'
+        return f'<a href="{base}?page={p}{extra}" rel="{label.lower()}">{label}</a>'
 
     return (f'<nav class="pager">{link(1, "First")} {link(page - 1, "Previous")} '
             f'<span>{page:,} / {pages:,}</span> {link(page + 1, "Next")} {link(pages, "Last")}</nav>')
