@@ -163,6 +163,11 @@ def test_curation_renames_merges_moves_and_rejects_without_retraining(client, ru
     assert not {moved[0]["path"], moved[1]["path"]} & {m["path"] for m in source}
     fresh = RunCatalog(store)  # what a reload, the export and the report see
     assert fresh.curation.name(ids[0]) == "round ones" and fresh.curation.target(ids[1]) == ids[0]
+    from imgclust.report.build import render_index
+
+    report = open(render_index(store)).read()
+    assert f"Cluster {ids[0]}: round ones" in report and f"merged into <a href=\"#cluster-{ids[0]}\">" in report
+    assert f"http://127.0.0.1:8000/cluster/{ids[0]}" in report and "imgclust serve" in report
     for bad, words in [({"action": "rename", "cluster": 999, "name": "x"}, "not a cluster of this run"),
                        ({"action": "merge", "into": ids[0], "clusters": [ids[0]]}, "cannot be merged into itself"),
                        ({"action": "merge", "into": ids[0], "clusters": [ids[1]]}, "was merged into"),

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from imgclust.curation import Curation
 from imgclust.io.arrays import open_array, read_rows
 from imgclust.io.storage import open_fs, read_json, with_retries, write_bytes_atomic
 from imgclust.progress import track
@@ -38,8 +39,13 @@ def _img(src: str, alt: str, cls: str = "") -> str:
     return f'<img src="{html.escape(src)}" alt="{html.escape(alt)}"{f" class={cls!r}" if cls else ""}>'
 
 
+APP = "http://127.0.0.1:8000"  # where `imgclust serve RUN` listens by default
+
+
 def render_html(run: dict[str, Any], clusters: list[dict[str, Any]], metrics: dict[str, Any] | None,
-                reclustered: list[int] | None = None) -> str:
+                reclustered: list[int] | None = None, curation: Curation | None = None) -> str:
+    """The report's index.html; with ``curation``, clusters carry their given names and merges."""
+    curation = curation or Curation()
     q = run.get("quality", {})
     counts = run.get("counts", {})
     signals = [("images", counts.get("accepted")), ("clusters", counts.get("clusters")),
@@ -58,8 +64,13 @@ def render_html(run: dict[str, Any], clusters: list[dict[str, Any]], metrics: di
         near = "".join(f"<li>{html.escape(p)}</li>" for p in c["nearest"][:9])
         sub = (f'<p><a href="recluster-{cid}.html">Cluster {cid} re-clustered</a></p>'
                if cid in (reclustered or []) else "")
+        named = f": {html.escape(curation.names[cid])}" if cid in curation.names else ""
+        merged = (f' <small>(merged into <a href="#cluster-{curation.target(cid)}">cluster {curation.target(cid)}</a>)'
+                  '</small>' if curation.target(cid) != cid else "")
+        app = f'<p><a href="{APP}/cluster/{curation.target(cid)}">Every member, in order of distance, in the app</a></p>'
         sections.append(
-            f'<section id="cluster-{cid}"><h2>Cluster {cid} <small>{c["size"]} images</small></h2>{sub}'
+            f'<section id="cluster-{cid}"><h2>Cluster {cid}{named} <small>{c["size"]} images</small>{merged}</h2>'
+            f'{app}{sub}'
             f'<p>Top rows: the {NEAREST_IN_GRID} images closest to the centre; last row: random members.</p>'
             f'{_img(f"cluster-{cid}.png", f"sample images of cluster {cid}", "grid")}'
             f'<p>Prototype (the cluster\'s mean code, decoded), then members with their attention maps.</p>'
@@ -78,6 +89,8 @@ section{{border-top:1px solid #ccc;margin-top:1.5rem}} nav a{{margin-right:.4rem
 <p>Preset <b>{html.escape(str(cfg.get('preset')))}</b>, seed {html.escape(str(cfg.get('seed')))},
 output {html.escape(str(cfg.get('output')))}.</p>
 <table>{rows}</table>
+<p>To page through every member of every cluster, search for similar images and rename, merge or correct clusters:
+<code>imgclust serve {html.escape(str(cfg.get('output', 'RUN')))}</code>, then open <a href="{APP}/">{APP}/</a>.</p>
 <div class="charts">{_img("sizes.png", "bar chart of cluster sizes")}{_img("loss.png", "training loss by optimiser step")}</div>
 {_img("map.png", "2-D map of a sample of the clustered features coloured by cluster")}
 <h2>Reconstructions</h2><p>Originals (top) and the autoencoder's reconstructions (bottom).</p>
@@ -153,6 +166,6 @@ def render_index(store: RunStore, run: dict[str, Any] | None = None) -> str:
     pages = with_retries(fs.glob, f"{root}/recluster-*.html") if with_retries(fs.exists, root) else []
     reclustered = sorted(int(p.rsplit("-", 1)[1].split(".")[0]) for p in pages)
     url = store.report_file("index.html")
-    write_bytes_atomic(url, render_html(run, clusters, metrics, reclustered).encode(), so)
+    write_bytes_atomic(url, render_html(run, clusters, metrics, reclustered, Curation.of(store)).encode(), so)
     logger.info("report: %s", url)
     return url

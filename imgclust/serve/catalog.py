@@ -112,8 +112,6 @@ class RunCatalog:
         for p in moved["path"]:
             c = cur.moved[p]
             into[c] = into.get(c, 0) + 1
-        added = cur.apply(self.added)
-        added = added[~added["path"].isin(cur.moved.keys())]
         out = []
         for c in ids:
             if cur.target(c) != c:
@@ -121,7 +119,7 @@ class RunCatalog:
             parts = cur.parts(c, ids)
             size = sum(self.model_clusters[p]["size"] for p in parts)
             size -= sum(int(out_of.get(p, 0)) for p in parts)
-            size += into.get(c, 0) + int((added["cluster"] == c).sum())
+            size += into.get(c, 0)  # clusters.json counts assign's additions already
             weight = sum(self.model_clusters[p]["size"] for p in parts) or 1
             cohesion = sum(self.model_clusters[p]["mean_distance"] * self.model_clusters[p]["size"] for p in parts)
             out.append(ClusterInfo(c, cur.name(c), max(0, size), cohesion / weight, tuple(parts)))
