@@ -158,9 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Starts a web app over RUN_DIR (a folder or any fsspec URL): every cluster "
                         "with its size and cohesion, each cluster's members page by page in order of distance to "
                         "its centre, a 2-D map, similar images (click one, or upload a file), and curation "
-                        "(rename, merge, move, 'not this'), kept in RUN_DIR/curation/ and applied by export, the "
-                        "report and later assign runs. Bound to an address other than 127.0.0.1 it asks for the "
-                        "token it prints.")
+                        "(rename, merge, move, 'not this'), kept in RUN_DIR/curation/ and applied by export and the "
+                        "report, also to the images later assign runs add. Bound to an address other than 127.0.0.1 it "
+                        "asks for the token it prints.")
     sv.add_argument("run_dir")
     sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     sv.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")

@@ -218,3 +218,12 @@ def test_off_the_loopback_every_request_needs_the_token(run):
     assert app.get("/?token=wrong").status_code == 401
     assert app.get("/?token=s3cret").status_code == 200
     assert app.get("/api/clusters").status_code == 200  # the cookie set by the first visit
+
+
+def test_serve_refuses_a_folder_without_a_run_and_a_bad_port(tmp_path, run):
+    from tests.test_cli import imgclust
+
+    r = imgclust("serve", str(tmp_path / "nothing"))
+    assert r.returncode == 2 and "holds no finished run" in r.stderr
+    r = imgclust("serve", run[1].url, "--port", "70000")
+    assert r.returncode == 2 and "not a port number" in r.stderr
