@@ -227,3 +227,25 @@ def test_serve_refuses_a_folder_without_a_run_and_a_bad_port(tmp_path, run):
     assert r.returncode == 2 and "holds no finished run" in r.stderr
     r = imgclust("serve", run[1].url, "--port", "70000")
     assert r.returncode == 2 and "not a port number" in r.stderr
+
+
+def test_the_app_serves_a_run_in_a_bucket(finished_run, s3):
+    """The same pages from a run on S3 (a moto server): layout row groups, thumbnails and edits
+    over fsspec."""
+    import s3fs
+    from fastapi.testclient import TestClient
+
+    _, out, _, _ = finished_run
+    fs = s3fs.S3FileSystem(**s3)
+    fs.mkdir("served")
+    fs.put(str(out) + "/", "served/run/", recursive=True)
+    store = RunStore("s3://served/run", s3)
+    app = TestClient(create_app(RunCatalog(store)))
+    clusters = app.get("/api/clusters").json()
+    assert sum(c["size"] for c in clusters) == len(RunStore(str(out)).read_table("assignments"))
+    largest = max(clusters, key=lambda c: c["size"])
+    page = app.get(f"/api/cluster/{largest['id']}/members", params={"start": largest["size"] - 1, "count": 5}).json()
+    assert len(page["members"]) == 1
+    assert app.get(f"/thumb/{page['members'][0]['index']}").headers["content-type"] == "image/png"
+    assert app.post("/api/curation", json={"action": "rename", "cluster": largest["id"], "name": "on s3"}).status_code == 200
+    assert RunCatalog(store).curation.name(largest["id"]) == "on s3"
