@@ -26,7 +26,8 @@ from imgclust.io.tables import read_parts
 from imgclust.members import COLUMNS, MemberLayout
 from imgclust.runstore import Location, RunStore
 
-CODES_IN_MEMORY = 256 << 20  # codes smaller than this are held for similar-image queries
+CODES_IN_MEMORY = 512 << 20  # standardised codes (float16) up to this size are held for similar-image queries
+SCAN_ROWS = 65536  # rows a similar-image query compares at once
 MAP_SAMPLE, MAP_GROUPS = 3000, 200  # points on the map, row groups they are read from
 
 
@@ -69,10 +70,18 @@ class RunCatalog:
         self.codes = open_array(store.codes, so)
         self._lock = threading.RLock()
         self._model: Any = None
-        self._codes_cache: np.ndarray | None = None
+        self._codes_cache: list[tuple[int, np.ndarray, np.ndarray]] | None = None
         self._map: dict[str, Any] | None = None
         self.refresh()
-        threading.Thread(target=self.model, daemon=True).start()  # seconds to load: not on the first query
+        threading.Thread(target=self._warm, daemon=True).start()  # seconds: not on the first query
+
+    def _warm(self) -> None:
+        """Load the model and the codes for similar-image queries (run in the background at start)."""
+        try:
+            for _ in self._code_blocks():
+                pass
+        except Exception:  # a query will meet the same error and report it
+            pass
 
     # -- state that changes while the app runs: curation and assign's additions ----------------
     def refresh(self) -> None:
@@ -228,8 +237,9 @@ class RunCatalog:
             q = self.codes[int(index)]
         q = model.standardise(np.asarray(q, np.float64)[None])[0]
         best_d, best_i = np.zeros(0), np.zeros(0, np.int64)
-        for a, block in self._code_blocks():
-            d = np.sqrt(((model.standardise(block) - q) ** 2).sum(1))
+        for a, block, norms in self._code_blocks():
+            d2 = norms - 2.0 * (block.astype(np.float32) @ q.astype(np.float32)) + float(q @ q)
+            d = np.sqrt(np.maximum(d2, 0.0, dtype=np.float32))
             if index is not None and a <= index < a + len(block):
                 d[index - a] = np.inf
             best_d, best_i = np.concatenate([best_d, d]), np.concatenate([best_i, np.arange(a, a + len(block))])
@@ -245,13 +255,25 @@ class RunCatalog:
         return self.curation.apply(rows.head(k).reset_index(drop=True))
 
     def _code_blocks(self) -> Any:
-        if self._codes_cache is None and self.codes.nbytes <= CODES_IN_MEMORY:
-            self._codes_cache = self.codes[:]
+        """(first row, standardised codes, their squared norms) block by block: from memory when
+        the standardised codes fit in ``CODES_IN_MEMORY`` (float32 up to half of it, float16 beyond:
+        a million 128-d codes hold 256 MB), else read and standardised chunk by chunk for each query."""
+        n, dim = self.codes.shape
+        with self._lock:
+            if self._codes_cache is None and n * dim * 2 <= CODES_IN_MEMORY:
+                blocks = [(a, self._standardised(a, b)) for a, b in chunk_spans(n, SCAN_ROWS)]
+                kind = np.float32 if n * dim * 4 <= CODES_IN_MEMORY // 2 else np.float16  # float16: 1e-3 relative
+                self._codes_cache = [(a, z.astype(kind), (z.astype(np.float32) ** 2).sum(1)) for a, z in blocks]
         if self._codes_cache is not None:
-            yield 0, self._codes_cache
+            for a, z16, norms in self._codes_cache:
+                yield a, z16, norms
             return
-        for a, b in chunk_spans(self.codes.shape[0], self.codes.chunks[0]):
-            yield a, self.codes[a:b]
+        for a, b in chunk_spans(n, self.codes.chunks[0]):
+            z = self._standardised(a, b).astype(np.float32)
+            yield a, z, (z**2).sum(1)
+
+    def _standardised(self, a: int, b: int) -> np.ndarray:
+        return self.model().standardise(self.codes[a:b])
 
     # -- the map ----------------------------------------------------------------------------------
     def map_points(self, seed: int = 0) -> dict[str, Any]:
