@@ -69,7 +69,7 @@ def test_a_person_browses_searches_and_renames_in_a_real_browser(served):
         page.screenshot(path=str(ARTIFACTS / "serve-overview.png"), full_page=True)
 
         page.click(f'tr[data-cluster="{largest}"] td a')  # sorted by size: the largest cluster is first
-        assert page.url.endswith(f"/cluster/{largest}")
+        page.wait_for_url(re.compile(rf"/cluster/{largest}$"))
         assert broken_images() == []
         page.screenshot(path=str(ARTIFACTS / "serve-cluster.png"), full_page=True)
         per = 12  # pages of 12 images, so that this small run has several
