@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from imgclust.io.storage import open_fs, with_retries, write_json
+from imgclust.io.storage import is_local, open_fs, read_json, with_retries, write_json
 from imgclust.runstore import RunStore
 
 UNASSIGNED = -1
@@ -151,11 +151,11 @@ def add_edit(store: RunStore, edit: dict[str, Any], who: str | None = None, wait
     """
     from imgclust.state.lease import LeaseHeld, acquire_lease
 
-    clusters = {int(c) for c in _model_clusters(store)}
+    clusters = {int(c["id"]) for c in read_json(store.clusters, store.storage_options)}
     deadline = time.monotonic() + wait_s
     while True:
         try:
-            lease = acquire_lease(store, "curation", ttl=30.0, settle=0.0 if _is_local(store) else 0.5)
+            lease = acquire_lease(store, "curation", ttl=30.0, settle=0.0 if is_local(store.url) else 0.5)
             break
         except LeaseHeld:
             if time.monotonic() > deadline:
@@ -170,18 +170,6 @@ def add_edit(store: RunStore, edit: dict[str, Any], who: str | None = None, wait
         return stored
     finally:
         lease.release()
-
-
-def _model_clusters(store: RunStore) -> list[int]:
-    from imgclust.io.storage import read_json
-
-    return [int(c["id"]) for c in read_json(store.clusters, store.storage_options)]
-
-
-def _is_local(store: RunStore) -> bool:
-    from imgclust.io.storage import is_local
-
-    return is_local(store.url)
 
 
 def _user() -> str:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import posixpath
 import re
@@ -16,7 +15,6 @@ from imgclust.io.storage import is_local, read_json, with_retries, write_bytes_a
 from imgclust.progress import track
 from imgclust.runstore import Location, RunStore
 
-logger = logging.getLogger("imgclust")
 FORMATS = ("csv", "parquet", "folders")
 
 

@@ -102,10 +102,7 @@ class MemberLayout:
         pos_arr = open_if_exists(self.store.members("position.zarr"), self.store.storage_options)
         if pos_arr is None or len(index) == 0:
             return pd.DataFrame({c: [] for c in COLUMNS})
-        inside = index[(index >= 0) & (index < pos_arr.shape[0])]
-        order = np.argsort(inside, kind="stable")
-        pos = np.empty(len(inside), np.int64)
-        pos[order] = read_rows(pos_arr, inside[order])
+        pos = read_rows(pos_arr, index[(index >= 0) & (index < pos_arr.shape[0])])  # in the order asked
         return self.at(pos[pos >= 0])
 
     def at(self, positions: np.ndarray) -> pd.DataFrame:

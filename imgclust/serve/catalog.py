@@ -19,7 +19,7 @@ import pandas as pd
 from PIL import Image
 
 from imgclust.curation import UNASSIGNED, Curation
-from imgclust.io.arrays import chunk_spans, open_array, open_if_exists
+from imgclust.io.arrays import chunk_spans, open_array, open_if_exists, read_rows
 from imgclust.io.imagefile import ImageRejected
 from imgclust.io.storage import read_json
 from imgclust.io.tables import read_parts
@@ -99,8 +99,9 @@ class RunCatalog:
                                   self.layout.generation + 1).drop_duplicates("path", keep="last")
             newer = newer.merge(manifest, on="path", how="inner")
         self.added = newer.reset_index(drop=True)  # path, cluster, distance, index
-        moved = self.curation.moved
-        self.hidden = set(self.added["path"]) | set(moved)  # layout rows that no longer say where they are
+        self.hidden = set(self.added["path"]) | set(self.curation.moved)  # layout rows that no longer say where
+        self.moved = self._moved_rows()
+        self._clusters = self._count_clusters()
 
     def _moved_rows(self) -> pd.DataFrame:
         """Rows of the images curation moved (their model cluster and distance, from the layout)."""
@@ -113,9 +114,13 @@ class RunCatalog:
 
     # -- clusters -----------------------------------------------------------------------------
     def clusters(self) -> list[ClusterInfo]:
+        """The (curated) clusters as of the last ``refresh``."""
+        return list(self._clusters)
+
+    def _count_clusters(self) -> list[ClusterInfo]:
         cur = self.curation
         ids = sorted(self.model_clusters)
-        moved = self._moved_rows()
+        moved = self.moved
         out_of = moved.groupby("cluster").size().to_dict() if len(moved) else {}
         into: dict[int, int] = {}
         for p in moved["path"]:
@@ -154,12 +159,12 @@ class RunCatalog:
         Returns a frame of cluster, distance, path, index.
         """
         info = self.cluster(cluster)
-        segments: list[tuple[str, int, int]] = [("layout", *self.layout.clusters.get(p, (0, 0))) for p in info.parts]
+        segments = [self.layout.clusters.get(p, (0, 0)) for p in info.parts]  # (first row, size) of each part
         tail = self._tail(cluster)
-        total = sum(s for _, _, s in segments) + len(tail)
+        total = sum(s for _, s in segments) + len(tail)
         start, stop = max(0, start), min(total, start + count)
         frames, at = [], 0
-        for _, first, size in segments:
+        for first, size in segments:
             a, b = max(start, at), min(stop, at + size)
             if a < b:
                 rows = self.layout.read(first + a - at, first + b - at)
@@ -182,8 +187,7 @@ class RunCatalog:
         cur = self.curation
         added = cur.apply(self.added)
         added = added[(added["cluster"] == cluster) & ~added["path"].isin(cur.moved.keys())]
-        moved = self._moved_rows()
-        moved = moved[moved["path"].map(cur.moved) == cluster].assign(cluster=cluster)
+        moved = self.moved[self.moved["path"].map(cur.moved) == cluster].assign(cluster=cluster)
         tail = pd.concat([added[COLUMNS], moved[COLUMNS]], ignore_index=True) if len(moved) else added[COLUMNS]
         return tail.sort_values(["distance", "path"], kind="stable").reset_index(drop=True)
 
@@ -294,10 +298,7 @@ class RunCatalog:
                 pos = np.sort(rng.choice(cand, size=min(MAP_SAMPLE, len(cand)), replace=False))
                 rows = self.layout.at(pos)
                 idx = rows["index"].to_numpy(np.int64)
-                order = np.argsort(idx)
-                codes = np.empty((len(idx), self.codes.shape[1]))
-                codes[order] = self.codes.get_orthogonal_selection((idx[order],))
-                z = self._standardise(codes)
+                z = self.model().standardise(read_rows(self.codes, idx))
                 z = z - z.mean(0)
                 _, _, vt = np.linalg.svd(z, full_matrices=False)
                 xy = z @ vt[:2].T
@@ -308,9 +309,6 @@ class RunCatalog:
         curated = self.curation.apply(pd.DataFrame({"path": m.pop("paths"), "cluster": m["model_cluster"]}))
         m["cluster"] = curated["cluster"].astype(int).tolist()
         return m
-
-    def _standardise(self, codes: np.ndarray) -> np.ndarray:
-        return self.model().standardise(codes)
 
 
 def pixels_png(pixels: np.ndarray) -> bytes:

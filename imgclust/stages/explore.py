@@ -87,7 +87,7 @@ def nearest_neighbours(store: RunStore, image: str, k: int = 5, strip_url: str |
     found = [Neighbour(str(path_at[int(i)]), float(dist)) for i, dist in zip(best_i, best_d) if np.isfinite(dist)]
     best_i = best_i[np.isfinite(best_d)]
     images = open_array(store.images, so)
-    rows = read_rows(images, np.sort(best_i))[np.argsort(np.argsort(best_i))]
+    rows = read_rows(images, best_i)  # in the order of best_i
     strip = grid(to_rgb_thumbs(np.concatenate([qpix[None], rows]), 96), cols=len(found) + 1, pad=4)
     name = posixpath.splitext(posixpath.basename(image))[0] or "query"
     write_bytes_atomic(strip_url or store.neighbors_file(f"{name}.png"), png_bytes(strip), so)
