@@ -26,6 +26,7 @@ from tasks.cluster import cluster_task
 from tasks.discover import discover_task
 from tasks.encode import encode_task
 from tasks.ingest import ingest_task
+from tasks.neighbours import neighbours_task
 from tasks.publish import publish_task, report_task
 from tasks.refine import refine_task
 from tasks.train import train_task
@@ -107,10 +108,14 @@ def _stages(config: RunConfig, lease: Lease) -> dict[str, Any]:
                 clu, refined = refine_task(store, clu, config.seed,
                                            RefineSettings().bounded(config.epochs, ing.n_accepted), address)
         lease.check()
+        with _timed(sec, "neighbours"):
+            near = neighbours_task(store, address)
+        lease.check()
         with _timed(sec, "publish"):
             quality = publish_task(store, clu)
     counts = {"found": found.n_found, "duplicates": found.n_duplicates, "rejected": ing.n_rejected,
-              "accepted": ing.n_accepted, "clusters": clu.n_clusters}
+              "accepted": ing.n_accepted, "clusters": clu.n_clusters,
+              "near_duplicate_groups": near.near_duplicate_groups, "near_duplicate_images": near.near_duplicate_images}
     record = {
         "config": config.public_dict(),
         "resolved": {"image_size": list(size), "color": "gray" if gray else "rgb", "train_steps": steps,

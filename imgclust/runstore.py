@@ -110,6 +110,12 @@ class RunStore(Location):
         return self.path("assignments.parquet")
 
     @property
+    def near_duplicates(self) -> str:
+        """Groups of near-identical images: parts like a table's, written by each full run (not by
+        ``assign``, not compacted); read with ``imgclust.io.tables.read_parts``."""
+        return self.path("near_duplicates.parquet")
+
+    @property
     def clusters(self) -> str:
         return self.path("clusters.json")
 

@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from imgclust.codeindex import CodeIndex
 from imgclust.curation import UNASSIGNED, Curation
 from imgclust.io.arrays import chunk_spans, open_array, open_if_exists, read_rows
 from imgclust.io.imagefile import ImageRejected
@@ -68,6 +69,7 @@ class RunCatalog:
         thumbs = open_if_exists(store.thumbs, so)
         self.thumbs = thumbs if thumbs is not None else open_array(store.images, so)
         self.codes = open_array(store.codes, so)
+        self.index = CodeIndex.open(store)  # None: a run made before indexes (scanned)
         self._lock = threading.RLock()
         self._model: Any = None
         self._codes_cache: list[tuple[int, np.ndarray, np.ndarray]] | None = None
@@ -78,8 +80,10 @@ class RunCatalog:
     def _warm(self) -> None:
         """Load the model and the codes for similar-image queries (run in the background at start)."""
         try:
-            for _ in self._code_blocks():
-                pass
+            self.model()
+            if self.index is None:
+                for _ in self._code_blocks():
+                    pass
         except Exception:  # a query will meet the same error and report it
             pass
 
@@ -240,15 +244,8 @@ class RunCatalog:
             self.image(int(index))  # NotFound for a bad index
             q = self.codes[int(index)]
         q = model.standardise(np.asarray(q, np.float64)[None])[0]
-        best_d, best_i = np.zeros(0), np.zeros(0, np.int64)
-        for a, block, norms in self._code_blocks():
-            d2 = norms - 2.0 * (block.astype(np.float32) @ q.astype(np.float32)) + float(q @ q)
-            d = np.sqrt(np.maximum(d2, 0.0, dtype=np.float32))
-            if index is not None and a <= index < a + len(block):
-                d[index - a] = np.inf
-            best_d, best_i = np.concatenate([best_d, d]), np.concatenate([best_i, np.arange(a, a + len(block))])
-            keep = np.argsort(best_d, kind="stable")[: k + 8]  # spare rows for images no longer in the run
-            best_d, best_i = best_d[keep], best_i[keep]
+        spare = k + 8  # spare rows for images no longer in the run
+        best_d, best_i = self._search_index(q, index, spare) if self.index is not None else self._scan(q, index, spare)
         rows = self.layout.rows_of(best_i)
         if len(self.added):
             rows = pd.concat([rows, self.added[self.added["index"].isin(best_i)][COLUMNS]], ignore_index=True)
@@ -258,23 +255,55 @@ class RunCatalog:
             ["similarity_distance", "index"], kind="stable")
         return self.curation.apply(rows.head(k).reset_index(drop=True))
 
-    def _code_blocks(self) -> Any:
-        """(first row, standardised codes, their squared norms) block by block: from memory when
-        the standardised codes fit in ``CODES_IN_MEMORY`` (float32 up to half of it, float16 beyond:
-        a million 128-d codes hold 256 MB), else read and standardised chunk by chunk for each query."""
+    def _search_index(self, q: np.ndarray, index: int | None, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The ``k`` nearest by the run's code index, and among the rows ``assign`` added after it."""
+        assert self.index is not None
+        d, i = self.index.search(q[None], k, exclude=np.array([-1 if index is None else int(index)]))
+        d, i = d[0][i[0] >= 0], i[0][i[0] >= 0]
+        newer = [(a, z) for a, z, _ in self._code_blocks(self.index.rows)]
+        return self._nearest(q, index, k, [(0, d, i)] + [(a, None, z) for a, z in newer])
+
+    def _scan(self, q: np.ndarray, index: int | None, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The ``k`` nearest of all codes (a run without an index)."""
+        return self._nearest(q, index, k, [(a, None, z) for a, z, _ in self._code_blocks()])
+
+    @staticmethod
+    def _nearest(q: np.ndarray, index: int | None, k: int, blocks: list[tuple[int, Any, Any]]) -> tuple[np.ndarray, np.ndarray]:
+        """Best ``k`` over ``blocks``: (_, distances, rows) found already, or (first row, None, codes)."""
+        q32 = q.astype(np.float32)
+        best_d, best_i = np.zeros(0, np.float32), np.zeros(0, np.int64)
+        for a, found, block in blocks:
+            if found is not None:
+                d, rows = found, block
+            else:
+                z = block.astype(np.float32)
+                d = np.sqrt(np.maximum((z**2).sum(1) - 2.0 * (z @ q32) + float(q32 @ q32), 0.0))
+                rows = np.arange(a, a + len(z))
+                if index is not None and a <= index < a + len(z):
+                    d[index - a] = np.inf
+            best_d, best_i = np.concatenate([best_d, d]), np.concatenate([best_i, rows])
+            keep = np.argsort(best_d, kind="stable")[:k]
+            best_d, best_i = best_d[keep], best_i[keep]
+        return best_d, best_i
+
+    def _code_blocks(self, start: int = 0) -> Any:
+        """(first row, standardised codes, their squared norms) of rows ``start:`` block by block.
+
+        A run without an index holds all its standardised codes in memory when they fit in
+        ``CODES_IN_MEMORY`` (float32 up to half of it, float16 beyond); otherwise, and for the rows
+        ``assign`` added after the index, they are read and standardised for each query."""
         n, dim = self.codes.shape
         with self._lock:
-            if self._codes_cache is None and n * dim * 2 <= CODES_IN_MEMORY:
+            if self.index is None and self._codes_cache is None and n * dim * 2 <= CODES_IN_MEMORY:
                 blocks = [(a, self._standardised(a, b)) for a, b in chunk_spans(n, SCAN_ROWS)]
                 kind = np.float32 if n * dim * 4 <= CODES_IN_MEMORY // 2 else np.float16  # float16: 1e-3 relative
                 self._codes_cache = [(a, z.astype(kind), (z.astype(np.float32) ** 2).sum(1)) for a, z in blocks]
-        if self._codes_cache is not None:
-            for a, z16, norms in self._codes_cache:
-                yield a, z16, norms
+        if self._codes_cache is not None and start == 0:
+            yield from self._codes_cache
             return
-        for a, b in chunk_spans(n, self.codes.chunks[0]):
-            z = self._standardised(a, b).astype(np.float32)
-            yield a, z, (z**2).sum(1)
+        for a, b in chunk_spans(n - start, self.codes.chunks[0]):
+            z = self._standardised(start + a, start + b).astype(np.float32)
+            yield start + a, z, (z**2).sum(1)
 
     def _standardised(self, a: int, b: int) -> np.ndarray:
         return self.model().standardise(self.codes[a:b])

@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 from distributed import Client
 
+from imgclust.codeindex import CodeIndex
 from imgclust.io.arrays import chunk_spans, create_array, open_array, read_rows
 from imgclust.io.imagefile import ImageRejected
 from imgclust.io.storage import open_fs, read_json, with_retries, write_bytes_atomic, write_json
@@ -60,32 +61,36 @@ def query_code(store: RunStore, model: RunModel, image: str) -> tuple[np.ndarray
 def nearest_neighbours(store: RunStore, image: str, k: int = 5, strip_url: str | None = None) -> list[Neighbour]:
     """The ``k`` images of the run closest to ``image`` by Euclidean distance of standardised codes.
 
-    The standardisation is the clustering's own (the run's model). Streams the codes chunk by
-    chunk, so it works on runs far larger than memory. Writes a PNG strip (query, then neighbours)
+    The standardisation is the clustering's own (the run's model). The run's code index
+    (``imgclust.codeindex``) is searched, and the rows ``assign`` added after it are compared one by
+    one; a run made without an index is scanned chunk by chunk. Writes a PNG strip (query, then neighbours)
     to ``strip_url`` (default ``RUN/neighbors/<name>.png``).
     """
     so = store.storage_options
     codes = open_array(store.codes, so)
-    manifest = store.read_table("manifest")
+    manifest = store.read_table("manifest", ["path", "index"]).drop_duplicates("index", keep="last")
     model = RunModel.load(Location(store.model, so))
     q, qpix, self_index = query_code(store, model, image)
     q = model.standardise(q[None])[0]
-    path_at = dict(zip(manifest["index"].tolist(), manifest["path"]))
-    listed = np.zeros(codes.shape[0], bool)
-    listed[manifest["index"].to_numpy(np.int64)] = True
+    path_at = manifest.set_index("index")["path"]
+    index = CodeIndex.open(store)
+    start, spare = 0, k + 8  # spare: rows no manifest row points at (replaced by assign) are not images
     best_d, best_i = np.full(0, np.inf), np.zeros(0, dtype=np.int64)
-    spans = chunk_spans(codes.shape[0], codes.chunks[0])
+    if index is not None:  # the index's nearest lists, then the rows added after it, one by one
+        best_d, best_i = index.search(q[None], spare, exclude=np.array([-1 if self_index is None else self_index]))
+        best_d, best_i = best_d[0].astype(np.float64), best_i[0]
+        start = index.rows
+    spans = [(start + a, start + b) for a, b in chunk_spans(codes.shape[0] - start, codes.chunks[0])]
     for a, b in track(spans, total=len(spans), desc="neighbors", unit="chunk"):
         d = np.sqrt(((model.standardise(codes[a:b]) - q) ** 2).sum(1))
-        idx = np.arange(a, b)
         if self_index is not None and a <= self_index < b:
             d[self_index - a] = np.inf
-        d[~listed[a:b]] = np.inf  # rows no manifest row points at (replaced by assign) are not images
-        best_d, best_i = np.concatenate([best_d, d]), np.concatenate([best_i, idx])
-        keep = np.argsort(best_d, kind="stable")[:k]
+        best_d, best_i = np.concatenate([best_d, d]), np.concatenate([best_i, np.arange(a, b)])
+        keep = np.argsort(best_d, kind="stable")[:spare]
         best_d, best_i = best_d[keep], best_i[keep]
-    found = [Neighbour(str(path_at[int(i)]), float(dist)) for i, dist in zip(best_i, best_d) if np.isfinite(dist)]
-    best_i = best_i[np.isfinite(best_d)]
+    listed = np.isfinite(best_d) & (best_i >= 0) & np.isin(best_i, path_at.index.to_numpy())
+    best_d, best_i = best_d[listed][:k], best_i[listed][:k]
+    found = [Neighbour(str(path_at[int(i)]), float(dist)) for i, dist in zip(best_i, best_d)]
     images = open_array(store.images, so)
     rows = read_rows(images, best_i)  # in the order of best_i
     strip = grid(to_rgb_thumbs(np.concatenate([qpix[None], rows]), 96), cols=len(found) + 1, pad=4)

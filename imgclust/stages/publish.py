@@ -13,6 +13,7 @@ from imgclust.io.arrays import open_array
 from imgclust.io.storage import write_json
 from imgclust.members import write_members
 from imgclust.runstore import RunStore
+from imgclust.stages.neighbours import read_kth_distances
 
 logger = logging.getLogger("imgclust")
 NEAREST = 9
@@ -40,6 +41,19 @@ def cluster_summaries(assignments: pd.DataFrame, nearest: int = NEAREST) -> list
     return out
 
 
+def outlier_scores(kth: np.ndarray, clusters: np.ndarray) -> tuple[np.ndarray, dict[int, float]]:
+    """Each image's distance to its k-th nearest neighbour (N,) over its cluster's median of it:
+    about 1 for a typical member, well above 1 for one far from all others (NaN when unknown).
+
+    Returns the scores (N,) and each cluster's median k-th distance (for images added later)."""
+    med = pd.Series(kth).groupby(clusters).median()
+    typical = {int(c): float(v) for c, v in med.items() if np.isfinite(v)}
+    scale = pd.Series(clusters).map(med).to_numpy(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        score = np.where(scale > 0, kth / scale, np.where(kth > 0, np.inf, 1.0))
+    return np.where(np.isfinite(kth), score, np.nan), typical
+
+
 def size_balance(sizes: np.ndarray) -> float:
     """Normalised entropy of cluster sizes: 1 = all equal, towards 0 = one cluster holds all."""
     if len(sizes) < 2:
@@ -59,7 +73,16 @@ def publish(store: RunStore, labels_url: str, distances_url: str) -> dict[str, A
         "path": manifest["path"].to_numpy(), "sha256": manifest["sha256"].to_numpy(),
         "cluster": labels.astype(np.int64), "distance": dist.astype(np.float64),
     })
+    kth = read_kth_distances(store)
+    typical: dict[int, float] = {}
+    if kth is not None:
+        by_index = kth.drop_duplicates("index", keep="last").set_index("index")["kth_distance"]
+        assignments["outlier"], typical = outlier_scores(
+            by_index.reindex(manifest["index"].to_numpy()).to_numpy(np.float64), assignments["cluster"].to_numpy())
     summaries = cluster_summaries(assignments)
+    for c in summaries:
+        if c["id"] in typical:
+            c["kth_distance_median"] = typical[c["id"]]
     store.write_table("assignments", assignments)
     write_members(store, assignments, manifest["index"].to_numpy(np.int64), 0)
     write_json(store.clusters, summaries, so)
