@@ -49,6 +49,9 @@ def test_assign_new_images_to_a_finished_run(finished_run, tmp_path):
     catalog = RunCatalog(RunStore(str(run)))  # the app shows the new images after the layout's
     bar0 = after.set_index("path").loc["day2/bar0.png", "cluster"]
     assert "day2/bar0.png" in set(catalog.members(int(bar0), 0, 10_000)["path"])
+    assert after["outlier"].iloc[n_old:].notna().all()  # scored against the run's index
+    similar = catalog.similar(index=int(manifest.loc[manifest["path"] == "day2/bar0.png", "index"].iloc[0]), k=3)
+    assert similar["path"].iloc[0].startswith("day2/bar")  # added after the index: compared one by one
     assert sum(c.size for c in catalog.clusters()) == n_old + 4
     dups = pd.read_parquet(run / "duplicates.parquet").set_index("path")
     assert dups.loc["day2/zcopy.png", ["sha256", "duplicate_of", "generation"]].to_dict() == {

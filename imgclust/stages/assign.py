@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 from distributed import Client
 
+from imgclust.codeindex import CodeIndex
 from imgclust.io.arrays import open_array
 from imgclust.io.storage import read_json, remove, write_json
 from imgclust.io.tables import TABLES, drop_parts, read_parts
@@ -19,7 +20,8 @@ from imgclust.runstore import Location, RunStore
 from imgclust.stages.discover import hash_files, list_source, split_duplicates
 from imgclust.stages.encode import encode
 from imgclust.stages.ingest import PixelSpec, compact_into, decode_into_staging, manifest_rows, thumbs_of
-from imgclust.stages.publish import cluster_summaries
+from imgclust.stages.neighbours import NeighbourSettings
+from imgclust.stages.publish import cluster_summaries, typical_kth
 
 logger = logging.getLogger("imgclust")
 
@@ -106,12 +108,15 @@ def assign_new(store: RunStore, source: Location, client: Client) -> dict[str, A
         reason=known_bad["sha256"].map(reject_reason))], ignore_index=True)[["path", "reason", "sha256", "stamp"]]
     new_assignments = pd.DataFrame({"path": new_manifest["path"].to_numpy(), "sha256": new_manifest["sha256"].to_numpy(),
                                     "cluster": labels, "distance": dist})
+    typical = typical_kth(read_json(store.clusters, so))
+    if typical and "outlier" in assignments.columns:
+        new_assignments["outlier"] = new_outlier_scores(store, model, new, labels, typical)
     for name, rows in (("assignments", new_assignments), ("rejected", new_rejected), ("duplicates", dups),
                        ("manifest", new_manifest)):
         store.write_table(name, rows, generation)
     moved = set(new_manifest["path"]) | set(new_rejected["path"]) | set(dups["path"])
     after = pd.concat([assignments[~assignments["path"].isin(moved)], new_assignments], ignore_index=True)
-    write_json(store.clusters, cluster_summaries(after), so)
+    write_json(store.clusters, cluster_summaries(after, typical), so)
     summary.update(accepted=len(new_manifest), rejected=len(new_rejected), duplicates=len(dups),
                    clusters=np.bincount(labels, minlength=len(run.get("quality", {}).get("cluster_sizes", []))).tolist(),
                    generation=generation, seconds=round(time.perf_counter() - t0, 3))
@@ -121,3 +126,19 @@ def assign_new(store: RunStore, source: Location, client: Client) -> dict[str, A
     logger.info("assign: %d new files: %d accepted, %d rejected, %d duplicates", summary["new"],
                 summary["accepted"], summary["rejected"], summary["duplicates"])
     return summary
+
+
+def new_outlier_scores(store: RunStore, model: RunModel, rows: slice, labels: np.ndarray,
+                       typical: dict[int, float]) -> np.ndarray:
+    """Outlier scores (N,) of images.zarr ``rows`` added to a run: the distance to their k-th
+    nearest neighbour in the run's code index over their cluster's typical one (NaN without an index)."""
+    index = CodeIndex.open(store)
+    if index is None:
+        return np.full(len(labels), np.nan)
+    k = NeighbourSettings().k
+    z = model.standardise(open_array(store.codes, store.storage_options)[rows])
+    d, _ = index.search(z, k)
+    kth = np.where(np.isfinite(d), d, -np.inf).max(1)
+    scale = np.array([typical.get(int(c), np.nan) for c in labels])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(np.isfinite(kth) & (scale > 0), kth / scale, np.nan)

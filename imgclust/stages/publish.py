@@ -31,14 +31,24 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def cluster_summaries(assignments: pd.DataFrame, nearest: int = NEAREST) -> list[dict[str, Any]]:
-    """One entry per cluster: id, size, and the paths closest to its centre."""
+def cluster_summaries(assignments: pd.DataFrame, typical: dict[int, float] | None = None,
+                      nearest: int = NEAREST) -> list[dict[str, Any]]:
+    """One entry per cluster: id, size, the paths closest to its centre, and (``typical``) its
+    members' median distance to their k-th nearest neighbour, the outlier score's scale."""
     out = []
     for cid, grp in assignments.groupby("cluster", sort=True):
         close = grp.sort_values(["distance", "path"], kind="stable").head(nearest)
-        out.append({"id": int(cid), "size": len(grp), "nearest": close["path"].tolist(),
-                    "mean_distance": float(grp["distance"].mean())})
+        entry = {"id": int(cid), "size": len(grp), "nearest": close["path"].tolist(),
+                 "mean_distance": float(grp["distance"].mean())}
+        if typical and int(cid) in typical:
+            entry["kth_distance_median"] = typical[int(cid)]
+        out.append(entry)
     return out
+
+
+def typical_kth(summaries: list[dict[str, Any]]) -> dict[int, float]:
+    """The clusters' median k-th neighbour distances recorded in ``clusters.json``."""
+    return {int(c["id"]): float(c["kth_distance_median"]) for c in summaries if "kth_distance_median" in c}
 
 
 def outlier_scores(kth: np.ndarray, clusters: np.ndarray) -> tuple[np.ndarray, dict[int, float]]:
@@ -79,10 +89,7 @@ def publish(store: RunStore, labels_url: str, distances_url: str) -> dict[str, A
         by_index = kth.drop_duplicates("index", keep="last").set_index("index")["kth_distance"]
         assignments["outlier"], typical = outlier_scores(
             by_index.reindex(manifest["index"].to_numpy()).to_numpy(np.float64), assignments["cluster"].to_numpy())
-    summaries = cluster_summaries(assignments)
-    for c in summaries:
-        if c["id"] in typical:
-            c["kth_distance_median"] = typical[c["id"]]
+    summaries = cluster_summaries(assignments, typical)
     store.write_table("assignments", assignments)
     write_members(store, assignments, manifest["index"].to_numpy(np.int64), 0)
     write_json(store.clusters, summaries, so)
