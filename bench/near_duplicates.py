@@ -180,7 +180,7 @@ def product_pairs(run: Path) -> set[Pair] | None:
     if not path.exists():
         return None
     groups = pd.read_parquet(path, columns=["group", "path"]).groupby("group")["path"]
-    return {frozenset(p) for members in groups for p in combinations(sorted(set(members)), 2)}
+    return {frozenset(p) for _, members in groups for p in combinations(sorted(set(members)), 2)}
 
 
 def score(found: set[Pair], truth: pd.DataFrame, photo: dict[str, str]) -> dict:

@@ -84,6 +84,18 @@ def _load_npy(data: bytes) -> np.ndarray:
     return np.load(io.BytesIO(data), allow_pickle=False)
 
 
+def read_ranges(fs: Any, paths: list[str], starts: list[int], ends: list[int]) -> list[bytes]:
+    """Byte ranges [starts[i], ends[i]) of ``paths`` (concurrently where the filesystem can); a
+    range that cannot be read raises (fsspec hands its error back in place of the bytes)."""
+    if not paths:
+        return []
+    data = with_retries(fs.cat_ranges, paths, starts, ends, on_error="raise")
+    for d in data:
+        if isinstance(d, BaseException):
+            raise d
+    return data
+
+
 def nearest_centres(x: np.ndarray, centres: np.ndarray, m: int = 1) -> np.ndarray:
     """(N, D) rows, (L, D) centres -> (N, m) the ``m`` nearest centres of each row, nearest first."""
     d2 = (centres**2).sum(1)[None, :] - 2.0 * (x @ centres.T)  # + |x|², the same for every centre
@@ -135,7 +147,7 @@ def write_part(index: Location, tmp: Location, part: int, lo: int, hi: int, dim:
 
     def ranges(suffix: str, width: int) -> list[bytes]:
         paths = [open_fs(tmp.path(f"block-{b:05d}.{suffix}"), tmp.storage_options)[1] for b in blocks]
-        return with_retries(fs.cat_ranges, paths, [a * width for a, _ in spans], [z * width for _, z in spans])
+        return read_ranges(fs, paths, [a * width for a, _ in spans], [z * width for _, z in spans])
 
     codes = np.frombuffer(b"".join(ranges("codes", 2 * dim)), np.float16).reshape(-1, dim)
     rows = np.frombuffer(b"".join(ranges("rows", 8)), np.int64)
@@ -241,7 +253,7 @@ class CodeIndex:
                     paths.append(open_fs(self.location.path(f"part-{part:05d}.{suffix}"), so)[1])
                     starts.append(first * width)
                     ends.append((first + count) * width)
-            data = with_retries(fs.cat_ranges, paths, starts, ends)
+            data = read_ranges(fs, paths, starts, ends)
             for j, i in enumerate(missing):
                 got = (np.frombuffer(data[2 * j], np.float16).reshape(-1, self.dim),
                        np.frombuffer(data[2 * j + 1], np.int64))

@@ -25,6 +25,7 @@ from imgclust.runstore import RunStore
 
 ROWS_PER_GROUP = 1024
 COLUMNS = ["cluster", "distance", "path", "index"]
+OUTLIER = "outlier"  # the assignments' outlier score, in layouts of runs that have it
 
 
 def write_members(store: RunStore, assignments: pd.DataFrame, index: np.ndarray, generation: int) -> None:
@@ -36,6 +37,8 @@ def write_members(store: RunStore, assignments: pd.DataFrame, index: np.ndarray,
     df = pd.DataFrame({"cluster": assignments["cluster"].to_numpy(np.int64),
                        "distance": assignments["distance"].to_numpy(np.float64),
                        "path": assignments["path"].to_numpy(object), "index": np.asarray(index, np.int64)})
+    if OUTLIER in assignments.columns:
+        df[OUTLIER] = assignments[OUTLIER].to_numpy(np.float64)
     df = df.sort_values(["cluster", "distance", "path"], kind="stable").reset_index(drop=True)
     sink = pa.BufferOutputStream()
     pq.write_table(pa.Table.from_pandas(df, preserve_index=False), sink, row_group_size=ROWS_PER_GROUP)
@@ -96,25 +99,36 @@ class MemberLayout:
         first, size = self.clusters.get(cluster, (0, 0))
         return self.read(first + max(0, start), first + min(size, stop))
 
-    def rows_of(self, index: np.ndarray) -> pd.DataFrame:
+    def outlier_of(self, index: int) -> float | None:
+        """Image ``index``'s outlier score, or None (a layout without scores, or no such row)."""
+        rows = self.rows_of(np.array([index]), [*COLUMNS, OUTLIER]) if self.has_outliers() else None
+        if rows is None or not len(rows) or not np.isfinite(rows[OUTLIER].iloc[0]):
+            return None
+        return float(rows[OUTLIER].iloc[0])
+
+    def has_outliers(self) -> bool:
+        with self._file() as f:
+            return OUTLIER in pq.ParquetFile(f).schema_arrow.names
+
+    def rows_of(self, index: np.ndarray, columns: list[str] = COLUMNS) -> pd.DataFrame:
         """The layout's rows of images.zarr rows ``index``, in that order (rows it lacks are left out)."""
         index = np.asarray(index, np.int64)
         pos_arr = open_if_exists(self.store.members("position.zarr"), self.store.storage_options)
         if pos_arr is None or len(index) == 0:
-            return pd.DataFrame({c: [] for c in COLUMNS})
+            return pd.DataFrame({c: [] for c in columns})
         pos = read_rows(pos_arr, index[(index >= 0) & (index < pos_arr.shape[0])])  # in the order asked
-        return self.at(pos[pos >= 0])
+        return self.at(pos[pos >= 0], columns)
 
-    def at(self, positions: np.ndarray) -> pd.DataFrame:
+    def at(self, positions: np.ndarray, columns: list[str] = COLUMNS) -> pd.DataFrame:
         """Rows at ``positions`` of the layout, in that order, reading each row group once."""
         pos = np.asarray(positions, np.int64)
         if len(pos) == 0:
-            return pd.DataFrame({c: [] for c in COLUMNS})
+            return pd.DataFrame({c: [] for c in columns})
         groups = sorted(set((pos // self.rows_per_group).tolist()))
         with self._file() as f:
             pf = pq.ParquetFile(f)
-            parts = {g: pf.read_row_group(g, columns=COLUMNS).to_pandas() for g in groups}
+            parts = {g: pf.read_row_group(g, columns=columns).to_pandas() for g in groups}
         frames = [parts[g].iloc[pos[pos // self.rows_per_group == g] % self.rows_per_group].assign(_at=np.flatnonzero(
             pos // self.rows_per_group == g)) for g in groups]
-        return pd.concat(frames).sort_values("_at").drop(columns="_at")[COLUMNS].reset_index(drop=True)
+        return pd.concat(frames).sort_values("_at").drop(columns="_at")[columns].reset_index(drop=True)
 

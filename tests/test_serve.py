@@ -249,3 +249,39 @@ def test_the_app_serves_a_run_in_a_bucket(finished_run, s3):
     assert app.get(f"/thumb/{page['members'][0]['index']}").headers["content-type"] == "image/png"
     assert app.post("/api/curation", json={"action": "rename", "cluster": largest["id"], "name": "on s3"}).status_code == 200
     assert RunCatalog(store).curation.name(largest["id"]) == "on s3"
+
+
+def test_similar_images_from_the_index_are_those_of_a_full_scan(run):
+    _, store = run
+    with_index = RunCatalog(store)
+    assert with_index.index is not None
+    found = {i: with_index.similar(index=i, k=8) for i in (0, 5, 17)}
+    shutil.rmtree(store.path("index"))  # a run made before indexes: every code compared
+    scanned = RunCatalog(store)
+    assert scanned.index is None
+    for i, a in found.items():
+        b = scanned.similar(index=i, k=8)
+        assert a["index"].tolist() == b["index"].tolist()
+        np.testing.assert_allclose(a["similarity_distance"], b["similarity_distance"], rtol=1e-2, atol=1e-3)
+
+
+def test_near_duplicate_groups_and_outlier_scores_are_shown(client, run):
+    from imgclust.codeindex import Standardiser
+    from imgclust.runmodel import RunModel
+    from imgclust.runstore import Location
+    from imgclust.stages.neighbours import write_near_duplicates
+
+    _, store = run
+    model = RunModel.load(Location(store.model))
+    pairs = {"a": [2, 2, 9], "b": [4, 7, 11], "code_distance": [0.1] * 3, "hash_distance": [3] * 3}
+    import pandas as pd
+
+    write_near_duplicates(store, Standardiser(model.code_space.mean, model.code_space.std), pd.DataFrame(pairs))
+    page = client.get("/duplicates").text
+    assert "2 groups of near-identical images" in page
+    assert page.count('class="dupgroup"') == 2 and 'href="/image/11"' in page
+    assert client.get("/duplicates?page=2").status_code == 404
+    one = client.get("/image/4").text
+    assert "Near-duplicates (2)" in one and 'href="/image/2"' in one and 'href="/image/7"' in one
+    assert "outlier score" in one
+    assert "Near-duplicates" not in client.get("/image/5").text.split("<main>")[1]

@@ -28,6 +28,7 @@ from imgclust.state.lease import LeaseHeld
 logger = logging.getLogger("imgclust")
 STATIC = Path(__file__).parent / "static"
 PER_PAGE, MAX_PER_PAGE = 60, 500
+GROUPS_PER_PAGE = 20
 MAX_UPLOAD = 64 << 20
 SORTS = {"size": lambda c: (-c.size, c.id), "cohesion": lambda c: (c.cohesion if math.isfinite(c.cohesion) else 1e300,
                                                                       c.id),
@@ -156,12 +157,42 @@ def create_app(catalog: RunCatalog, token: str | None = None) -> FastAPI:
         catalog.refresh()
         img = catalog.image(index)
         near = catalog.similar(index=index, k=24)
+        outlier = "" if img["outlier"] is None else (
+            f'<dt>outlier score</dt><dd>{img["outlier"]:.2f} <span class="muted">(its distance to its 10th nearest '
+            'neighbour over its cluster\'s typical one: about 1 is typical, 2 or more stands apart)</span></dd>')
+        copies = catalog.duplicates_of(index)
+        dup_html = "" if not len(copies) else (
+            f'<h2>Near-duplicates ({len(copies)})</h2><div class="grid results">'
+            + "".join(_dup_cell(r) for r in copies.itertuples()) + '</div>')
         body = (f'<div class="one"><img src="/thumb/{index}" alt="{html.escape(img["path"])}" class="big">'
                 f'<dl><dt>path</dt><dd>{html.escape(img["path"])}</dd><dt>cluster</dt>'
                 f'<dd><a href="/cluster/{img["cluster"]}">{img["cluster"]}: {html.escape(img["name"])}</a></dd>'
-                f'<dt>distance to its centre</dt><dd>{img["distance"]:.3f}</dd></dl></div>'
-                f'<h2>Most similar</h2>{_result_grid(near)}')
+                f'<dt>distance to its centre</dt><dd>{img["distance"]:.3f}</dd>{outlier}</dl></div>'
+                f'{dup_html}<h2>Most similar</h2>{_result_grid(near)}')
         return _page(f"Image {index}", body)
+
+    @app.get("/duplicates", response_class=HTMLResponse)
+    def duplicates_page(page: int = 1, per: int = GROUPS_PER_PAGE) -> Response:
+        catalog.refresh()
+        if not 1 <= per <= MAX_PER_PAGE:
+            raise ValueError(f"per (groups a page) is 1 to {MAX_PER_PAGE} (got {per})")
+        total = catalog.duplicate_groups()
+        pages = max(1, -(-total // per))
+        if not 1 <= page <= pages:
+            raise NotFound(f"there are {pages} page{'s' if pages != 1 else ''} of near-duplicate groups; "
+                           f"there is no page {page}")
+        groups = catalog.duplicate_page((page - 1) * per, per)
+        rows = "".join(f'<section class="dupgroup"><h2>Group {int(g["group"].iloc[0])} · {len(g)} images</h2>'
+                       f'<div class="grid results">{"".join(_dup_cell(r) for r in g.itertuples())}</div></section>'
+                       for g in groups if len(g))
+        intro = (f'<p>{total:,} groups of near-identical images (resized, recompressed, lightly cropped or '
+                 'brightened copies): close by code and by perceptual hash. The number under each image is its '
+                 'code distance to the group\'s first, then the bits its hash differs by. Byte-identical files '
+                 'are in <code>duplicates.parquet</code> instead.</p>')
+        if not total:
+            return _page("Near-duplicates", intro)
+        return _page("Near-duplicates", f'{intro}{_pager("/duplicates", page, pages, per)}{rows}'
+                     f'{_pager("/duplicates", page, pages, per)}')
 
     @app.post("/similar", response_class=HTMLResponse)
     async def similar_upload(file: UploadFile = File(...)) -> Response:
@@ -240,6 +271,12 @@ def _thumb(index: int, path: str) -> str:
             f'title="{html.escape(path)}" loading="lazy" width="128" height="128"></a>')
 
 
+def _dup_cell(r: Any) -> str:
+    return (f'<figure class="member" data-index="{int(r.index)}">{_thumb(int(r.index), str(r.path))}'
+            f'<figcaption>{float(r.distance):.3f} · {int(r.hash_distance)} bits · <a href="/cluster/{int(r.cluster)}">'
+            f'{html.escape(str(r.name))}</a></figcaption></figure>')
+
+
 def _result_grid(rows: Any) -> str:
     cells = "".join(f'<figure class="member" data-index="{int(r.index)}">{_thumb(int(r.index), str(r.path))}'
                     f'<figcaption>{float(r.similarity_distance):.3f} · <a href="/cluster/{int(r.cluster)}">'
@@ -260,7 +297,7 @@ def _pager(base: str, page: int, pages: int, per: int) -> str:
 
 
 def _page(title: str, body: str, status: int = 200) -> HTMLResponse:
-    nav = ('<nav class="top"><a href="/">Clusters</a> <a href="/map">Map</a>'
+    nav = ('<nav class="top"><a href="/">Clusters</a> <a href="/map">Map</a> <a href="/duplicates">Near-duplicates</a>'
            '<form action="/similar" method="post" enctype="multipart/form-data" class="upload">'
            '<label>Find similar to a file <input type="file" name="file" accept="image/*" required></label>'
            '<button>Search</button></form></nav>')

@@ -74,6 +74,8 @@ class RunCatalog:
         self._model: Any = None
         self._codes_cache: list[tuple[int, np.ndarray, np.ndarray]] | None = None
         self._map: dict[str, Any] | None = None
+        self._dups: pd.DataFrame | None = None
+        self._group_starts = np.zeros(1, np.int64)
         self.refresh()
         threading.Thread(target=self._warm, daemon=True).start()  # seconds: not on the first query
 
@@ -208,7 +210,8 @@ class RunCatalog:
             raise NotFound(f"image {index} is no longer part of this run (replaced by a later assign)")
         row = self.curation.apply(rows.iloc[:1].reset_index(drop=True)).iloc[0]
         return {"index": int(index), "path": str(row["path"]), "model_cluster": int(row["model_cluster"]),
-                "cluster": int(row["cluster"]), "name": str(row["name"]), "distance": float(row["distance"])}
+                "cluster": int(row["cluster"]), "name": str(row["name"]), "distance": float(row["distance"]),
+                "outlier": self.layout.outlier_of(index)}
 
     def thumbnail_png(self, index: int) -> bytes:
         if not 0 <= index < self.thumbs.shape[0]:
@@ -307,6 +310,49 @@ class RunCatalog:
 
     def _standardised(self, a: int, b: int) -> np.ndarray:
         return self.model().standardise(self.codes[a:b])
+
+    # -- near-duplicates and outlier scores -------------------------------------------------------
+    def _duplicates(self) -> pd.DataFrame:
+        """The run's near-duplicate groups (group, path, index, distance, hash_distance), read once."""
+        with self._lock:
+            if self._dups is None:
+                cols = ["group", "path", "index", "distance", "hash_distance"]
+                try:
+                    dups = read_parts(self.store.near_duplicates, self.store.storage_options, columns=cols)
+                except Exception:  # a run made before near-duplicates were found
+                    dups = pd.DataFrame()
+                self._dups = dups if len(dups) else pd.DataFrame({c: pd.Series([], dtype=np.int64) for c in cols})
+                self._group_starts = np.searchsorted(self._dups["group"].to_numpy(),
+                                                     np.arange(int(self._dups["group"].max()) + 2 if len(self._dups) else 1))
+            return self._dups
+
+    def duplicate_groups(self) -> int:
+        return int(self._duplicates()["group"].nunique())
+
+    def duplicate_page(self, start: int, count: int) -> list[pd.DataFrame]:
+        """Near-duplicate groups [start, start + count), each its members (curation applied),
+        nearest its first image first."""
+        dups = self._duplicates()
+        out = []
+        for g in range(max(0, start), min(self.duplicate_groups(), start + count)):
+            a, b = int(self._group_starts[g]), int(self._group_starts[g + 1])
+            out.append(self._with_clusters(dups.iloc[a:b]))
+        return out
+
+    def duplicates_of(self, index: int) -> pd.DataFrame:
+        """The other members of image ``index``'s near-duplicate group (empty when it has none)."""
+        dups = self._duplicates()
+        hit = dups.loc[dups["index"] == index, "group"]
+        if not len(hit):
+            return dups.iloc[:0]
+        g = int(hit.iloc[0])
+        rows = dups.iloc[int(self._group_starts[g]):int(self._group_starts[g + 1])]
+        return self._with_clusters(rows[rows["index"] != index])
+
+    def _with_clusters(self, rows: pd.DataFrame) -> pd.DataFrame:
+        layout = self.layout.rows_of(rows["index"].to_numpy(np.int64))[["index", "cluster"]]
+        merged = rows.merge(layout, on="index", how="inner")
+        return self.curation.apply(merged.reset_index(drop=True))
 
     # -- the map ----------------------------------------------------------------------------------
     def map_points(self, seed: int = 0) -> dict[str, Any]:
