@@ -4,7 +4,7 @@
 
 The corpus (bench/_work/near_duplicates/corpus-SEED, made once, the SOURCE the tool reads): under
 originals/, ``--n-distinct`` 160×120 crops of scikit-image's bundled colour photographs (random
-position, side 0.3–0.8 of the photo's shorter side; crops of one photo overlap up to IoU 0.7: similar,
+position, side 0.25–0.6 of the photo's shorter side; crops of one photo overlap up to IoU 0.3: similar,
 not copies); under copies/, named at random, 1–3 copies of each of ``--n-sources`` of them: resized
 0.5–0.8×, JPEG quality 30–50, 3–8 % cropped off each border, or brightness ×0.75–1.25 (each kind at
 most once a source). truth.csv: copy_path, source_path, kind, relative to the corpus root.
@@ -43,7 +43,7 @@ WORK = HERE / "_work" / "near_duplicates"
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "motorcycle_left", "hubble_deep_field",
           "immunohistochemistry", "logo", "retina")
 KINDS = ("resize", "jpeg", "crop", "bright")
-CROP_W, CROP_H, MAX_IOU = 160, 120, 0.7
+CROP_W, CROP_H, MAX_IOU = 160, 120, 0.3
 Pair = frozenset[str]
 
 
@@ -87,7 +87,7 @@ def plant_copy(img: Image.Image, kind: str, rng: np.random.Generator) -> tuple[I
 def make_corpus(seed: int, n_distinct: int, n_sources: int) -> Path:
     """The corpus for ``seed`` (see the module's docstring), made once and then reused."""
     root = WORK / f"corpus-{seed}"
-    params = {"seed": seed, "n_distinct": n_distinct, "n_sources": n_sources, "generator": 2}
+    params = {"seed": seed, "n_distinct": n_distinct, "n_sources": n_sources, "generator": 3}
     if (root / "truth.csv").exists() and json.loads((root / "corpus.json").read_text()) == params:
         return root
     shutil.rmtree(root, ignore_errors=True)
@@ -103,7 +103,7 @@ def make_corpus(seed: int, n_distinct: int, n_sources: int) -> Path:
         H, W = pics[name].shape[:2]
         best, best_overlap = None, 2.0
         for _ in range(1000):  # rejection sampling; the least overlapping candidate if none fits
-            side = rng.uniform(0.3, 0.8) * min(H, W)
+            side = rng.uniform(0.25, 0.6) * min(H, W)
             w = min(W, side * CROP_W / CROP_H)
             h = w * CROP_H / CROP_W
             box = (rng.uniform(0, W - w), rng.uniform(0, H - h), w, h)

@@ -26,6 +26,7 @@ import logging
 import math
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from distributed import Client
@@ -204,7 +205,7 @@ class CodeIndex:
                  nprobe: int, cache_lists: int = 64) -> None:
         self.location, self.centres, self.lists = location, centres.astype(np.float32), lists
         self.rows, self.dim, self.nprobe = rows, dim, nprobe
-        self._cache: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self._cache: OrderedDict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = OrderedDict()
         self._cache_lists = cache_lists
 
     @classmethod
@@ -231,18 +232,20 @@ class CodeIndex:
     def n_lists(self) -> int:
         return len(self.centres)
 
-    def read_lists(self, ids: np.ndarray) -> dict[int, tuple[np.ndarray, np.ndarray]]:
-        """List id -> (codes (n, D) float16, images.zarr rows (n,) int64), reading the ones not cached."""
-        out: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    def read_lists(self, ids: np.ndarray) -> dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """List id -> (codes (n, D) float32, images.zarr rows (n,) int64, squared norms (n,)),
+        reading the ones not cached (the cache holds ``cache_lists`` lists, least recently read out)."""
+        out: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         missing = []
         for i in (int(x) for x in ids):
             hit = self._cache.get(i)
             if hit is not None:
                 out[i] = hit
+                self._cache.move_to_end(i)
             elif self.lists[i, 2] > 0:
                 missing.append(i)
             else:
-                out[i] = (np.zeros((0, self.dim), np.float16), np.zeros(0, np.int64))
+                out[i] = (np.zeros((0, self.dim), np.float32), np.zeros(0, np.int64), np.zeros(0, np.float32))
         if missing:
             so = self.location.storage_options
             fs, _ = open_fs(self.location.url, so)
@@ -255,8 +258,8 @@ class CodeIndex:
                     ends.append((first + count) * width)
             data = read_ranges(fs, paths, starts, ends)
             for j, i in enumerate(missing):
-                got = (np.frombuffer(data[2 * j], np.float16).reshape(-1, self.dim),
-                       np.frombuffer(data[2 * j + 1], np.int64))
+                codes = np.frombuffer(data[2 * j], np.float16).reshape(-1, self.dim).astype(np.float32)
+                got = (codes, np.frombuffer(data[2 * j + 1], np.int64), (codes**2).sum(1))
                 out[i] = got
                 self._cache[i] = got
                 while len(self._cache) > self._cache_lists:
@@ -278,9 +281,9 @@ class CodeIndex:
         dist = np.full((len(q), k), np.inf, np.float32)
         rows = np.full((len(q), k), -1, np.int64)
         for j in range(len(q)):
-            codes = np.concatenate([got[int(i)][0] for i in probes[j]]).astype(np.float32)
-            idx = np.concatenate([got[int(i)][1] for i in probes[j]])
-            d2 = (codes**2).sum(1) - 2.0 * (codes @ q[j]) + float(q[j] @ q[j])
+            lists = [got[int(i)] for i in probes[j]]
+            idx = np.concatenate([x[1] for x in lists])
+            d2 = np.concatenate([x[2] - 2.0 * (x[0] @ q[j]) for x in lists]) + float(q[j] @ q[j])
             if exclude is not None and exclude[j] >= 0:
                 d2[idx == exclude[j]] = np.inf
             m = min(k, len(idx))

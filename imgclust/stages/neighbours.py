@@ -23,7 +23,7 @@ from imgclust.dask_cluster import completed
 from imgclust.io.arrays import open_if_exists, read_rows
 from imgclust.io.storage import open_fs, remove, with_retries, write_bytes_atomic
 from imgclust.io.tables import write_part
-from imgclust.near_duplicates import group_pairs, hamming, perceptual_hash
+from imgclust.near_duplicates import content_signatures, content_similarity, group_pairs, hamming, perceptual_hash
 from imgclust.progress import track
 from imgclust.runmodel import RunModel
 from imgclust.runstore import Location, RunStore
@@ -37,12 +37,15 @@ class NeighbourSettings:
     """k: the neighbour whose distance makes the outlier score. dup_neighbours: nearest neighbours
     of each image checked as near-duplicates; a pair is a candidate when its code distance is at
     most ``dup_code_ratio`` × the median ``k``-th neighbour distance of the part, and confirmed when
-    the perceptual hashes differ in at most ``dup_hash_bits`` of 64 bits."""
+    the perceptual hashes differ in at most ``dup_hash_bits`` of 64 bits and the thumbnails'
+    content correlation (``imgclust.near_duplicates.content_similarity``) is at least
+    ``dup_correlation``."""
 
     k: int = 10
-    dup_neighbours: int = 5
-    dup_code_ratio: float = 0.5
-    dup_hash_bits: int = 10
+    dup_neighbours: int = 30
+    dup_code_ratio: float = 4.0
+    dup_hash_bits: int = 20
+    dup_correlation: float = 0.92
     query_rows: int = 512
     index: IndexSettings = field(default_factory=IndexSettings)
 
@@ -59,9 +62,9 @@ def _knn_of_list(index: CodeIndex, lst: int, k: int, query_rows: int) -> tuple[n
     own = index.read_lists(np.array([lst]))[lst]
     probes = nearest_centres(index.centres[lst:lst + 1], index.centres, index.nprobe)[0]
     got = index.read_lists(probes)
-    cand = np.concatenate([got[int(i)][0] for i in probes]).astype(np.float32)
+    cand = np.concatenate([got[int(i)][0] for i in probes])
     cand_rows = np.concatenate([got[int(i)][1] for i in probes])
-    cand_sq = (cand**2).sum(1)
+    cand_sq = np.concatenate([got[int(i)][2] for i in probes])
     m = min(k, len(cand_rows) - 1)
     rows = own[1]
     nn = np.full((len(rows), k), -1, np.int64)
@@ -69,7 +72,7 @@ def _knn_of_list(index: CodeIndex, lst: int, k: int, query_rows: int) -> tuple[n
     if m <= 0:
         return rows, nn, dist
     for a in range(0, len(rows), query_rows):
-        q, qr = own[0][a:a + query_rows].astype(np.float32), rows[a:a + query_rows]
+        q, qr = own[0][a:a + query_rows], rows[a:a + query_rows]
         d2 = cand_sq[None, :] - 2.0 * (q @ cand.T) + (q**2).sum(1)[:, None]
         d2[qr[:, None] == cand_rows[None, :]] = np.inf  # not its own neighbour
         best = np.argpartition(d2, m - 1, axis=1)[:, :m]
@@ -85,13 +88,13 @@ def knn_part(index_loc: Location, pixels: Location, part: int, settings: Neighbo
     returns the confirmed near-duplicate pairs (``PAIR_COLUMNS``, a < b)."""
     index = CodeIndex.at(index_loc, cache_lists=4 * settings.index.nprobe + 64)
     assert index is not None
-    k = settings.k
+    k = max(settings.k, settings.dup_neighbours)
     found = [_knn_of_list(index, int(lst), k, settings.query_rows)
              for lst in np.flatnonzero((index.lists[:, 0] == part) & (index.lists[:, 2] > 0))]
     rows = np.concatenate([f[0] for f in found]) if found else np.zeros(0, np.int64)
     nn = np.concatenate([f[1] for f in found]) if found else np.zeros((0, k), np.int64)
     dist = np.concatenate([f[2] for f in found]) if found else np.zeros((0, k), np.float32)
-    finite = np.where(np.isfinite(dist), dist, -np.inf)
+    finite = np.where(np.isfinite(dist[:, :settings.k]), dist[:, :settings.k], -np.inf)
     kth = finite.max(1) if len(rows) else np.zeros(0, np.float32)  # the k-th, or the last a tiny run has
     kth = np.where(np.isfinite(kth), kth, 0.0)
     buf = io.BytesIO()
@@ -109,12 +112,14 @@ def knn_part(index_loc: Location, pixels: Location, part: int, settings: Neighbo
     if not len(cand):
         return pd.DataFrame({c: [] for c in PAIR_COLUMNS})
     members = np.unique(np.concatenate([cand["a"].to_numpy(), cand["b"].to_numpy()]))
-    hashes = dict(zip(members.tolist(), perceptual_hash(read_rows(
-        open_if_exists(pixels.url, pixels.storage_options), members)).tolist()))
-    ha = np.array([hashes[x] for x in cand["a"].tolist()], np.uint64)
-    hb = np.array([hashes[x] for x in cand["b"].tolist()], np.uint64)
-    cand["hash_distance"] = hamming(ha, hb)
-    return cand[cand["hash_distance"] <= settings.dup_hash_bits][PAIR_COLUMNS].reset_index(drop=True)
+    thumbs = read_rows(open_if_exists(pixels.url, pixels.storage_options), members)
+    at = np.searchsorted(members, cand["a"].to_numpy()), np.searchsorted(members, cand["b"].to_numpy())
+    hashes = perceptual_hash(thumbs)
+    cand["hash_distance"] = hamming(hashes[at[0]], hashes[at[1]])
+    signatures = content_signatures(thumbs)
+    cand["correlation"] = content_similarity(signatures[at[0]], signatures[at[1]])
+    keep = (cand["hash_distance"] <= settings.dup_hash_bits) & (cand["correlation"] >= settings.dup_correlation)
+    return cand[keep][PAIR_COLUMNS].reset_index(drop=True)
 
 
 def read_kth_distances(store: RunStore) -> pd.DataFrame | None:
