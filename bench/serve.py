@@ -87,7 +87,7 @@ def grow(template: Path, n: int) -> Path:
     src_codes, src_thumbs = codes[:], thumbs[:]
     tmpl_index = base["path"].map(index_of).to_numpy(np.int64)
     spread = (0.25 * src_codes.std(0)).astype(np.float32)  # copies are distinct images, near their original
-    new_codes = create_array(dst.codes, (n, codes.shape[1]), 65536, "float32")
+    new_codes = create_array(dst.codes, (n, codes.shape[1]), 1024, "float32")  # a run's: one chunk a shard
     new_thumbs = create_array(dst.thumbs, (n, *thumbs.shape[1:]), 1024, "uint8", read_rows=1)
     for a, b in chunk_spans(n, 65536):
         rows = tmpl_index[rep[a:b]]

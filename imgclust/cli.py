@@ -246,9 +246,10 @@ def cmd_run(ns: argparse.Namespace) -> int:
         return _fail(str(exc), EXIT_BUSY)
     c = record["counts"]
     print(f"done: {c['accepted']} images in {c['clusters']} clusters, {c['rejected']} rejected, "
-          f"{c['duplicates']} duplicates; results in {config.output}")
+          f"{c['duplicates']} duplicates, {c.get('near_duplicate_images', 0)} near-duplicates in "
+          f"{c.get('near_duplicate_groups', 0)} groups; results in {config.output}")
     for name in ("report/index.html", "assignments.parquet", "clusters.json", "manifest.parquet",
-                 "rejected.parquet", "run.json"):
+                 "near_duplicates.parquet", "rejected.parquet", "run.json"):
         print(f"  {config.output.rstrip('/')}/{name}")
     return 0
 

@@ -81,6 +81,14 @@ class MemberLayout:
         fs, path = open_fs(self.store.members("members.parquet"), self.store.storage_options)
         return with_retries(fs.open, path, "rb")
 
+    def _parquet(self, f: Any) -> pq.ParquetFile:
+        """``f`` as a Parquet file, its footer parsed once per layout (thousands of row groups at 1M rows)."""
+        meta = self.__dict__.get("_meta")
+        pf = pq.ParquetFile(f, metadata=meta)
+        if meta is None:
+            self.__dict__["_meta"] = pf.metadata
+        return pf
+
     def read(self, start: int, stop: int) -> pd.DataFrame:
         """Rows [start, stop) of the layout (cluster, distance, path, index), reading only the row
         groups that hold them."""
@@ -89,7 +97,7 @@ class MemberLayout:
             return pd.DataFrame({c: [] for c in COLUMNS})
         first, last = start // self.rows_per_group, (stop - 1) // self.rows_per_group
         with self._file() as f:
-            table = pq.ParquetFile(f).read_row_groups(list(range(first, last + 1)), columns=COLUMNS)
+            table = self._parquet(f).read_row_groups(list(range(first, last + 1)), columns=COLUMNS)
         df = table.to_pandas()
         lo = start - first * self.rows_per_group
         return df.iloc[lo:lo + stop - start].reset_index(drop=True)
@@ -107,8 +115,10 @@ class MemberLayout:
         return float(rows[OUTLIER].iloc[0])
 
     def has_outliers(self) -> bool:
-        with self._file() as f:
-            return OUTLIER in pq.ParquetFile(f).schema_arrow.names
+        if "_has_outliers" not in self.__dict__:
+            with self._file() as f:
+                self.__dict__["_has_outliers"] = OUTLIER in self._parquet(f).schema_arrow.names
+        return bool(self.__dict__["_has_outliers"])
 
     def rows_of(self, index: np.ndarray, columns: list[str] = COLUMNS) -> pd.DataFrame:
         """The layout's rows of images.zarr rows ``index``, in that order (rows it lacks are left out)."""
@@ -126,7 +136,7 @@ class MemberLayout:
             return pd.DataFrame({c: [] for c in columns})
         groups = sorted(set((pos // self.rows_per_group).tolist()))
         with self._file() as f:
-            pf = pq.ParquetFile(f)
+            pf = self._parquet(f)
             parts = {g: pf.read_row_group(g, columns=columns).to_pandas() for g in groups}
         frames = [parts[g].iloc[pos[pos // self.rows_per_group == g] % self.rows_per_group].assign(_at=np.flatnonzero(
             pos // self.rows_per_group == g)) for g in groups]
