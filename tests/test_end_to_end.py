@@ -7,12 +7,14 @@ import pandas as pd
 
 from imgclust.config import RunConfig
 from imgclust.io.arrays import open_array
+from imgclust.io.tables import read_parts
 
 
 def test_outputs_exist_and_counts_add_up(finished_run):
     _, out, counts, r = finished_run
     for name in ("images.zarr", "codes.zarr", "model/weights.pt", "model/model.json", "model/clustering.npz", "manifest.parquet",
-                 "rejected.parquet", "duplicates.parquet", "assignments.parquet", "clusters.json", "run.json"):
+                 "rejected.parquet", "duplicates.parquet", "assignments.parquet", "clusters.json", "run.json",
+                 "near_duplicates.parquet", "index/index.json"):
         assert (out / name).exists(), name
     manifest = pd.read_parquet(out / "manifest.parquet")
     rejected = pd.read_parquet(out / "rejected.parquet")
@@ -20,9 +22,13 @@ def test_outputs_exist_and_counts_add_up(finished_run):
     assert len(manifest) + len(rejected) + len(dups) == counts["found"]
     assert (len(manifest), len(rejected), len(dups)) == (counts["accepted"], counts["rejected"], counts["duplicates"])
     run = json.loads((out / "run.json").read_text())
+    near = read_parts(str(out / "near_duplicates.parquet"))
     assert run["counts"] == {"found": counts["found"], "duplicates": counts["duplicates"],
-                             "rejected": counts["rejected"], "accepted": counts["accepted"], "clusters": 3}
-    assert set(run["seconds"]) == {"discover", "ingest", "train", "encode", "cluster", "refine", "publish", "report"}
+                             "rejected": counts["rejected"], "accepted": counts["accepted"], "clusters": 3,
+                             "near_duplicate_groups": near["group"].nunique(), "near_duplicate_images": len(near)}
+    assert set(near["path"]) <= set(manifest["path"])
+    assert set(run["seconds"]) == {"discover", "ingest", "train", "encode", "cluster", "refine", "neighbours", "publish",
+                                   "report"}
     assert run["refine"] == {"skipped": "fewer than 50 images per cluster"}  # 60 images, k=3
     assert run["resolved"]["color"] == "gray" and run["config"]["batch_size"] == 16
     assert run["versions"]["torch"].startswith("2.")

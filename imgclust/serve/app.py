@@ -186,7 +186,7 @@ def create_app(catalog: RunCatalog, token: str | None = None) -> FastAPI:
                        f'<div class="grid results">{"".join(_dup_cell(r) for r in g.itertuples())}</div></section>'
                        for g in groups if len(g))
         intro = (f'<p>{total:,} groups of near-identical images (resized, recompressed, lightly cropped or '
-                 'brightened copies): close by code and by perceptual hash. The number under each image is its '
+                 'brightened copies): close by code, by perceptual hash and by content. The number under each image is its '
                  'code distance to the group\'s first, then the bits its hash differs by. Byte-identical files '
                  'are in <code>duplicates.parquet</code> instead.</p>')
         if not total:
