@@ -197,14 +197,53 @@ def build_index(store: RunStore, scale: Standardiser, client: Client,
     return CodeIndex(index_loc, centres, table, int(n), int(dim), settings.nprobe)
 
 
+def extend_index(store: RunStore, scale: Standardiser, start: int, stop: int, name: str) -> CodeIndex | None:
+    """Add codes.zarr rows [start, stop) (images ``assign`` added) to the run's index as the
+    extension ``name``: routed to the existing lists and written beside them, so searches see them
+    without a rebuild. Extensions reaching past ``start`` (left by an interrupted ``assign`` whose
+    rows are written again) are dropped; rows between the index's end and ``start`` that no
+    extension holds are added too. ``index.json`` is written last. Returns the extended index, or
+    None when the run has no index."""
+    loc = store.child("index")
+    so = loc.storage_options
+    index = CodeIndex.at(loc)
+    if index is None:
+        return None
+    info = read_json(loc.path("index.json"), so)
+    base = int(info.get("base_rows", info["rows"]))
+    kept = [e for e in info.get("extras", []) if int(e["stop"]) <= start and e["name"] != name]
+    first = max([base] + [int(e["stop"]) for e in kept])
+    if stop > first:
+        x = scale(open_array(store.codes, so)[first:stop])
+        lists = nearest_centres(x, index.centres)[:, 0]
+        order = np.argsort(lists, kind="stable")
+        counts = np.bincount(lists, minlength=index.n_lists).astype(np.int64)
+        table = np.stack([np.concatenate([[0], np.cumsum(counts)[:-1]]), counts], 1).astype(np.int64)
+        write_bytes_atomic(loc.path(f"{name}.codes"), x[order].astype(np.float16).tobytes(), so)
+        write_bytes_atomic(loc.path(f"{name}.rows"), np.arange(first, stop, dtype=np.int64)[order].tobytes(), so)
+        write_bytes_atomic(loc.path(f"{name}.lists.npy"), _npy(table), so)
+        kept.append({"name": name, "start": int(first), "stop": int(stop)})
+    rows = max([base] + [int(e["stop"]) for e in kept])
+    write_json(loc.path("index.json"), {**info, "base_rows": base, "rows": rows, "extras": kept}, so)
+    for e in info.get("extras", []):  # dropped extensions' files, unless a kept one has the name
+        if e["name"] not in {k["name"] for k in kept}:
+            for suffix in ("codes", "rows", "lists.npy"):
+                remove(loc.path(f"{e['name']}.{suffix}"), so)
+    logger.info("index: rows %d to %d added to the code index (%d extensions)", first, stop, len(kept))
+    return CodeIndex.at(loc)
+
+
 # -- reading ---------------------------------------------------------------------------------------
 class CodeIndex:
     """Reader of ``RUN/index/`` (see the module's docstring). Thread-safe for reads."""
 
     def __init__(self, location: Location, centres: np.ndarray, lists: np.ndarray, rows: int, dim: int,
-                 nprobe: int, cache_lists: int = 64) -> None:
+                 nprobe: int, cache_lists: int = 64,
+                 extras: list[tuple[str, np.ndarray]] | None = None) -> None:
         self.location, self.centres, self.lists = location, centres.astype(np.float32), lists
         self.rows, self.dim, self.nprobe = rows, dim, nprobe
+        self.extras = extras or []  # (file stem, (L, 2) first row and count of each list) of rows added later
+        self.sizes = lists[:, 2] + sum((t[:, 1] for _, t in self.extras), np.zeros(len(lists), np.int64))
         self._cache: OrderedDict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = OrderedDict()
         self._cache_lists = cache_lists
 
@@ -226,7 +265,9 @@ class CodeIndex:
         fs, _ = open_fs(loc.url, so)
         centres = _load_npy(with_retries(fs.cat_file, open_fs(loc.path("centroids.npy"), so)[1]))
         lists = _load_npy(with_retries(fs.cat_file, open_fs(loc.path("lists.npy"), so)[1]))
-        return cls(loc, centres, lists, int(info["rows"]), int(info["dim"]), int(info["nprobe"]), cache_lists)
+        extras = [(e["name"], _load_npy(with_retries(fs.cat_file, open_fs(loc.path(f"{e['name']}.lists.npy"), so)[1])))
+                  for e in info.get("extras", [])]
+        return cls(loc, centres, lists, int(info["rows"]), int(info["dim"]), int(info["nprobe"]), cache_lists, extras)
 
     @property
     def n_lists(self) -> int:
@@ -242,24 +283,33 @@ class CodeIndex:
             if hit is not None:
                 out[i] = hit
                 self._cache.move_to_end(i)
-            elif self.lists[i, 2] > 0:
+            elif self.sizes[i] > 0:
                 missing.append(i)
             else:
                 out[i] = (np.zeros((0, self.dim), np.float32), np.zeros(0, np.int64), np.zeros(0, np.float32))
         if missing:
             so = self.location.storage_options
             fs, _ = open_fs(self.location.url, so)
-            paths, starts, ends = [], [], []
+            paths, starts, ends, owner = [], [], [], []
             for i in missing:
                 part, first, count = (int(v) for v in self.lists[i])
-                for suffix, width in (("codes", 2 * self.dim), ("rows", 8)):
-                    paths.append(open_fs(self.location.path(f"part-{part:05d}.{suffix}"), so)[1])
-                    starts.append(first * width)
-                    ends.append((first + count) * width)
+                segments = [(f"part-{part:05d}", first, count)] + [
+                    (stem, int(t[i, 0]), int(t[i, 1])) for stem, t in self.extras]
+                for stem, first, count in segments:
+                    if count == 0:
+                        continue
+                    for suffix, width in (("codes", 2 * self.dim), ("rows", 8)):
+                        paths.append(open_fs(self.location.path(f"{stem}.{suffix}"), so)[1])
+                        starts.append(first * width)
+                        ends.append((first + count) * width)
+                    owner.append(i)
             data = read_ranges(fs, paths, starts, ends)
-            for j, i in enumerate(missing):
-                codes = np.frombuffer(data[2 * j], np.float16).reshape(-1, self.dim).astype(np.float32)
-                got = (codes, np.frombuffer(data[2 * j + 1], np.int64), (codes**2).sum(1))
+            pieces: dict[int, list[tuple[bytes, bytes]]] = {}
+            for j, i in enumerate(owner):
+                pieces.setdefault(i, []).append((data[2 * j], data[2 * j + 1]))
+            for i in missing:
+                codes = np.frombuffer(b"".join(c for c, _ in pieces[i]), np.float16).reshape(-1, self.dim).astype(np.float32)
+                got = (codes, np.frombuffer(b"".join(r for _, r in pieces[i]), np.int64), (codes**2).sum(1))
                 out[i] = got
                 self._cache[i] = got
                 while len(self._cache) > self._cache_lists:

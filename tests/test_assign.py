@@ -50,6 +50,9 @@ def test_assign_new_images_to_a_finished_run(finished_run, tmp_path):
     bar0 = after.set_index("path").loc["day2/bar0.png", "cluster"]
     assert "day2/bar0.png" in set(catalog.members(int(bar0), 0, 10_000)["path"])
     assert after["outlier"].iloc[n_old:].notna().all()  # scored against the run's index
+    from imgclust.codeindex import CodeIndex
+
+    assert CodeIndex.open(RunStore(str(run))).rows == n_old + 4  # the new codes joined the index
     similar = catalog.similar(index=int(manifest.loc[manifest["path"] == "day2/bar0.png", "index"].iloc[0]), k=3)
     assert similar["path"].iloc[0].startswith("day2/bar")  # added after the index: compared one by one
     assert sum(c.size for c in catalog.clusters()) == n_old + 4
@@ -222,6 +225,13 @@ def test_assign_accounts_for_copies_edits_and_files_that_became_readable_killed_
         {k: v for k, v in summary.items() if k not in ("at", "seconds")}
     for name, frame in frames(RunStore(str(clean)).tables()).items():
         pd.testing.assert_frame_equal(after[name], frame, obj=name)
+    from imgclust.codeindex import CodeIndex
+
+    killed, whole = CodeIndex.open(store), CodeIndex.open(RunStore(str(clean)))
+    assert killed.rows == whole.rows == open_array(str(run / "codes.zarr")).shape[0]  # every new code indexed once
+    ids = np.arange(killed.n_lists)
+    assert sorted(np.concatenate([r for _, r, _ in killed.read_lists(ids).values()]).tolist()) == \
+        sorted(np.concatenate([r for _, r, _ in whole.read_lists(ids).values()]).tolist())
     dups = after["duplicates"].set_index("path")
     assert dups.loc["new-copy.png", "duplicate_of"] == original
     now = after["manifest"].set_index("path")

@@ -65,3 +65,35 @@ def test_a_run_too_small_for_several_lists_is_searched_exactly(tmp_path, client)
     dist, found = index.search(codes[:5], 400, exclude=np.arange(5))
     assert (found[:, :299] >= 0).all() and (found[:, 299:] == -1).all() and np.isinf(dist[:, 299:]).all()
     np.testing.assert_array_equal(found[:, :10], exact(codes, codes[:5], 10, np.arange(5)))
+
+
+def test_rows_added_later_join_the_index_and_an_interrupted_extension_is_replaced(tmp_path, client):
+    from imgclust.codeindex import extend_index
+    from imgclust.io.arrays import open_array
+
+    codes = clustered_codes(3_000, 8, 6)
+    store = make_store(tmp_path, codes[:2_000])
+    scale = Standardiser(np.zeros(8), np.ones(8))
+    build_index(store, scale, client, IndexSettings(list_rows=200, nprobe=10))
+    arr = open_array(store.codes, mode="r+")
+    arr.resize((2_500, 8))
+    arr[2_000:2_500] = codes[2_000:2_500]
+    first = extend_index(store, scale, 2_000, 2_500, "added-00001")
+    assert first is not None and first.rows == 2_500
+    arr.resize((3_000, 8))
+    arr[2_500:3_000] = codes[2_500:3_000] + 50.0  # an interrupted call's rows, far from everything
+    extend_index(store, scale, 2_500, 3_000, "added-00002")
+    arr[2_500:3_000] = codes[2_500:3_000]  # written again by the call that completes
+    index = extend_index(store, scale, 2_500, 3_000, "added-00002")
+    assert index is not None and index.rows == 3_000 and [s for s, _ in index.extras] == ["added-00001", "added-00002"]
+    got = index.read_lists(np.arange(index.n_lists))
+    rows = np.concatenate([got[i][1] for i in range(index.n_lists)])
+    assert np.array_equal(np.sort(rows), np.arange(3_000))  # every row once, the base's and the added
+    queries = np.array([10, 2_100, 2_900])
+    _, found = index.search(codes[queries], 5, exclude=queries)
+    truth = exact(codes, codes[queries], 5, queries)
+    assert np.mean([len(set(f) & set(t)) / 5 for f, t in zip(found, truth)]) >= 0.9
+    again = extend_index(store, scale, 2_000, 2_600, "added-00003")  # a retry from an earlier start
+    assert again is not None and again.rows == 2_600 and [s for s, _ in again.extras] == ["added-00003"]
+    assert sorted(p.name for p in (tmp_path / "run" / "index").glob("added-*")) == [
+        "added-00003.codes", "added-00003.lists.npy", "added-00003.rows"]

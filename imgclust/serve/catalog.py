@@ -96,6 +96,9 @@ class RunCatalog:
         self.curation = Curation.of(self.store)
         run = read_json(self.store.run_record, so)
         committed = int(run.get("tables_generation", 0))
+        if committed != getattr(self, "_index_generation", committed):  # assign extended the index since
+            self.index = CodeIndex.open(self.store)
+        self._index_generation = committed
         newer = pd.DataFrame({"path": pd.Series([], dtype=object), "cluster": pd.Series([], dtype=np.int64),
                               "distance": pd.Series([], dtype=np.float64), "index": pd.Series([], dtype=np.int64)})
         if committed > self.layout.generation:

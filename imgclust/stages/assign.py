@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 from distributed import Client
 
-from imgclust.codeindex import CodeIndex
+from imgclust.codeindex import CodeIndex, Standardiser, extend_index
 from imgclust.io.arrays import open_array
 from imgclust.io.storage import read_json, remove, write_json
 from imgclust.io.tables import TABLES, drop_parts, read_parts
@@ -108,9 +108,15 @@ def assign_new(store: RunStore, source: Location, client: Client) -> dict[str, A
         reason=known_bad["sha256"].map(reject_reason))], ignore_index=True)[["path", "reason", "sha256", "stamp"]]
     new_assignments = pd.DataFrame({"path": new_manifest["path"].to_numpy(), "sha256": new_manifest["sha256"].to_numpy(),
                                     "cluster": labels, "distance": dist})
+    scale = Standardiser(model.code_space.mean, model.code_space.std) if model.code_space is not None else None
+    extension = f"added-{generation:05d}"
+    if scale is not None:  # what an interrupted call added to the index goes first: scores see the run as committed
+        extend_index(store, scale, new.start, new.start, extension)
     typical = typical_kth(read_json(store.clusters, so))
     if typical and "outlier" in assignments.columns:
         new_assignments["outlier"] = new_outlier_scores(store, model, new, labels, typical)
+    if scale is not None:  # the new codes join the run's index (before the commit below)
+        extend_index(store, scale, new.start, new.stop, extension)
     for name, rows in (("assignments", new_assignments), ("rejected", new_rejected), ("duplicates", dups),
                        ("manifest", new_manifest)):
         store.write_table(name, rows, generation)

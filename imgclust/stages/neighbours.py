@@ -44,7 +44,7 @@ class NeighbourSettings:
     k: int = 10
     dup_neighbours: int = 30
     dup_code_ratio: float = 4.0
-    dup_hash_bits: int = 20
+    dup_hash_bits: int = 18
     dup_correlation: float = 0.92
     query_rows: int = 512
     index: IndexSettings = field(default_factory=IndexSettings)
