@@ -105,7 +105,7 @@ def grow(template: Path, n: int) -> Path:
     run = read_json(src.run_record)
     model = RunModel.load(Location(str(out / "model")))
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True) as cluster, Client(cluster) as client:
-        build_index(dst, Standardiser(model.code_space.mean, model.code_space.std), client)
+        build_index(dst, Standardiser.of(model.code_space), client)
     write_json(dst.run_record, {**run, "tables_generation": 0})
     return out
 
@@ -119,10 +119,10 @@ def index_quality(run: Path, queries: int = 200) -> dict[str, float]:
     codes = open_array(store.codes)
     n = codes.shape[0]
     rows = np.sort(np.random.default_rng(1).choice(n, queries, replace=False))
-    q = Standardiser(model.code_space.mean, model.code_space.std)(read_rows(codes, rows))
+    scale = Standardiser.of(model.code_space)
+    q = scale(read_rows(codes, rows))
     best_d = np.full((queries, 10), np.inf, np.float32)
     best_i = np.zeros((queries, 10), np.int64)
-    scale = Standardiser(model.code_space.mean, model.code_space.std)
     for a, b in chunk_spans(n, 65536):  # exact: every code
         z = scale(codes[a:b])
         d2 = (z**2).sum(1)[None, :] - 2.0 * (q @ z.T) + (q**2).sum(1)[:, None]

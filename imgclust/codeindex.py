@@ -70,6 +70,11 @@ class Standardiser:
     mean: np.ndarray  # (D,)
     std: np.ndarray  # (D,)
 
+    @classmethod
+    def of(cls, space: Any) -> Standardiser:
+        """The standardisation of a ``CodeSpace`` (without its embedding's sample, so it travels light)."""
+        return cls(space.mean, space.std)
+
     def __call__(self, codes: np.ndarray) -> np.ndarray:
         """(N, D) codes -> (N, D) float32 standardised codes."""
         return ((np.asarray(codes, np.float64) - self.mean) / self.std).astype(np.float32)

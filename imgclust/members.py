@@ -11,7 +11,8 @@ newer parts (``MemberLayout.generation`` says which).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -66,6 +67,7 @@ class MemberLayout:
     rows: int
     rows_per_group: int
     clusters: dict[int, tuple[int, int]]  # cluster -> (first row, size)
+    _meta: Any = field(default=None, init=False, repr=False, compare=False)  # the Parquet footer, parsed once
 
     @classmethod
     def open(cls, store: RunStore) -> MemberLayout | None:
@@ -83,10 +85,8 @@ class MemberLayout:
 
     def _parquet(self, f: Any) -> pq.ParquetFile:
         """``f`` as a Parquet file, its footer parsed once per layout (thousands of row groups at 1M rows)."""
-        meta = self.__dict__.get("_meta")
-        pf = pq.ParquetFile(f, metadata=meta)
-        if meta is None:
-            self.__dict__["_meta"] = pf.metadata
+        pf = pq.ParquetFile(f, metadata=self._meta)
+        self._meta = pf.metadata
         return pf
 
     def read(self, start: int, stop: int) -> pd.DataFrame:
@@ -109,16 +109,16 @@ class MemberLayout:
 
     def outlier_of(self, index: int) -> float | None:
         """Image ``index``'s outlier score, or None (a layout without scores, or no such row)."""
-        rows = self.rows_of(np.array([index]), [*COLUMNS, OUTLIER]) if self.has_outliers() else None
+        rows = self.rows_of(np.array([index]), [*COLUMNS, OUTLIER]) if self.has_outliers else None
         if rows is None or not len(rows) or not np.isfinite(rows[OUTLIER].iloc[0]):
             return None
         return float(rows[OUTLIER].iloc[0])
 
+    @cached_property
     def has_outliers(self) -> bool:
-        if "_has_outliers" not in self.__dict__:
-            with self._file() as f:
-                self.__dict__["_has_outliers"] = OUTLIER in self._parquet(f).schema_arrow.names
-        return bool(self.__dict__["_has_outliers"])
+        """Whether the layout carries outlier scores (runs made before them do not)."""
+        with self._file() as f:
+            return OUTLIER in self._parquet(f).schema_arrow.names
 
     def rows_of(self, index: np.ndarray, columns: list[str] = COLUMNS) -> pd.DataFrame:
         """The layout's rows of images.zarr rows ``index``, in that order (rows it lacks are left out)."""

@@ -137,6 +137,11 @@ class RunStore(Location):
         """Thumbnails for people to look at, (N, C, T, T) uint8, row i of images.zarr's image i."""
         return self.path("thumbs.zarr")
 
+    @property
+    def pictures(self) -> str:
+        """The array to show people: thumbs.zarr, or images.zarr in a run made before thumbnails."""
+        return self.thumbs if self.exists("thumbs.zarr") else self.images
+
     def members(self, name: str) -> str:
         """A file of the members layout (imgclust.members): every cluster's members by distance."""
         return self.path("members", name)

@@ -20,7 +20,7 @@ from PIL import Image
 
 from imgclust.codeindex import CodeIndex
 from imgclust.curation import UNASSIGNED, Curation
-from imgclust.io.arrays import chunk_spans, open_array, open_if_exists, read_rows
+from imgclust.io.arrays import chunk_spans, open_array, read_rows
 from imgclust.io.imagefile import ImageRejected
 from imgclust.io.storage import read_json
 from imgclust.io.tables import read_parts
@@ -66,10 +66,10 @@ class RunCatalog:
             raise NotARun(f"{store.url} has no members layout (a run made by an older release); "
                           f"`imgclust compact {store.url}` writes it")
         self.layout = layout
-        thumbs = open_if_exists(store.thumbs, so)
-        self.thumbs = thumbs if thumbs is not None else open_array(store.images, so)
+        self.thumbs = open_array(store.pictures, so)
         self.codes = open_array(store.codes, so)
         self.index = CodeIndex.open(store)  # None: a run made before indexes (scanned)
+        self._index_generation: int | None = None  # tables generation the index was opened at
         self._lock = threading.RLock()
         self._model: Any = None
         self._codes_cache: list[tuple[int, np.ndarray, np.ndarray]] | None = None
@@ -96,7 +96,7 @@ class RunCatalog:
         self.curation = Curation.of(self.store)
         run = read_json(self.store.run_record, so)
         committed = int(run.get("tables_generation", 0))
-        if committed != getattr(self, "_index_generation", committed):  # assign extended the index since
+        if self._index_generation is not None and committed != self._index_generation:  # assign extended it
             self.index = CodeIndex.open(self.store)
         self._index_generation = committed
         newer = pd.DataFrame({"path": pd.Series([], dtype=object), "cluster": pd.Series([], dtype=np.int64),
@@ -262,32 +262,29 @@ class RunCatalog:
         return self.curation.apply(rows.head(k).reset_index(drop=True))
 
     def _search_index(self, q: np.ndarray, index: int | None, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """The ``k`` nearest by the run's code index, and among the rows ``assign`` added after it."""
+        """The ``k`` nearest by the run's code index, and among the rows no index holds yet."""
         assert self.index is not None
         d, i = self.index.search(q[None], k, exclude=np.array([-1 if index is None else int(index)]))
-        d, i = d[0][i[0] >= 0], i[0][i[0] >= 0]
-        newer = [(a, z) for a, z, _ in self._code_blocks(self.index.rows)]
-        return self._nearest(q, index, k, [(0, d, i)] + [(a, None, z) for a, z in newer])
+        found = i[0] >= 0
+        return self._nearest(q, index, k, self._code_blocks(self.index.rows), (d[0][found], i[0][found]))
 
     def _scan(self, q: np.ndarray, index: int | None, k: int) -> tuple[np.ndarray, np.ndarray]:
         """The ``k`` nearest of all codes (a run without an index)."""
-        return self._nearest(q, index, k, [(a, None, z) for a, z, _ in self._code_blocks()])
+        return self._nearest(q, index, k, self._code_blocks())
 
     @staticmethod
-    def _nearest(q: np.ndarray, index: int | None, k: int, blocks: list[tuple[int, Any, Any]]) -> tuple[np.ndarray, np.ndarray]:
-        """Best ``k`` over ``blocks``: (_, distances, rows) found already, or (first row, None, codes)."""
+    def _nearest(q: np.ndarray, index: int | None, k: int, blocks: Any,
+                 best: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The ``k`` nearest of ``best`` (distances and rows found already) and of the codes of
+        ``blocks`` ((first row, standardised codes, squared norms), as ``_code_blocks`` gives),
+        leaving image ``index`` out."""
         q32 = q.astype(np.float32)
-        best_d, best_i = np.zeros(0, np.float32), np.zeros(0, np.int64)
-        for a, found, block in blocks:
-            if found is not None:
-                d, rows = found, block
-            else:
-                z = block.astype(np.float32)
-                d = np.sqrt(np.maximum((z**2).sum(1) - 2.0 * (z @ q32) + float(q32 @ q32), 0.0))
-                rows = np.arange(a, a + len(z))
-                if index is not None and a <= index < a + len(z):
-                    d[index - a] = np.inf
-            best_d, best_i = np.concatenate([best_d, d]), np.concatenate([best_i, rows])
+        best_d, best_i = best if best is not None else (np.zeros(0, np.float32), np.zeros(0, np.int64))
+        for a, z, norms in blocks:
+            d = np.sqrt(np.maximum(norms - 2.0 * (z.astype(np.float32) @ q32) + float(q32 @ q32), 0.0))
+            if index is not None and a <= index < a + len(z):
+                d[index - a] = np.inf
+            best_d, best_i = np.concatenate([best_d, d]), np.concatenate([best_i, np.arange(a, a + len(z))])
             keep = np.argsort(best_d, kind="stable")[:k]
             best_d, best_i = best_d[keep], best_i[keep]
         return best_d, best_i
@@ -320,10 +317,7 @@ class RunCatalog:
         with self._lock:
             if self._dups is None:
                 cols = ["group", "path", "index", "distance", "hash_distance"]
-                try:
-                    dups = read_parts(self.store.near_duplicates, self.store.storage_options, columns=cols)
-                except Exception:  # a run made before near-duplicates were found
-                    dups = pd.DataFrame()
+                dups = read_parts(self.store.near_duplicates, self.store.storage_options, columns=cols)  # none: empty
                 self._dups = dups if len(dups) else pd.DataFrame({c: pd.Series([], dtype=np.int64) for c in cols})
                 self._group_starts = np.searchsorted(self._dups["group"].to_numpy(),
                                                      np.arange(int(self._dups["group"].max()) + 2 if len(self._dups) else 1))

@@ -108,7 +108,7 @@ def assign_new(store: RunStore, source: Location, client: Client) -> dict[str, A
         reason=known_bad["sha256"].map(reject_reason))], ignore_index=True)[["path", "reason", "sha256", "stamp"]]
     new_assignments = pd.DataFrame({"path": new_manifest["path"].to_numpy(), "sha256": new_manifest["sha256"].to_numpy(),
                                     "cluster": labels, "distance": dist})
-    scale = Standardiser(model.code_space.mean, model.code_space.std) if model.code_space is not None else None
+    scale = Standardiser.of(model.code_space) if model.code_space is not None else None
     extension = f"added-{generation:05d}"
     if scale is not None:  # what an interrupted call added to the index goes first: scores see the run as committed
         extend_index(store, scale, new.start, new.start, extension)

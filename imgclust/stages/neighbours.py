@@ -20,7 +20,7 @@ from distributed import Client
 
 from imgclust.codeindex import CodeIndex, IndexSettings, Standardiser, build_index, nearest_centres
 from imgclust.dask_cluster import completed
-from imgclust.io.arrays import open_if_exists, read_rows
+from imgclust.io.arrays import open_array, read_rows
 from imgclust.io.storage import open_fs, remove, with_retries, write_bytes_atomic
 from imgclust.io.tables import write_part
 from imgclust.near_duplicates import content_signatures, content_similarity, group_pairs, hamming, perceptual_hash
@@ -112,7 +112,7 @@ def knn_part(index_loc: Location, pixels: Location, part: int, settings: Neighbo
     if not len(cand):
         return pd.DataFrame({c: [] for c in PAIR_COLUMNS})
     members = np.unique(np.concatenate([cand["a"].to_numpy(), cand["b"].to_numpy()]))
-    thumbs = read_rows(open_if_exists(pixels.url, pixels.storage_options), members)
+    thumbs = read_rows(open_array(pixels.url, pixels.storage_options), members)
     at = np.searchsorted(members, cand["a"].to_numpy()), np.searchsorted(members, cand["b"].to_numpy())
     hashes = perceptual_hash(thumbs)
     cand["hash_distance"] = hamming(hashes[at[0]], hashes[at[1]])
@@ -142,12 +142,11 @@ def neighbourhood(store: RunStore, client: Client, settings: NeighbourSettings |
     space = model.code_space
     if space is None:
         raise ValueError("the run's model has no code space: cluster before indexing")
-    scale = Standardiser(space.mean, space.std)
+    scale = Standardiser.of(space)
     index = build_index(store, scale, client, settings.index)
     remove(index.location.path("knn"), so)
-    thumbs = store.thumbs if open_if_exists(store.thumbs, so) is not None else store.images
     n_parts = int(index.lists[:, 0].max()) + 1
-    futures = [client.submit(knn_part, index.location, Location(thumbs, so), p, settings, pure=False)
+    futures = [client.submit(knn_part, index.location, Location(store.pictures, so), p, settings, pure=False)
                for p in range(n_parts)]
     pairs = [f.result() for f in track(completed(client, futures), total=n_parts, desc="neighbours", unit="part")]
     pairs_df = pd.concat(pairs, ignore_index=True) if pairs else pd.DataFrame({c: [] for c in PAIR_COLUMNS})
@@ -168,13 +167,12 @@ def write_near_duplicates(store: RunStore, scale: Standardiser, pairs: pd.DataFr
     manifest = store.read_table("manifest", ["path", "sha256", "index"]).drop_duplicates("index", keep="last")
     manifest = manifest.set_index("index")
     if len(members):
-        codes = scale(read_rows(open_if_exists(store.codes, so), members))
+        codes = scale(read_rows(open_array(store.codes, so), members))
         firsts = np.array([root[m] for m in members.tolist()], np.int64)
         at = {m: i for i, m in enumerate(members.tolist())}
         first_rows = np.array([at[f] for f in firsts.tolist()])
         dist = np.sqrt(((codes - codes[first_rows]) ** 2).sum(1))
-        thumbs = store.thumbs if open_if_exists(store.thumbs, so) is not None else store.images
-        hashes = perceptual_hash(read_rows(open_if_exists(thumbs, so), members))
+        hashes = perceptual_hash(read_rows(open_array(store.pictures, so), members))
         bits = hamming(hashes, hashes[first_rows])
         numbers = {f: g for g, f in enumerate(sorted(set(firsts.tolist())))}
         known = np.isin(members, manifest.index.to_numpy())
