@@ -87,8 +87,11 @@ def _stages(config: RunConfig, lease: Lease) -> dict[str, Any]:
             raise ConfigError("n_clusters" if config.n_clusters else "source", too_few_images(found, ing, store))
         n_train = min(ing.n_accepted, config.train_sample or ing.n_accepted)
         steps = train_steps(config.preset, n_train, config.batch_size, config.epochs, config.train_steps)
+        encoder = config.encoder_choice
+        if encoder is not None:
+            steps = 0  # used as it is
         plan = TrainPlan(config.preset, steps, config.batch_size, config.resolved_learning_rate, config.seed,
-                         config.device, config.train_sample)
+                         config.device, config.train_sample, encoder)
         lease.check()
         with _timed(sec, "train"):
             model = train_task(store, plan, ing.key, address)
@@ -102,7 +105,7 @@ def _stages(config: RunConfig, lease: Lease) -> dict[str, Any]:
         with _timed(sec, "cluster"):
             clu = cluster_task(store, settings, address)
         refined: dict[str, Any] = {}
-        if (preset.refine if config.refine is None else config.refine) and clu.n_clusters >= 2:
+        if config.resolved_refine and clu.n_clusters >= 2:
             lease.check()
             with _timed(sec, "refine"):
                 clu, refined = refine_task(store, clu, config.seed,
@@ -122,7 +125,8 @@ def _stages(config: RunConfig, lease: Lease) -> dict[str, Any]:
                      "epochs": round(steps / max(1, -(-n_train // config.batch_size)), 3),
                      "train_images": n_train, "learning_rate": config.resolved_learning_rate,
                      "embedding": preset.embedding, "method": preset.method, "merge": merge,
-                     "code_dim": model.code_dim, "device": model.device, "n_clusters": clu.n_clusters},
+                     "encoder": encoder.as_dict() if encoder is not None else None, "code_dim": model.code_dim,
+                     "device": model.device, "n_clusters": clu.n_clusters},
         "counts": counts,
         "refine": refined,
         "resumed": {"ingest_shards": ing.shards_resumed, "train_from_step": model.resumed_from_step,

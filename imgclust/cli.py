@@ -57,6 +57,12 @@ def _add_run_parser(sub: argparse._SubParsersAction) -> None:
                    "`imgclust serve` to show (whole image, letterboxed; 0 = none; default 128)")
     p.add_argument("--preset", choices=list(PRESETS), help="model preset (default: default). " + " | ".join(
         f"{k}: {v.description}" for k, v in PRESETS.items()))
+    p.add_argument("--encoder", help="use this encoder as it is instead of training the preset's: pixels, "
+                   "resnet18/34/50/101/152 (with --encoder-weights), torchscript:PATH or onnx:PATH (local path or "
+                   "fsspec URL; nothing is downloaded). Images are stored at its input size (224x224 for a "
+                   "ResNet) unless --image-size says otherwise; refinement is off unless --refine")
+    p.add_argument("--encoder-weights", help="local path or fsspec URL of a ResNet encoder's state dict, e.g. "
+                   "torchvision's resnet50-11ad3fa6.pth")
     default = PRESETS["default"]
     p.add_argument("--epochs", type=int, help="training epochs (default: the preset's; for default, "
                    f"{default.budget_epochs} epochs' worth of steps within {default.step_range[0]:,}-"

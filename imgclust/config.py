@@ -108,6 +108,14 @@ class RunConfig(FlowConfig):
         default=128, ge=0, le=512, description="Side of the square thumbnails decoded with the images for "
         "`imgclust serve` (the whole image, letterboxed); 0 writes none.")
     preset: str = Field(default="default", description="Model preset: " + ", ".join(PRESETS))
+    encoder: str | None = Field(
+        default=None, description="An encoder used as it is instead of the preset's trained one: pixels, "
+        "resnet18/34/50/101/152 (with encoder_weights), torchscript:PATH or onnx:PATH (a local path or fsspec URL). "
+        "Its features are clustered as the preset's codes would be; images are stored at its input size "
+        "unless image_size says otherwise.")
+    encoder_weights: str | None = Field(
+        default=None, description="Local path or fsspec URL of a ResNet encoder's state dict (torchvision's .pth "
+        "files); nothing is downloaded.")
     epochs: int | None = Field(
         default=None, ge=1, le=10_000,
         description=f"Training epochs (default: the preset's; for default, {PRESETS['default'].budget_epochs} epochs' "
@@ -197,6 +205,28 @@ class RunConfig(FlowConfig):
         return v
 
     @model_validator(mode="after")
+    def _known_encoder(self) -> RunConfig:
+        if self.encoder is None:
+            if self.encoder_weights is not None:
+                raise ValueError("encoder_weights: give --encoder too (e.g. --encoder resnet50)")
+            return self
+        from imgclust.io.storage import open_fs
+        from imgclust.models.pretrained import EncoderChoice
+
+        choice = EncoderChoice.parse(self.encoder, self.encoder_weights)  # EncoderError is a ValueError
+        if choice.source is not None:
+            fs, path = open_fs(choice.source)
+            if not fs.isfile(path):
+                what = "--encoder-weights" if choice.kind == "resnet" else "the encoder's file"
+                hint = ""
+                if choice.kind == "resnet":
+                    from imgclust.models.pretrained import weight_hint
+
+                    hint = f"; get one {weight_hint(choice.name)}"
+                raise ValueError(f"encoder: {what} {choice.source} is not a file{hint}")
+        return self
+
+    @model_validator(mode="after")
     def _one_training_length(self) -> RunConfig:
         if self.epochs is not None and self.train_steps is not None:
             raise ValueError("train_steps: give --epochs or --train-steps, not both")
@@ -210,10 +240,37 @@ class RunConfig(FlowConfig):
             raise ValueError(f"output ({self.output}) must not be the source or lie inside it ({self.source})")
         return self
 
-    # Resolved values: the preset decides what the user left open.
+    # Resolved values: the preset (or the encoder) decides what the user left open.
+    @property
+    def encoder_choice(self) -> Any:
+        """The ``EncoderChoice`` of ``encoder``, or None for the preset's own trained encoder."""
+        if self.encoder is None:
+            return None
+        from imgclust.models.pretrained import EncoderChoice
+
+        return EncoderChoice.parse(self.encoder, self.encoder_weights)
+
     @property
     def resolved_image_size(self) -> tuple[int, int]:
-        return self.image_size if isinstance(self.image_size, tuple) else PRESETS[self.preset].image_size
+        """``image_size``, else the encoder's input size (224x224 for a ResNet), else the preset's."""
+        if isinstance(self.image_size, tuple):
+            return self.image_size
+        choice = self.encoder_choice
+        if choice is not None:
+            from imgclust.models.pretrained import encoder_input_size
+
+            size = encoder_input_size(choice)
+            if size is not None:
+                return size
+        return PRESETS[self.preset].image_size
+
+    @property
+    def resolved_refine(self) -> bool:
+        """``refine``, else the preset's choice; off with ``encoder``, whose frozen features a net
+        trained from the pixels would replace."""
+        if self.refine is not None:
+            return self.refine
+        return PRESETS[self.preset].refine and self.encoder is None
 
     @property
     def resolved_learning_rate(self) -> float:

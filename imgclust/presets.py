@@ -126,6 +126,20 @@ PRESETS: dict[str, Preset] = {
             description="Same three blocks on 152x152 face crops (19x19x8 code); K-means (k=25).",
         ),
         Preset(
+            name="seed-cifar",
+            architecture="pixels",
+            image_size=(32, 32),
+            epochs=0,
+            learning_rate=1e-3,
+            loss="mse",
+            embedding="none",
+            augment=False,
+            one_cycle=False,
+            code_dim=None,
+            description="The CIFAR-10 write-up: K-means on the raw RGB pixels at 32x32 (3,072 values an image), "
+            "no training; evaluate prints purity as it did. Prototypes are the clusters' mean images.",
+        ),
+        Preset(
             name="seed-vae",
             architecture="conv-vae",
             image_size=(28, 28),
@@ -189,7 +203,8 @@ def train_steps(preset: str, n_images: int, batch_size: int, epochs: int | None 
     """Optimiser steps of a training on ``n_images``: ``steps`` (``--train-steps``) as given;
     ``epochs`` (``--epochs``) as ``epochs`` x ceil(n / batch); else the preset's own budget.
 
-    A preset with a fixed number of epochs trains that many passes (raised to its ``min_steps``).
+    A preset with no trainable encoder (``seed-cifar``'s raw pixels) trains 0 steps. A preset
+    with a fixed number of epochs trains that many passes (raised to its ``min_steps``).
     The others train for ``budget_epochs`` passes' worth of steps within the preset's
     ``step_range``: never fewer than its lower bound (small corpora need repetitions to converge)
     nor more than its upper (large corpora are redundant enough that more steps buy little
@@ -199,6 +214,8 @@ def train_steps(preset: str, n_images: int, batch_size: int, epochs: int | None 
     and 7,500 for 10 million.
     """
     per_epoch = max(1, -(-n_images // batch_size))
+    if PRESETS[preset].architecture == "pixels":
+        return 0  # nothing to train
     if steps is not None:
         return steps
     if epochs is not None:

@@ -31,7 +31,7 @@ from imgclust import __version__
 from imgclust.cluster.code_space import CodeSpace
 from imgclust.cluster.placement import ClusterPlacement
 from imgclust.io.storage import with_retries, write_bytes_atomic
-from imgclust.models.autoencoders import ARCHITECTURES, Autoencoder, build_model
+from imgclust.models.autoencoders import ARCHITECTURES, UNTRAINED, Autoencoder, build_model
 from imgclust.models.encoding import encode_array
 from imgclust.models.refiner import ClusterNet, predict
 from imgclust.runstore import Location
@@ -77,7 +77,9 @@ class RunModel:
     Attributes
     ----------
     autoencoder:
-        The trained encoder/decoder (None for a re-clustering, which reuses its run's).
+        The trained encoder/decoder, or an encoder the run did not train (raw pixels, a frozen
+        pretrained backbone: ``imgclust.models.pretrained``, no decoder); None for a re-clustering,
+        which reuses its run's.
     spec:
         JSON-able spec that rebuilds ``autoencoder`` (architecture, channels, image size, code size)
         plus how it was trained (losses, training key).
@@ -95,7 +97,7 @@ class RunModel:
         file's checksum): workers cache the loaded model under it.
     """
 
-    autoencoder: Autoencoder | None
+    autoencoder: Autoencoder | torch.nn.Module | None
     spec: dict[str, Any]
     code_space: CodeSpace | None = None
     placement: ClusterPlacement | None = None
@@ -220,10 +222,13 @@ class RunModel:
         model = cls(None, record.get("autoencoder") or {}, token=_sha256(raw))
         if record.get("autoencoder") is not None:
             spec = record["autoencoder"]
-            if spec.get("architecture") not in ARCHITECTURES:
+            if spec.get("architecture") not in (*ARCHITECTURES, *UNTRAINED):
                 raise ModelFormatError(f"{location.url}: unknown architecture {spec.get('architecture')!r}")
             data = read("weights.pt")
-            ae = build_model(spec)
+            try:
+                ae = build_model(spec)
+            except (KeyError, TypeError, ValueError) as exc:  # EncoderError: a changed or missing encoder file
+                raise ModelFormatError(f"{location.url}: cannot rebuild its encoder: {exc}") from None
             ae.load_state_dict(_load_state(data, location.url, "weights.pt", device))
             model.autoencoder, model.weights_sha256 = ae.to(device).eval(), files["weights.pt"]
         if record.get("clustering") is not None:

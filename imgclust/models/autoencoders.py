@@ -17,6 +17,8 @@ class Autoencoder(nn.Module):
     The decoder's output is resized to (H, W) when the pooling did not divide the size exactly.
     """
 
+    has_decoder = True  # the untrained encoders (imgclust.models.pretrained) have none
+
     def __init__(self, encoder: nn.Module, decoder: nn.Module, code_shape: tuple[int, ...], image_shape: tuple[int, int, int]):
         super().__init__()
         self.encoder = encoder
@@ -207,8 +209,16 @@ ARCHITECTURES = {"seed-mnist": _seed_mnist, "three-block": _three_block, "conv-d
 SIZED = {"conv-dense": 32, "conv-vae": 10, "dense-vae": 10, "conv-contrastive": 128}  # architectures with a code size (default)
 
 
-def build_model(spec: dict[str, Any]) -> Autoencoder:
-    """Rebuild a model from its spec: ``{"architecture", "channels", "image_size", "code_dim"}``."""
+UNTRAINED = ("pixels", "pretrained")  # encoders the run does not train (imgclust.models.pretrained)
+
+
+def build_model(spec: dict[str, Any]) -> nn.Module:
+    """Rebuild a model from its spec: ``{"architecture", "channels", "image_size", "code_dim"}``
+    (an untrained encoder's spec has more: ``imgclust.models.pretrained.build_encoder``)."""
+    if spec["architecture"] in UNTRAINED:
+        from imgclust.models.pretrained import build_encoder
+
+        return build_encoder(spec)
     arch = ARCHITECTURES[spec["architecture"]]
     size = tuple(spec["image_size"])
     if spec["architecture"] in SIZED:

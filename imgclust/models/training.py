@@ -17,6 +17,7 @@ import zarr
 from imgclust.models.autoencoders import Autoencoder, build_model
 from imgclust.models.batches import BatchStream
 from imgclust.models.contrastive import ProjectionHead, augment_views, nt_xent, warmup_cosine
+from imgclust.models.pretrained import EncoderChoice, prepare_encoder
 from imgclust.models.refiner import random_shift
 from imgclust.presets import PRESETS
 from imgclust.progress import track
@@ -39,9 +40,17 @@ class TrainPlan:
     seed: int
     device: str = "auto"
     train_sample: int | None = None
+    encoder: EncoderChoice | None = None  # --encoder: an encoder the run does not train
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @property
+    def untrained(self) -> EncoderChoice | None:
+        """The encoder used as it is, with no training: ``--encoder``, or the preset's raw pixels."""
+        if self.encoder is not None:
+            return self.encoder
+        return EncoderChoice("pixels") if PRESETS[self.preset].architecture == "pixels" else None
 
 
 def resolve_device(device: str) -> torch.device:
@@ -126,11 +135,21 @@ def read_checkpoint(data: bytes) -> dict[str, Any]:
 class TrainResult:
     """The trained model (on the CPU, in eval mode), the spec that rebuilds it, the loss per round."""
 
-    model: Autoencoder
+    model: torch.nn.Module  # an Autoencoder, or an untrained encoder (imgclust.models.pretrained)
     spec: dict[str, Any]
     losses: list[float]
     device: str
     resumed_from_step: int
+
+
+def untrained_result(images: zarr.Array, choice: EncoderChoice) -> TrainResult:
+    """The encoder of ``choice`` for the images of ``images`` (N, C, H, W), loaded, not trained."""
+    _, channels, h, w = images.shape
+    model, spec = prepare_encoder(choice, channels, (h, w))
+    logger.info("train: none; %s encodes the %dx%dx%d images as they are (%d-d codes)",
+                choice.name or choice.kind, channels, h, w, spec["code_dim"])
+    spec.update(losses=[], device="cpu", train_steps=0, loss_kinds=[])
+    return TrainResult(model, spec, [], "cpu", 0)
 
 
 def train_autoencoder(images: zarr.Array, plan: TrainPlan,

@@ -33,6 +33,7 @@ from imgclust.runstore import Location, RunStore
 
 logger = logging.getLogger("imgclust")
 MAP_SAMPLE = 2000
+MEAN_IMAGE_SAMPLE = 500  # members averaged into the prototype of an encoder without a decoder
 
 
 def _img(src: str, alt: str, cls: str = "") -> str:
@@ -52,12 +53,17 @@ def render_html(run: dict[str, Any], clusters: list[dict[str, Any]], metrics: di
                ("rejected", counts.get("rejected")), ("duplicates", counts.get("duplicates")),
                ("reconstruction MSE", q.get("reconstruction_mse")), ("silhouette (sample)", q.get("silhouette_sample")),
                ("size balance (1 = equal)", q.get("size_balance"))]
+    signals = [(k, v) for k, v in signals if v is not None or k != "reconstruction MSE"]  # no decoder: no MSE
     if metrics:
         signals += [("accuracy (Hungarian)", metrics.get("accuracy")), ("NMI", metrics.get("nmi")),
                     ("ARI", metrics.get("ari")), ("purity", metrics.get("purity"))]
     rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{v:.4f}</td></tr>" if isinstance(v, float)
                    else f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in signals)
     nav = " ".join(f'<a href="#cluster-{c["id"]}">{c["id"]}</a>' for c in clusters)
+    decoded = q.get("reconstruction_mse") is not None
+    proto_text = ("Prototype (the cluster's mean code, decoded), then members with their attention maps." if decoded
+                  else "Prototype (the mean of the members' pixels: this encoder has no decoder), then members "
+                  "with their attention maps where the encoder has a feature map.")
     sections = []
     for c in clusters:
         cid = c["id"]
@@ -73,10 +79,13 @@ def render_html(run: dict[str, Any], clusters: list[dict[str, Any]], metrics: di
             f'{app}{sub}'
             f'<p>Top rows: the {NEAREST_IN_GRID} images closest to the centre; last row: random members.</p>'
             f'{_img(f"cluster-{cid}.png", f"sample images of cluster {cid}", "grid")}'
-            f'<p>Prototype (the cluster\'s mean code, decoded), then members with their attention maps.</p>'
+            f'<p>{proto_text}</p>'
             f'{_img(f"cluster-{cid}-prototype.png", f"prototype and attention maps of cluster {cid}")}'
             f'<details><summary>Paths closest to the centre</summary><ol>{near}</ol></details></section>')
     cfg = run.get("config", {})
+    loss = _img("loss.png", "training loss by optimiser step") if run.get("train_loss") else ""
+    rec = ('<h2>Reconstructions</h2><p>Originals (top) and the autoencoder\'s reconstructions (bottom).</p>'
+           + _img("reconstructions.png", "original images above their reconstructions")) if decoded else ""
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>imgclust report: {html.escape(str(cfg.get('source', '')))}</title>
 <style>
@@ -91,10 +100,9 @@ output {html.escape(str(cfg.get('output')))}.</p>
 <table>{rows}</table>
 <p>To page through every member of every cluster, search for similar images and rename, merge or correct clusters:
 <code>imgclust serve {html.escape(str(cfg.get('output', 'RUN')))}</code>, then open <a href="{APP}/">{APP}/</a>.</p>
-<div class="charts">{_img("sizes.png", "bar chart of cluster sizes")}{_img("loss.png", "training loss by optimiser step")}</div>
+<div class="charts">{_img("sizes.png", "bar chart of cluster sizes")}{loss}</div>
 {_img("map.png", "2-D map of a sample of the clustered features coloured by cluster")}
-<h2>Reconstructions</h2><p>Originals (top) and the autoencoder's reconstructions (bottom).</p>
-{_img("reconstructions.png", "original images above their reconstructions")}
+{rec}
 <nav>Clusters: {nav}</nav>
 {''.join(sections)}
 </body></html>
@@ -116,6 +124,7 @@ def write_report(store: RunStore, seed: int = 0, run: dict[str, Any] | None = No
     codes = open_array(store.codes, so)
     model = RunModel.load(Location(store.model, so))
     autoencoder = model.autoencoder
+    decodes = getattr(autoencoder, "has_decoder", True)
     assignments = assignments.reset_index(drop=True)
     by_cluster = members_by_distance(assignments)
     for c in track(clusters, total=len(clusters), desc="report", unit="cluster"):
@@ -126,12 +135,16 @@ def write_report(store: RunStore, seed: int = 0, run: dict[str, Any] | None = No
                            png_bytes(grid(to_rgb_thumbs(read_rows(images, idx)))), so)
         members = np.sort(ordered)
         sample = np.sort(np.random.default_rng(seed).choice(members, size=min(2000, len(members)), replace=False))
-        strip = prototype_and_attention(autoencoder, read_rows(codes, np.sort(rows[sample])), read_rows(images, idx[:4]))
+        sampled = np.sort(rows[sample])
+        mean_image = None if decodes else read_rows(images, sampled[:MEAN_IMAGE_SAMPLE]).mean(0).round().astype(np.uint8)
+        strip = prototype_and_attention(autoencoder, read_rows(codes, sampled) if decodes else codes[:0],
+                                        read_rows(images, idx[:4]), mean_image)
         write_bytes_atomic(store.report_file(f"cluster-{c['id']}-prototype.png"), png_bytes(strip), so)
     n = len(assignments)
     pick = np.sort(np.random.default_rng(seed).choice(n, size=min(8, n), replace=False))
-    write_bytes_atomic(store.report_file("reconstructions.png"),
-                       png_bytes(reconstructions(autoencoder, read_rows(images, rows[pick]))), so)
+    if decodes:
+        write_bytes_atomic(store.report_file("reconstructions.png"),
+                           png_bytes(reconstructions(autoencoder, read_rows(images, rows[pick]))), so)
     sample = np.sort(np.random.default_rng(seed).choice(n, size=min(MAP_SAMPLE, n), replace=False))
     features = open_array(store.work("features.zarr"), so)
     sample = sample[rows[sample] < features.shape[0]]  # images added by assign have no run features

@@ -72,20 +72,27 @@ def cluster_members(assignments: pd.DataFrame, cluster: int, seed: int,
     return near, rand
 
 
-def prototype_and_attention(model: Any, codes: np.ndarray, pixels: np.ndarray) -> Image.Image:
-    """[decoded mean code | up to 4 members with their attention maps] as one strip.
+def prototype_and_attention(model: Any, codes: np.ndarray, pixels: np.ndarray,
+                            mean_image: np.ndarray | None = None) -> Image.Image:
+    """[prototype | up to 4 members with their attention maps] as one strip.
 
-    Attention map: the encoder's last feature map, max over channels, upsampled over the image.
-    A dense encoder has no map: its strip shows the members without one.
+    Prototype: the cluster's mean code, decoded; for an encoder without a decoder, ``mean_image``
+    (C, H, W) uint8, the mean of the members' pixels. Attention map: the encoder's last feature
+    map, max over channels, upsampled over the image. An encoder without a map (dense, raw pixels,
+    a TorchScript or ONNX file) shows the members without one.
     """
     import torch
     import torch.nn.functional as F
 
     with torch.inference_mode():
-        mean = torch.from_numpy(codes.mean(0, keepdims=True)).float()
-        if getattr(model, "contrastive", False):  # its decoder only ever saw unit-length codes
-            mean = F.normalize(mean, dim=1)
-        proto = model.decode(mean)
+        if getattr(model, "has_decoder", True):
+            mean = torch.from_numpy(codes.mean(0, keepdims=True)).float()
+            if getattr(model, "contrastive", False):  # its decoder only ever saw unit-length codes
+                mean = F.normalize(mean, dim=1)
+            proto = model.decode(mean)
+        else:
+            assert mean_image is not None, "an encoder without a decoder needs the members' mean image"
+            proto = torch.from_numpy(mean_image[None].astype(np.float32) / 255)
         x = torch.from_numpy(pixels[:4]).float() / 255
         fmap = model.feature_maps(x)
     tiles = to_rgb_thumbs((proto.numpy() * 255).astype(np.uint8), 96)
@@ -163,7 +170,8 @@ def charts(sizes: list[int], losses: list[float], xy: np.ndarray, labels: np.nda
     ax.set_title("Cluster sizes")
     ax.set_xticks(range(len(sizes)))
     out["sizes.png"] = png_bytes(fig)
-    out["loss.png"] = png_bytes(loss_chart(losses, loss_kinds, round_steps))
+    if losses:  # an encoder used as it is trained nothing
+        out["loss.png"] = png_bytes(loss_chart(losses, loss_kinds, round_steps))
     fig, ax = plt.subplots(figsize=(6, 5))
     k = int(labels.max()) + 1 if len(labels) else 1
     cmap = "tab10" if k <= 10 else "tab20" if k <= 20 else "nipy_spectral"

@@ -27,7 +27,7 @@ MSE_SAMPLE = 20_000
 @dataclass(frozen=True)
 class Encoded:
     code_dim: int
-    reconstruction_mse: float
+    reconstruction_mse: float | None  # None: the encoder has no decoder
     chunks_resumed: int = 0
 
 
@@ -78,7 +78,8 @@ def encode(store: RunStore, model: ModelRef, batch_size: int, client: Client, st
         existing = open_if_exists(store.codes, so)
         if existing is not None and existing.attrs.get("encode_key") == key and "reconstruction_mse" in existing.attrs:
             logger.info("encode: already done with these weights; reusing codes.zarr")
-            return Encoded(code_dim, float(existing.attrs["reconstruction_mse"]))
+            mse = existing.attrs["reconstruction_mse"]
+            return Encoded(code_dim, None if mse is None else float(mse))
         ledger = ShardLedger(store, "encode", key)
         ledger.clear_others()
         done = ledger.done_rows() if existing is not None and existing.attrs.get("encode_key") == key else {}
@@ -96,10 +97,10 @@ def encode(store: RunStore, model: ModelRef, batch_size: int, client: Client, st
     for fut in track(completed(client, futures), total=len(futures), desc="encode", unit="chunk"):
         sq, c = fut.result()
         total, counted = total + sq, counted + c
-    mse = total / max(counted, 1)
+    mse = total / counted if counted else None
     if ledger is not None:
         open_array(store.codes, so, mode="r+").attrs["reconstruction_mse"] = mse  # marks it finished
         ledger.clear()
-    logger.info("encode: %d codes of %d dimensions, reconstruction MSE %.5f (on %d images)", n - start, code_dim,
-                mse, counted)
+    logger.info("encode: %d codes of %d dimensions, %s", n - start, code_dim,
+                "no decoder" if mse is None else f"reconstruction MSE {mse:.5f} (on {counted} images)")
     return Encoded(code_dim, mse, len(done))

@@ -10,7 +10,8 @@ from distributed import Client
 from imgclust.dask_cluster import gpu_workers
 from imgclust.io.arrays import create_array, open_array, open_if_exists
 from imgclust.io.storage import open_fs, remove, with_retries, write_bytes_atomic
-from imgclust.models.training import TrainPlan, train_autoencoder, training_rows
+from imgclust.models.pretrained import read_source
+from imgclust.models.training import TrainPlan, train_autoencoder, training_rows, untrained_result
 from imgclust.runmodel import ModelFormatError, ModelRef, RunModel
 from imgclust.runstore import Location, RunStore
 from imgclust.stages.ingest import compact_into
@@ -34,7 +35,12 @@ class Trained:
 
 
 def train_key(plan: TrainPlan, ingest_key: str) -> str:
-    """Identity of a training: the images and every setting that shapes the weights."""
+    """Identity of a training: the images and every setting that shapes the weights (for an
+    encoder the run does not train: which one, and the sha256 of its file)."""
+    choice = plan.untrained
+    if choice is not None:
+        sha = read_source(choice.source)[1] if choice.source else ""
+        return fingerprint("encoder", ingest_key, plan.preset, choice.as_dict(), sha)
     return fingerprint("train", ingest_key, plan.preset, plan.steps, plan.batch_size, plan.learning_rate, plan.seed,
                        plan.train_sample)
 
@@ -93,8 +99,11 @@ def train(store: RunStore, plan: TrainPlan, ingest_key: str, images_url: str | N
         except FileNotFoundError:
             return None
 
-    result = train_autoencoder(open_array(images_url or store.images, so), plan, load_checkpoint,
-                               lambda data: write_bytes_atomic(checkpoint, data, so))
+    if plan.untrained is not None:
+        result = untrained_result(open_array(store.images, so), plan.untrained)
+    else:
+        result = train_autoencoder(open_array(images_url or store.images, so), plan, load_checkpoint,
+                                   lambda data: write_bytes_atomic(checkpoint, data, so))
     model = RunModel(result.model, {**result.spec, "train_key": key})
     model.save(Location(store.model, so))
     remove(checkpoint, so)
@@ -137,8 +146,8 @@ def train_where_best(store: RunStore, plan: TrainPlan, ingest_key: str, client: 
     Training is one sequential job: on a GPU worker it gets the accelerator; without one it runs in
     the flow's process, which avoids shipping the loop to a worker that is no faster.
     """
-    if finished_training(store, train_key(plan, ingest_key or store.images)) is not None:
-        return train(store, plan, ingest_key)  # reused as it is: no copy of the sample needed
+    if plan.untrained is not None or finished_training(store, train_key(plan, ingest_key or store.images)) is not None:
+        return train(store, plan, ingest_key)  # nothing to train, or reused as it is: no copy of the sample needed
     sample = sampled_copy(store, plan, ingest_key, client)
     gpus = gpu_workers(client)
     if gpus:
