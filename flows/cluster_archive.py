@@ -18,7 +18,7 @@ from imgclust.models.training import TrainPlan
 from imgclust.preflight import clear_previous_run, preflight
 from imgclust.presets import PRESETS, train_steps
 from imgclust.stages.cluster import ClusterSettings
-from imgclust.stages.ingest import PixelSpec, too_few_images
+from imgclust.stages.ingest import PixelSpec, thumbnail_side, too_few_images
 from imgclust.stages.publish import write_run_record
 from imgclust.stages.train import check_training_device
 from imgclust.state.lease import Lease, acquire_lease
@@ -81,7 +81,8 @@ def _stages(config: RunConfig, lease: Lease) -> dict[str, Any]:
         gray = found.gray if config.color == "auto" else config.color == "gray"
         lease.check()
         with _timed(sec, "ingest"):
-            pixels = PixelSpec(size, gray, config.fit, config.max_megapixels, config.thumbnail_size)
+            thumbs = thumbnail_side(config.thumbnail_size, found.side_p90)
+            pixels = PixelSpec(size, gray, config.fit, config.max_megapixels, thumbs)
             ing = ingest_task(source, store, pixels, config.shard_size, address)
         if ing.n_accepted < max(2, config.n_clusters or 2):
             raise ConfigError("n_clusters" if config.n_clusters else "source", too_few_images(found, ing, store))
@@ -123,7 +124,7 @@ def _stages(config: RunConfig, lease: Lease) -> dict[str, Any]:
         "config": config.public_dict(),
         "resolved": {"image_size": list(size), "color": "gray" if gray else "rgb", "train_steps": steps,
                      "epochs": round(steps / max(1, -(-n_train // config.batch_size)), 3),
-                     "train_images": n_train, "learning_rate": config.resolved_learning_rate,
+                     "thumbnail_size": thumbs, "train_images": n_train, "learning_rate": config.resolved_learning_rate,
                      "embedding": preset.embedding, "method": preset.method, "merge": merge,
                      "encoder": encoder.as_dict() if encoder is not None else None, "code_dim": model.code_dim,
                      "device": model.device, "n_clusters": clu.n_clusters},

@@ -53,8 +53,9 @@ def _add_run_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-megapixels", type=float, help="largest decode accepted, in megapixels held in memory; "
                    "JPEGs count at the reduced scale they decode at, so a 144 MP photo passes for small image "
                    "sizes (default 89.5, Pillow's own ceiling)")
-    p.add_argument("--thumbnail-size", type=int, help="side of the thumbnails decoded with the images for "
-                   "`imgclust serve` to show (whole image, letterboxed; 0 = none; default 128)")
+    p.add_argument("--thumbnail-size", type=int, help="largest side of the thumbnails decoded with the images "
+                   "for `imgclust serve` to show (whole image, letterboxed; smaller when nine images in ten are; "
+                   "0 = none; default 128)")
     p.add_argument("--preset", choices=list(PRESETS), help="model preset (default: default). " + " | ".join(
         f"{k}: {v.description}" for k, v in PRESETS.items()))
     p.add_argument("--encoder", help="use this encoder as it is instead of training the preset's: pixels, "

@@ -105,8 +105,9 @@ class RunConfig(FlowConfig):
         description="Largest decode accepted, in megapixels held in memory; a JPEG counts at the reduced scale "
         "it is decoded at (a 144 MP photo decodes at 2.3 MP for 32x32). Larger images are rejected with their size.")
     thumbnail_size: int = Field(
-        default=128, ge=0, le=512, description="Side of the square thumbnails decoded with the images for "
-        "`imgclust serve` (the whole image, letterboxed); 0 writes none.")
+        default=128, ge=0, le=512, description="Largest side of the square thumbnails decoded with the images "
+        "for `imgclust serve` (the whole image, letterboxed): smaller when nine images in ten are smaller (the "
+        "90th percentile of their sides, rounded up to a multiple of 8, at least 32); 0 writes none.")
     preset: str = Field(default="default", description="Model preset: " + ", ".join(PRESETS))
     encoder: str | None = Field(
         default=None, description="An encoder used as it is instead of the preset's trained one: pixels, "

@@ -269,6 +269,32 @@ def test_a_nightly_assign_reads_only_the_new_files(finished_run, tmp_path, clien
     assert again["read"] == 0 and again["new"] == 0 and not log.exists()
 
 
+def test_assign_predicts_on_the_workers_not_in_the_flow_process(finished_run, tmp_path, client, monkeypatch):
+    """The new images' pixels and codes stay on the workers: predicting in this process fails."""
+    from imgclust.runmodel import RunModel
+    from imgclust.runstore import Location, RunStore
+    from imgclust.stages.assign import assign_new
+
+    root, out, _, _ = finished_run
+    run, src = tmp_path / "run", tmp_path / "src"
+    shutil.copytree(out, run)
+    src.mkdir()
+    for i in range(5):
+        Image.fromarray(np.full((28, 28), 20 + 40 * i, np.uint8)).save(src / f"{i}.png")
+
+    def here(*args, **kwargs):
+        raise AssertionError("predicted in the flow process")
+
+    monkeypatch.setattr(RunModel, "predict", here)  # this process only: the workers are others
+    before = pd.read_parquet(run / "assignments.parquet")
+    summary = assign_new(RunStore(str(run)), Location(str(src)), client)
+    assert summary["accepted"] == 5
+    after = pd.read_parquet(run / "assignments.parquet")
+    added = after[~after["path"].isin(before["path"])]
+    assert len(added) == 5 and added["cluster"].between(0, before["cluster"].max()).all()
+    assert np.isfinite(added["distance"]).all()
+
+
 def test_a_run_with_tables_of_an_older_layout_is_refused_with_what_to_do(finished_run, tmp_path):
     root, out, _, _ = finished_run
     run = tmp_path / "run"

@@ -37,12 +37,35 @@ def test_discover_writes_duplicates(corpus, client, tmp_path):
     assert found.n_found == counts["found"]
     assert found.n_duplicates == counts["duplicates"]
     assert found.gray is False  # a quarter of the corpus was saved as RGB
+    assert found.side_p90 == 28  # the digits; the broken files' headers (a 100,000-pixel bomb) are under a tenth
     dups = RunStore(str(tmp_path)).read_table("duplicates")
     assert set(dups.columns) == {"path", "sha256", "stamp", "duplicate_of", "generation"}
     assert sorted(dups["path"]) == ["x-copies/copy-a.png", "x-copies/copy-b.png", "x-copies/copy-c.jpg"]
     unique = read_parquet(RunStore(str(tmp_path)).work(UNIQUE))
     assert not set(dups["path"]) & set(unique["path"])
     assert set(dups["duplicate_of"]) <= set(unique["path"])
+
+
+def test_thumbnails_are_not_larger_than_nine_images_in_ten():
+    from imgclust.stages.ingest import thumbnail_side
+
+    assert thumbnail_side(128, 28) == 32 and thumbnail_side(128, 8) == 32 and thumbnail_side(128, 70) == 72
+    assert thumbnail_side(128, 4000) == 128 and thumbnail_side(128, None) == 128 and thumbnail_side(0, 28) == 0
+    assert thumbnail_side(24, 28) == 24  # what the user asked for is the most
+
+
+def test_image_headers_give_the_largest_side():
+    import io
+
+    from PIL import Image
+
+    from imgclust.io.imagefile import probe_header
+
+    for fmt in ("PNG", "JPEG", "GIF"):
+        buf = io.BytesIO()
+        Image.new("RGB", (50, 20), (200, 10, 10)).save(buf, fmt)
+        assert probe_header(buf.getvalue())[1] == 50, fmt
+    assert probe_header(b"not an image") == (None, None)
 
 
 def test_a_peek_stops_at_what_it_needs(tmp_path):

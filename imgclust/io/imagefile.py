@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from imgclust.io.jpeg import decode_jpeg_scaled, jpeg_is_gray, with_end_marker
+from imgclust.io.jpeg import decode_jpeg_scaled, jpeg_header, with_end_marker
 
 # Pillow's own ceiling (89.5 MP, judged on the stored size) would refuse a 144 MP JPEG that draft
 # mode decodes at an eighth of its size. imgclust judges the pixels a decode really holds instead
@@ -198,17 +198,24 @@ def _channels_first(arr: np.ndarray) -> np.ndarray:
 
 def probe_is_gray(data: bytes) -> bool | None:
     """Whether the image header says grayscale; None when unreadable. Reads only the header."""
-    fast = jpeg_is_gray(data)
-    if fast is not None:
-        return fast
+    return probe_header(data)[0]
+
+
+def probe_header(data: bytes) -> tuple[bool | None, int | None]:
+    """(grayscale?, largest side in pixels) from the image's header alone; None for what it does
+    not say (an unreadable file: both)."""
+    gray, side = jpeg_header(data)
+    if gray is not None:
+        return gray, side
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             with Image.open(io.BytesIO(data)) as im:
+                side = max(im.size)
                 if im.mode == "P":
                     pal = im.getpalette() or []
                     rgb = np.asarray(pal[: 3 * 256]).reshape(-1, 3) if len(pal) >= 3 else None
-                    return bool(rgb is not None and (rgb == rgb[:, :1]).all())
-                return im.mode in GRAY_MODES
+                    return bool(rgb is not None and (rgb == rgb[:, :1]).all()), side
+                return im.mode in GRAY_MODES, side
     except Exception:
-        return None
+        return None, None

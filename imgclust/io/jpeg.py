@@ -68,13 +68,18 @@ def _tiff_orientation(tiff: bytes) -> int | None:
 def jpeg_is_gray(data: bytes) -> bool | None:
     """Whether a JPEG's header says grayscale, from libjpeg-turbo's header parse (a twentieth of
     Pillow's ``open``); None when unsure."""
+    return jpeg_header(data)[0]
+
+
+def jpeg_header(data: bytes) -> tuple[bool | None, int | None]:
+    """(grayscale?, largest side in pixels) from a JPEG's header; (None, None) when unsure."""
     if simplejpeg is None or not is_jpeg(data):
-        return None
+        return None, None
     try:
-        colorspace = simplejpeg.decode_jpeg_header(data)[2]
+        height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
     except ValueError:
-        return None
-    return {"Gray": True, "YCbCr": False, "RGB": False}.get(colorspace)
+        return None, None
+    return {"Gray": True, "YCbCr": False, "RGB": False}.get(colorspace), max(int(height), int(width))
 
 
 def pillow_draft_size(width: int, height: int, need: tuple[int, int]) -> tuple[int, int]:

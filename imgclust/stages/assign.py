@@ -12,16 +12,18 @@ import pandas as pd
 from distributed import Client
 
 from imgclust.codeindex import CodeIndex, Standardiser, extend_index
-from imgclust.io.arrays import open_array
+from imgclust.dask_cluster import completed, torch_threads_by_worker
+from imgclust.io.arrays import aligned_spans, open_array
 from imgclust.io.storage import read_json, remove, write_json
 from imgclust.io.tables import TABLES, drop_parts, read_parts
 from imgclust.runmodel import RunModel
 from imgclust.runstore import Location, RunStore
 from imgclust.stages.discover import hash_files, list_source, split_duplicates
-from imgclust.stages.encode import encode
+from imgclust.stages.encode import cached_model, encode
 from imgclust.stages.ingest import PixelSpec, compact_into, decode_into_staging, manifest_rows, thumbs_of
 from imgclust.stages.neighbours import NeighbourSettings
 from imgclust.stages.publish import cluster_summaries, typical_kth
+from imgclust.threads import torch_threads, worker_budget
 
 logger = logging.getLogger("imgclust")
 
@@ -101,7 +103,7 @@ def assign_new(store: RunStore, source: Location, client: Client) -> dict[str, A
     batch_size = int(run.get("config", {}).get("batch_size", 256))
     encode(store, model.ref, batch_size, client, start=start)
     new = slice(start, start + len(accepted_rows))
-    labels, dist = model.predict(open_array(store.images, so)[new], open_array(store.codes, so)[new])
+    labels, dist = predict_rows(store, model.token, new, client)
 
     new_manifest, new_rejected = manifest_rows(unique, info, start)
     new_rejected = pd.concat([new_rejected, unreadable.assign(sha256=None), known_bad[["path", "sha256", "stamp"]].assign(
@@ -132,6 +134,32 @@ def assign_new(store: RunStore, source: Location, client: Client) -> dict[str, A
     logger.info("assign: %d new files: %d accepted, %d rejected, %d duplicates", summary["new"],
                 summary["accepted"], summary["rejected"], summary["duplicates"])
     return summary
+
+
+def predict_chunk(store: RunStore, token: str, start: int, stop: int,
+                  threads: dict[str, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Cluster (n,) int64 and distance (n,) float64 of images.zarr rows [start, stop), on a worker,
+    with the run's model (cached per worker under ``token``), from their pixels and codes."""
+    so = store.storage_options
+    model = cached_model(Location(store.model, so), token)
+    with torch_threads(worker_budget(threads)):
+        return model.predict(open_array(store.images, so)[start:stop], open_array(store.codes, so)[start:stop])
+
+
+def predict_rows(store: RunStore, token: str, rows: slice, client: Client) -> tuple[np.ndarray, np.ndarray]:
+    """Clusters and distances of the images.zarr ``rows`` added to a run, chunk by chunk on the
+    workers: the flow's process receives two numbers an image, never the pixels or codes."""
+    step = open_array(store.images, store.storage_options).chunks[0]
+    spans = list(aligned_spans(rows.start, rows.stop, step))
+    threads = torch_threads_by_worker(client)
+    futures = {client.submit(predict_chunk, store, token, a, b, threads, pure=False): a for a, b in spans}
+    parts: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    for fut in completed(client, list(futures)):
+        parts[futures[fut]] = fut.result()
+    if not parts:
+        return np.zeros(0, np.int64), np.zeros(0)
+    ordered = [parts[a] for a, _ in spans]
+    return np.concatenate([p[0] for p in ordered]).astype(np.int64), np.concatenate([p[1] for p in ordered])
 
 
 def new_outlier_scores(store: RunStore, model: RunModel, rows: slice, labels: np.ndarray,

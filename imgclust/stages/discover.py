@@ -6,14 +6,15 @@ import hashlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import fsspec
+import numpy as np
 import pandas as pd
 from distributed import Client
 
 from imgclust.dask_cluster import completed
-from imgclust.io.imagefile import probe_is_gray
+from imgclust.io.imagefile import probe_header
 from imgclust.io.listing import Listing, list_files, peek_images, source_path
 from imgclust.io.storage import StorageError, normalise_url, read_file_groups, unreadable_reason, with_retries, write_parquet
 from imgclust.progress import track
@@ -35,6 +36,7 @@ class Discovery:
     n_duplicates: int
     n_unreadable: int
     gray: bool
+    side_p90: int | None = None  # 90th percentile of the unique images' largest side (headers); None: none said
 
 
 def list_images(source: Location) -> list[str]:
@@ -74,23 +76,25 @@ def _on_source(source: Location, look: Callable[[fsspec.AbstractFileSystem, str]
         raise StorageError(f"cannot list source {source.url}: {type(exc).__name__}: {exc}") from exc
 
 
-HashRow = tuple[str, str | None, str | None, bool | None]  # path, sha256, reason it could not be read, is gray
+# path, sha256, reason it could not be read, is gray, largest side (from the header)
+HashRow = tuple[str, str | None, str | None, bool | None, int | None]
+COLUMNS = ["path", "sha256", "reason", "gray", "side"]
 
 
 def hash_batch(fs: fsspec.AbstractFileSystem, root: str, paths: list[str], ledger: ShardLedger | None = None,
                name: str | None = None) -> list[HashRow]:
-    """(path, sha256, error, is_gray) per file; runs on a Dask worker, reads each file once, a
+    """(path, sha256, error, is_gray, side) per file; runs on a Dask worker, reads each file once, a
     bounded group at a time. With a ledger, the worker records the batch (when every file could be
     read: unreadable ones are asked again next time) under ``name``."""
     full = [f"{root.rstrip('/')}/{source_path(p)}" for p in paths]
     rel_of = dict(zip(full, paths))
-    out: list[tuple[str, str | None, str | None, bool | None]] = []
+    out: list[HashRow] = []
     for group in read_file_groups(fs, full):
         for path, data in group:
             if isinstance(data, BaseException) or data is None:
-                out.append((rel_of[path], None, unreadable_reason(data), None))
+                out.append((rel_of[path], None, unreadable_reason(data), None, None))
             else:
-                out.append((rel_of[path], hashlib.sha256(data).hexdigest(), None, probe_is_gray(data)))
+                out.append((rel_of[path], hashlib.sha256(data).hexdigest(), None, *probe_header(data)))
     if ledger is not None and name is not None and all(r[1] is not None for r in out):
         ledger.mark(name, out)
     return out
@@ -98,26 +102,26 @@ def hash_batch(fs: fsspec.AbstractFileSystem, root: str, paths: list[str], ledge
 
 def hash_files(fs: fsspec.AbstractFileSystem, root: str, paths: list[str], client: Client,
                 ledger: ShardLedger | None = None, stamps: list[str] | None = None) -> pd.DataFrame:
-    """(path, sha256, reason, gray) of every path, hashed in parallel batches on the cluster.
+    """(path, sha256, reason, gray, side) of every path, hashed in parallel batches on the cluster.
 
     With a ledger, each batch's result is recorded under its paths and stamps (size, mtime): a
     rerun after a crash hashes only batches it has not seen, without reading those files again.
     """
     spans = [(i, min(i + HASH_BATCH, len(paths))) for i in range(0, len(paths), HASH_BATCH)]
     done = ledger.done() if ledger is not None else {}
-    rows: list[tuple[str, str | None, str | None, bool | None]] = []
+    rows: list[tuple[Any, ...]] = []
     futures = {}
     for a, b in spans:
         name = fingerprint(paths[a:b], (stamps or [])[a:b])[:32]
         if name in done:
-            rows.extend(tuple(r) for r in done[name])
+            rows.extend((*r, None)[:5] for r in done[name])  # a record without a side has none
         else:
             futures[client.submit(hash_batch, fs, root, paths[a:b], ledger, name, pure=False)] = name
     if done:
         logger.info("discover: %d of %d batches hashed by an earlier attempt", len(spans) - len(futures), len(spans))
     for fut in track(completed(client, futures), total=len(futures), desc="discover", unit="batch"):
         rows.extend(fut.result())
-    return pd.DataFrame(rows, columns=["path", "sha256", "reason", "gray"]).sort_values("path").reset_index(drop=True)
+    return pd.DataFrame(rows, columns=COLUMNS).sort_values("path").reset_index(drop=True)
 
 
 def split_duplicates(hashed: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -144,9 +148,11 @@ def discover(source: Location, store: RunStore, client: Client) -> Discovery:
     unreadable = pd.concat([table.loc[table["sha256"].isna(), ["path", "reason", "stamp"]],
                             pd.DataFrame(listing.refused, columns=["path", "reason"])], ignore_index=True)
     unreadable = unreadable.sort_values("path", kind="stable").reset_index(drop=True)
-    unique, dups = split_duplicates(table.loc[table["sha256"].notna(), ["path", "sha256", "gray", "stamp"]])
+    unique, dups = split_duplicates(table.loc[table["sha256"].notna(), ["path", "sha256", "gray", "side", "stamp"]])
     probes = unique["gray"].dropna()
     gray = bool(len(probes)) and bool(probes.all())
+    sides = unique["side"].dropna().to_numpy(float)
+    side_p90 = int(np.ceil(np.percentile(sides, 90))) if len(sides) else None
     so = store.storage_options
     store.write_table("duplicates", dups)
     write_parquet(store.work(UNIQUE), unique[["path", "sha256", "stamp"]], so)
@@ -155,4 +161,4 @@ def discover(source: Location, store: RunStore, client: Client) -> Discovery:
         "discover: %d image files, %d unique, %d duplicates, %d unreadable",
         len(listing), len(unique), len(dups), len(unreadable),
     )
-    return Discovery(len(listing), len(unique), len(dups), len(unreadable), gray)
+    return Discovery(len(listing), len(unique), len(dups), len(unreadable), gray, side_p90)

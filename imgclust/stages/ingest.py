@@ -69,6 +69,19 @@ class PixelSpec:
                          t.storage_options, read_rows=1)
 
 
+MIN_THUMBNAIL = 32
+
+
+def thumbnail_side(requested: int, side_p90: int | None) -> int:
+    """Side of the run's thumbnails: ``requested`` (``--thumbnail-size``; 0 for none), made smaller
+    when nine images in ten are smaller than it (28-pixel digits get 32-pixel thumbnails, not
+    upscaled 128-pixel ones): the 90th percentile of the images' largest side, rounded up to a
+    multiple of 8, at least ``MIN_THUMBNAIL``."""
+    if not requested or side_p90 is None:
+        return requested
+    return min(requested, max(MIN_THUMBNAIL, -(-side_p90 // 8) * 8))
+
+
 def thumbs_of(images: Location) -> Location:
     """Where the thumbnails that go with an images array are: beside it, ``images.zarr`` ->
     ``thumbs.zarr`` and ``x.zarr`` -> ``x-thumbs.zarr``."""
