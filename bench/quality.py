@@ -30,7 +30,8 @@ from measure import run_measured  # noqa: E402
 
 from imgclust.metrics import score  # noqa: E402
 
-PRESET_METHODS = ("product", "cae-refine", "seed-mnist", "seed-cifar", "seed-vae", "seed-vae-dense", "seed-vae-umap")  # `imgclust run`
+PRESET_METHODS = ("product", "cae-refine", "seed-mnist", "seed-cifar", "seed-vae", "seed-vae-dense",
+                  "seed-vae-umap")  # `imgclust run`
 METHODS = (*PRESET_METHODS, "raw-kmeans", "clustimage", "clustimage-k")
 IMGCLUST = str(Path(sys.executable).parent / "imgclust")
 
