@@ -90,9 +90,9 @@ def _stages(config: RunConfig, lease: Lease) -> dict[str, Any]:
         steps = train_steps(config.preset, n_train, config.batch_size, config.epochs, config.train_steps)
         encoder = config.encoder_choice
         if encoder is not None:
-            steps = 0  # used as it is
+            steps = config.encoder_steps  # 0: used as it is
         plan = TrainPlan(config.preset, steps, config.batch_size, config.resolved_learning_rate, config.seed,
-                         config.device, config.train_sample, encoder)
+                         config.device, config.train_sample, encoder, config.encoder_steps)
         lease.check()
         with _timed(sec, "train"):
             model = train_task(store, plan, ing.key, address)

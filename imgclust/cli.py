@@ -62,6 +62,8 @@ def _add_run_parser(sub: argparse._SubParsersAction) -> None:
                    "resnet18/34/50/101/152 (with --encoder-weights), torchscript:PATH or onnx:PATH (local path or "
                    "fsspec URL; nothing is downloaded). Images are stored at its input size (224x224 for a "
                    "ResNet) unless --image-size says otherwise; refinement is off unless --refine")
+    p.add_argument("--encoder-steps", type=int, help="fine-tune a ResNet encoder contrastively for this many "
+                   "optimiser steps before encoding (default 0: frozen; learning rate 1e-4 unless --learning-rate)")
     p.add_argument("--encoder-weights", help="local path or fsspec URL of a ResNet encoder's state dict, e.g. "
                    "torchvision's resnet50-11ad3fa6.pth")
     default = PRESETS["default"]

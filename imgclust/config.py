@@ -15,6 +15,8 @@ from imgclust.io.imagefile import DEFAULT_MAX_MEGAPIXELS
 from imgclust.presets import PRESETS
 from imgclust.runstore import Location, RunStore
 
+FINETUNE_LEARNING_RATE = 1e-4  # a pretrained encoder moves little: ten times below the default's
+
 
 class ConfigError(ValueError):
     """A parameter is wrong; raised before any heavy work. ``param`` names it."""
@@ -114,6 +116,10 @@ class RunConfig(FlowConfig):
         "resnet18/34/50/101/152 (with encoder_weights), torchscript:PATH or onnx:PATH (a local path or fsspec URL). "
         "Its features are clustered as the preset's codes would be; images are stored at its input size "
         "unless image_size says otherwise.")
+    encoder_steps: int = Field(
+        default=0, ge=0, le=10_000_000, description="Fine-tune a ResNet encoder contrastively (SimCLR, as the "
+        "default preset trains its own) for this many optimiser steps before encoding; 0 uses it frozen. Default "
+        "learning rate 1e-4.")
     encoder_weights: str | None = Field(
         default=None, description="Local path or fsspec URL of a ResNet encoder's state dict (torchvision's .pth "
         "files); nothing is downloaded.")
@@ -210,11 +216,15 @@ class RunConfig(FlowConfig):
         if self.encoder is None:
             if self.encoder_weights is not None:
                 raise ValueError("encoder_weights: give --encoder too (e.g. --encoder resnet50)")
+            if self.encoder_steps:
+                raise ValueError("encoder_steps: give --encoder too (a ResNet to fine-tune)")
             return self
         from imgclust.io.storage import open_fs
         from imgclust.models.pretrained import EncoderChoice
 
         choice = EncoderChoice.parse(self.encoder, self.encoder_weights)  # EncoderError is a ValueError
+        if self.encoder_steps and choice.kind != "resnet":
+            raise ValueError(f"encoder_steps: only a ResNet encoder can be fine-tuned, not {choice.kind}")
         if choice.source is not None:
             fs, path = open_fs(choice.source)
             if not fs.isfile(path):
@@ -275,7 +285,8 @@ class RunConfig(FlowConfig):
 
     @property
     def resolved_learning_rate(self) -> float:
-        return self.learning_rate or PRESETS[self.preset].learning_rate
+        """``learning_rate``, else 1e-4 to fine-tune a pretrained encoder, else the preset's."""
+        return self.learning_rate or (FINETUNE_LEARNING_RATE if self.encoder_steps else PRESETS[self.preset].learning_rate)
 
     @property
     def source_location(self) -> Location:

@@ -211,3 +211,49 @@ def test_missing_weights_fail_before_any_work(colours, tmp_path):
     assert r.returncode == 2, r.stderr
     assert "is not a file" in r.stderr and "download.pytorch.org/models/resnet50-11ad3fa6.pth" in r.stderr
     assert "Traceback" not in r.stderr and not out.exists()
+
+
+def test_a_resnet_is_fine_tuned_contrastively_and_keeps_its_layout(tmp_path):
+    from imgclust.io.arrays import create_array
+    from imgclust.models.training import TrainPlan, train_autoencoder
+
+    weights = tmp_path / "resnet18.pth"
+    torch.manual_seed(0)
+    net = resnet("resnet18")
+    torch.save(net.state_dict(), weights)
+    images = create_array(str(tmp_path / "images.zarr"), (24, 3, 32, 32), 12, "uint8")
+    images[:] = np.random.default_rng(0).integers(0, 256, (24, 3, 32, 32), dtype=np.uint8)
+    choice = EncoderChoice("resnet", "resnet18", str(weights))
+    plan = TrainPlan("default", 3, 8, 1e-4, 0, "cpu", encoder=choice, encoder_steps=3)
+    assert plan.untrained is None  # fine-tuned, not used as it is
+    result = train_autoencoder(images, plan)
+    assert result.spec["architecture"] == "pretrained" and result.spec["finetune_steps"] == 3
+    assert len(result.losses) == 3 and all(np.isfinite(result.losses))
+    tuned = result.model.state_dict()
+    assert not torch.equal(tuned["backbone.layer1.0.conv1.weight"], net.state_dict()["layer1.0.conv1.weight"])
+    rebuilt = build_encoder(result.spec)
+    rebuilt.load_state_dict(tuned)  # what RunModel.load does with the run's weights.pt
+    x = torch.from_numpy(images[:4]).float() / 255
+    with torch.inference_mode():
+        assert torch.allclose(rebuilt.encode(x), result.model.encode(x), atol=1e-5)
+    again = train_autoencoder(images, plan)  # same seed, same weights
+    assert torch.allclose(again.model.state_dict()["backbone.layer4.1.conv2.weight"],
+                          tuned["backbone.layer4.1.conv2.weight"])
+
+
+def test_only_a_resnet_can_be_fine_tuned(colours, tmp_path):
+    from pydantic import ValidationError
+
+    from imgclust.config import RunConfig
+
+    model = tmp_path / "m.onnx"
+    model.write_bytes(b"x")
+    with pytest.raises(ValidationError, match="only a ResNet encoder can be fine-tuned, not onnx"):
+        RunConfig(source=str(colours), output=str(tmp_path / "o"), encoder=str(model), encoder_steps=5)
+    with pytest.raises(ValidationError, match="give --encoder too"):
+        RunConfig(source=str(colours), output=str(tmp_path / "o"), encoder_steps=5)
+    weights = tmp_path / "r.pth"
+    weights.write_bytes(b"x")
+    cfg = RunConfig(source=str(colours), output=str(tmp_path / "o"), encoder="resnet18", encoder_weights=str(weights),
+                    encoder_steps=5)
+    assert cfg.resolved_learning_rate == 1e-4 and not cfg.resolved_refine

@@ -131,6 +131,11 @@ class FeatureEncoder(nn.Module):
     has_decoder = False
     contrastive = False
 
+    @property
+    def trainable(self) -> bool:
+        """Whether ``--encoder-steps`` can fine-tune it: a ResNet, whose weights the run keeps."""
+        return "backbone" in self._modules
+
     def __init__(self, backbone: nn.Module | Callable[[torch.Tensor], torch.Tensor], spec: dict[str, Any]):
         super().__init__()
         if spec["kind"] == "resnet":
@@ -156,12 +161,17 @@ class FeatureEncoder(nn.Module):
             x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
         return (x - self.mean) / self.std
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) in [0, 1] -> the backbone's features (B, D) before normalisation (what a
+        contrastive fine-tuning's projection head sees)."""
         out = [self.net(self.prepare(x[s:s + SUB_BATCH])).float() for s in range(0, len(x), SUB_BATCH)]
         z = torch.cat(out) if out else torch.zeros((0, *self.code_shape))
         if z.dim() == 4:  # a feature map: average it, as the ResNet's own pooling does
             z = z.mean(dim=(2, 3))
-        return F.normalize(z.flatten(1), dim=1)
+        return z.flatten(1)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.features(x), dim=1)
 
     def feature_maps(self, x: torch.Tensor) -> torch.Tensor | None:
         """A ResNet's last map (B, K, h, w), for attention maps; None for a file's backbone."""

@@ -40,16 +40,17 @@ class TrainPlan:
     seed: int
     device: str = "auto"
     train_sample: int | None = None
-    encoder: EncoderChoice | None = None  # --encoder: an encoder the run does not train
+    encoder: EncoderChoice | None = None  # --encoder: a pretrained encoder, used frozen or fine-tuned
+    encoder_steps: int = 0  # --encoder-steps: contrastive fine-tuning steps of ``encoder`` (0: frozen)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @property
     def untrained(self) -> EncoderChoice | None:
-        """The encoder used as it is, with no training: ``--encoder``, or the preset's raw pixels."""
+        """The encoder used as it is, with no training: a frozen ``--encoder``, or the preset's raw pixels."""
         if self.encoder is not None:
-            return self.encoder
+            return self.encoder if not self.encoder_steps else None
         return EncoderChoice("pixels") if PRESETS[self.preset].architecture == "pixels" else None
 
 
@@ -162,6 +163,9 @@ def train_autoencoder(images: zarr.Array, plan: TrainPlan,
     (weights, optimiser, schedule, random generators, the stream's position) goes to
     ``save_checkpoint``; when ``load_checkpoint`` returns one, training continues from it and ends
     with the same weights as an uninterrupted run. The batches depend only on the seed and the step.
+
+    With ``plan.encoder`` and ``plan.encoder_steps``, the pretrained encoder is fine-tuned instead:
+    every step is contrastive (the default preset's SimCLR pretext), and there is no decoder.
     """
     p = PRESETS[plan.preset]
     n, channels, h, w = images.shape
@@ -172,13 +176,20 @@ def train_autoencoder(images: zarr.Array, plan: TrainPlan,
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(seed)
-    spec = {"architecture": p.architecture, "channels": channels, "image_size": [h, w],
-            "code_dim": p.code_dim, "preset": plan.preset, "loss": p.loss}
-    model = build_model(spec).to(dev)
+    if plan.encoder is not None and plan.encoder_steps:
+        base, spec = prepare_encoder(plan.encoder, channels, (h, w))
+        if not getattr(base, "trainable", False):
+            raise ValueError(f"{plan.encoder.kind} encoders cannot be fine-tuned; only ResNets can (use --encoder-steps 0)")
+        model = base.train().to(dev)
+        spec["finetune_steps"] = steps
+    else:
+        spec = {"architecture": p.architecture, "channels": channels, "image_size": [h, w],
+                "code_dim": p.code_dim, "preset": plan.preset, "loss": p.loss}
+        model = build_model(spec).to(dev)
     if dev.type == "cpu":
         model = model.to(memory_format=torch.channels_last)
     per_epoch = max(1, -(-n_train // batch_size))
-    pretext = pretext_steps(plan.preset, steps, per_epoch)
+    pretext = steps if plan.encoder is not None else pretext_steps(plan.preset, steps, per_epoch)
     proj = ProjectionHead(int(np.prod(model.code_shape))).to(dev) if pretext else None
     params = list(model.parameters()) + (list(proj.parameters()) if proj is not None else [])
     opt = torch.optim.Adam(params, lr=plan.learning_rate, weight_decay=1e-6 if pretext else 0.0)
@@ -190,10 +201,10 @@ def train_autoencoder(images: zarr.Array, plan: TrainPlan,
         sched = (torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=plan.learning_rate, total_steps=steps,
                                                      pct_start=0.1)
                  if p.one_cycle else None)
-    warmup_steps = p.kl_warmup * steps
+    warmup_steps = p.kl_warmup * steps if plan.encoder is None else 0
     use_amp = dev.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    shift = max(1, round(min(h, w) / 14)) if p.augment else 0
+    shift = max(1, round(min(h, w) / 14)) if p.augment and plan.encoder is None else 0
     per_round = loss_round(steps, per_epoch)
     losses: list[float] = []
     step, round_total, round_seen, stream_state = 0, 0.0, 0, None
@@ -216,7 +227,8 @@ def train_autoencoder(images: zarr.Array, plan: TrainPlan,
             stream_state = {**state["stream"], "remainder": state["stream"]["remainder"].numpy()}
         logger.info("train: resuming from the checkpoint after step %d of %d", step, steps)
     first = step
-    logger.info("train: %s on %d of %d images of %dx%dx%d, %d steps (%.2f passes), device %s", plan.preset,
+    what = f"fine-tuning {plan.encoder.name or plan.encoder.kind}" if plan.encoder is not None else plan.preset
+    logger.info("train: %s on %d of %d images of %dx%dx%d, %d steps (%.2f passes), device %s", what,
                 n_train, n, channels, h, w, steps, steps / per_epoch, dev)
 
     def checkpoint(stream: dict[str, Any] | None) -> bytes:

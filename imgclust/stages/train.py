@@ -37,12 +37,14 @@ class Trained:
 def train_key(plan: TrainPlan, ingest_key: str) -> str:
     """Identity of a training: the images and every setting that shapes the weights (for an
     encoder the run does not train: which one, and the sha256 of its file)."""
-    choice = plan.untrained
+    choice = plan.untrained or plan.encoder
+    encoder = None
     if choice is not None:
-        sha = read_source(choice.source)[1] if choice.source else ""
-        return fingerprint("encoder", ingest_key, plan.preset, choice.as_dict(), sha)
+        encoder = [choice.as_dict(), read_source(choice.source)[1] if choice.source else ""]
+        if plan.untrained is not None:
+            return fingerprint("encoder", ingest_key, plan.preset, *encoder)
     return fingerprint("train", ingest_key, plan.preset, plan.steps, plan.batch_size, plan.learning_rate, plan.seed,
-                       plan.train_sample)
+                       plan.train_sample, *([encoder] if encoder else []))
 
 
 def finished_training(store: RunStore, key: str) -> Trained | None:
