@@ -2,19 +2,30 @@
 
     python bench/quality.py --datasets digits,fashion10k --seeds 0,1,2
     python bench/quality.py --datasets fashion70k --seeds 0 --methods product,raw-kmeans
+    python bench/quality.py --datasets shapes9,photos16,fashion-tint10k,fashion-uneven --seeds 0 \
+        --methods raw-kmeans,pca-kmeans,umap-kmeans,seed-cifar,product
 
 Each method runs as its own process tree; wall time and peak memory (all processes together) are
 measured. Prints one table (ACC, NMI, ARI, time, memory; mean +- std over seeds), the product's
 margins over each anchor, and writes bench/_work/quality.md (copy the table into bench/RESULTS.md
 with the command and commit). Labels are used for scoring only.
+
+Resumable: every finished (dataset, method, seed) run is appended to bench/_work/quality-results.jsonl
+(with the time, the commit and OMP_NUM_THREADS it ran under); a later call skips the runs stored there
+and builds the table from all stored results for the requested datasets, methods and seeds, printing
+which were reused. --rerun runs the requested ones again (the newest record of a run is the one used).
+Failed runs are reported in the table and not stored, so the next call tries them again.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import json
 import os
 import platform
 import shutil
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -32,7 +43,8 @@ from imgclust.metrics import score  # noqa: E402
 
 PRESET_METHODS = ("product", "cae-refine", "seed-mnist", "seed-cifar", "seed-vae", "seed-vae-dense",
                   "seed-vae-umap")  # `imgclust run`
-METHODS = (*PRESET_METHODS, "raw-kmeans", "clustimage", "clustimage-k")
+PIXEL_ANCHORS = ("raw-kmeans", "pca-kmeans", "umap-kmeans")  # bench/anchors.py on datasets.load's arrays
+METHODS = (*PRESET_METHODS, *PIXEL_ANCHORS, "clustimage", "clustimage-k")
 IMGCLUST = str(Path(sys.executable).parent / "imgclust")
 
 
@@ -69,10 +81,10 @@ def run_method(method: str, dataset: str, folder: Path, seed: int, work: Path) -
         from imgclust.runstore import RunStore
 
         extra["knn5"] = code_neighbour_vote(RunStore(str(out)), a["path"], pd.Series(labels))["knn5_vote_accuracy"]
-    elif method == "raw-kmeans":
-        m = run_measured([sys.executable, str(HERE / "anchors.py"), "raw-kmeans", dataset, str(seed), f"{out}.npy"], env)
+    elif method in PIXEL_ANCHORS:
+        m = run_measured([sys.executable, str(HERE / "anchors.py"), method, dataset, str(seed), f"{out}.npy"], env)
         if m.returncode != 0:
-            raise RuntimeError(f"raw-kmeans failed: {m.stderr[-2000:]}")
+            raise RuntimeError(f"{method} failed: {m.stderr[-2000:]}")
         pred, labels = np.load(f"{out}.npy"), y.astype(str)
     else:
         python = clustimage_python()
@@ -92,6 +104,29 @@ def run_method(method: str, dataset: str, folder: Path, seed: int, work: Path) -
             "clusters": len(np.unique(pred)), "seconds": m.seconds, "peak_mb": m.peak_rss_mb, **extra}
 
 
+def commit() -> str:
+    """HEAD's short hash, with '+dirty' when the work tree has changes."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True,
+                              text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=HERE,
+                               capture_output=True, text=True).stdout.strip()
+        return head + ("+dirty" if dirty else "")
+    except OSError:
+        return "unknown"
+
+
+def read_store(path: Path) -> dict[tuple[str, str, int], dict]:
+    """(dataset, method, seed) -> its newest stored record."""
+    store: dict[tuple[str, str, int], dict] = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                rec = json.loads(line)
+                store[(rec["dataset"], rec["method"], int(rec["seed"]))] = rec
+    return store
+
+
 def fmt(values: list[float], digits: int = 3) -> str:
     if len(values) == 1:
         return f"{values[0]:.{digits}f}"
@@ -106,25 +141,60 @@ def main() -> None:
     ap.add_argument("--work", default=str(HERE / "_work"), help="where corpora and runs are written")
     ap.add_argument("--results", default=str(HERE / "_work" / "quality.md"))
     ap.add_argument("--keep-runs", action="store_true", help="keep each run's output folder (printed) for inspection")
+    ap.add_argument("--store", default=str(HERE / "_work" / "quality-results.jsonl"),
+                    help="JSON lines file of finished runs, reused by later calls")
+    ap.add_argument("--rerun", action="store_true", help="run the requested runs again even when they are stored")
     a = ap.parse_args()
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
+    store_path = Path(a.store)
+    store_path.parent.mkdir(parents=True, exist_ok=True)
+    store = read_store(store_path)
     seeds = [int(s) for s in a.seeds.split(",")]
+    unknown = [m for m in a.methods.split(",") if m not in METHODS]
+    if unknown:
+        raise SystemExit(f"unknown methods {unknown} (known: {', '.join(METHODS)})")
     rows = []
+    reused: list[str] = []
     for dataset in a.datasets.split(","):
-        folder = write_folder(dataset, work / "corpora")
+        folder = None
         runs = Path(tempfile.mkdtemp(dir=work, prefix="runs-"))
         for method in a.methods.split(","):
             if method.startswith("clustimage") and dataset == "fashion70k":
                 rows.append({"dataset": dataset, "method": method, "note": "not run at 70k (out of memory here)"})
                 continue
-            results = []
+            results, failure = [], None
+            r: dict = {}
             for seed in seeds:
-                r = run_method(method, dataset, folder, seed, runs)
-                print(dataset, method, seed, r, flush=True)
-                if "skipped" in r:
-                    break
+                key = (dataset, method, seed)
+                if key in store and not a.rerun:
+                    rec = store[key]
+                    r = rec["result"]
+                    reused.append(f"{dataset} {method} seed {seed} (finished {rec['finished']}, {rec['commit']}, "
+                                  f"OMP_NUM_THREADS={rec['omp_num_threads']})")
+                    print("reused", dataset, method, seed, r, flush=True)
+                else:
+                    if folder is None:
+                        folder = write_folder(dataset, work / "corpora")
+                    try:
+                        r = run_method(method, dataset, folder, seed, runs)
+                    except RuntimeError as e:
+                        failure = f"seed {seed}: {str(e)[-300:]}".replace("\n", " ").replace("|", "/")
+                        print("FAILED", dataset, method, seed, e, flush=True)
+                        break
+                    print(dataset, method, seed, r, flush=True)
+                    if "skipped" in r:
+                        break
+                    rec = {"dataset": dataset, "method": method, "seed": seed, "result": r,
+                           "finished": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+                           "commit": commit(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS", "unset")}
+                    with store_path.open("a") as f:
+                        f.write(json.dumps(rec, default=lambda o: o.item() if hasattr(o, "item") else str(o)) + "\n")
+                    store[key] = rec
                 results.append(r)
+            if failure is not None:
+                rows.append({"dataset": dataset, "method": method, "note": f"failed, {failure}"})
+                continue
             if not results:
                 rows.append({"dataset": dataset, "method": method, "note": r["skipped"]})
                 continue
@@ -159,6 +229,8 @@ def main() -> None:
                              f"ACC, {np.mean(prod['nmi']) - np.mean(r['nmi']):+.3f} NMI; time ×"
                              f"{np.mean(prod['seconds']) / np.mean(r['seconds']):.2f}, memory ×"
                              f"{np.mean(prod['peak_mb']) / np.mean(r['peak_mb']):.2f}")
+    if reused:
+        lines += ["", f"Reused from {store_path.name} ({len(reused)} runs):", ""] + [f"- {x}" for x in reused]
     text = "\n".join(lines)
     print(text)
     Path(a.results).write_text(text + "\n")
