@@ -37,14 +37,14 @@ class Trained:
 def train_key(plan: TrainPlan, ingest_key: str) -> str:
     """Identity of a training: the images and every setting that shapes the weights (for an
     encoder the run does not train: which one, and the sha256 of its file)."""
+    settings = (plan.steps, plan.batch_size, plan.learning_rate, plan.seed, plan.train_sample)
     choice = plan.untrained or plan.encoder
-    encoder = None
-    if choice is not None:
-        encoder = [choice.as_dict(), read_source(choice.source)[1] if choice.source else ""]
-        if plan.untrained is not None:
-            return fingerprint("encoder", ingest_key, plan.preset, *encoder)
-    return fingerprint("train", ingest_key, plan.preset, plan.steps, plan.batch_size, plan.learning_rate, plan.seed,
-                       plan.train_sample, *([encoder] if encoder else []))
+    if choice is None:
+        return fingerprint("train", ingest_key, plan.preset, *settings)
+    encoder = [choice.as_dict(), read_source(choice.source)[1] if choice.source else ""]  # reads the file once
+    if plan.untrained is not None:
+        return fingerprint("encoder", ingest_key, plan.preset, *encoder)
+    return fingerprint("train", ingest_key, plan.preset, *settings, encoder)
 
 
 def finished_training(store: RunStore, key: str) -> Trained | None:
@@ -79,15 +79,16 @@ def sampled_copy(store: RunStore, plan: TrainPlan, ingest_key: str, client: Clie
     return url
 
 
-def train(store: RunStore, plan: TrainPlan, ingest_key: str, images_url: str | None = None) -> Trained:
+def train(store: RunStore, plan: TrainPlan, ingest_key: str, images_url: str | None = None,
+          key: str | None = None) -> Trained:
     """Train on ``images.zarr`` (or ``images_url``, its sampled copy) and save the autoencoder as
     the run's model (``model/``).
 
     A checkpoint under ``_work/resume/`` lets a killed run continue where it stopped; a finished
-    training with the same key is reused.
+    training with the same key (``train_key``, computed here unless given) is reused.
     """
     so = store.storage_options
-    key = train_key(plan, ingest_key or store.images)
+    key = key or train_key(plan, ingest_key or store.images)
     done = finished_training(store, key)
     if done is not None:
         logger.info("train: already done for this data and these settings; reusing the model")
@@ -148,11 +149,12 @@ def train_where_best(store: RunStore, plan: TrainPlan, ingest_key: str, client: 
     Training is one sequential job: on a GPU worker it gets the accelerator; without one it runs in
     the flow's process, which avoids shipping the loop to a worker that is no faster.
     """
-    if plan.untrained is not None or finished_training(store, train_key(plan, ingest_key or store.images)) is not None:
-        return train(store, plan, ingest_key)  # nothing to train, or reused as it is: no copy of the sample needed
+    key = train_key(plan, ingest_key or store.images)  # once: an encoder's key hashes its weights file
+    if plan.untrained is not None or finished_training(store, key) is not None:
+        return train(store, plan, ingest_key, key=key)  # nothing to train, or reused as it is: no sample copy needed
     sample = sampled_copy(store, plan, ingest_key, client)
     gpus = gpu_workers(client)
     if gpus:
         logger.info("train: pinned to a GPU worker (%s)", ", ".join(gpus))
-        return client.submit(train, store, plan, ingest_key, sample, resources={"GPU": 1}, pure=False).result()
-    return train(store, plan, ingest_key, sample)
+        return client.submit(train, store, plan, ingest_key, sample, key, resources={"GPU": 1}, pure=False).result()
+    return train(store, plan, ingest_key, sample, key)
