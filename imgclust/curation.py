@@ -9,7 +9,11 @@ what when. Edits apply in the order of their names. Curation never retrains:
 - ``move``: images given to another cluster (``{"paths": [...], "cluster": 3}``), a per-path
   override that later ``assign`` runs keep;
 - ``reject``: images marked "not this" (``{"paths": [...]}``): they leave every cluster, shown
-  as cluster ``UNASSIGNED``.
+  as cluster ``UNASSIGNED``;
+- ``split``: one of the model's clusters re-clustered into parts (``{"cluster": 3, "into": [3, 12,
+  13]}``): the re-clustering (``RUN/recluster/cluster-3/``) says which part each member went to, and
+  its fitted centres place images that ``assign`` adds to the cluster later. The first part keeps
+  the cluster's id, the others get new ids.
 
 ``Curation.apply`` gives any table with ``path`` and ``cluster`` its curated cluster and name.
 """
@@ -20,6 +24,7 @@ import getpass
 import json
 import time
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -31,7 +36,7 @@ from imgclust.io.storage import is_local, open_fs, read_json, with_retries, writ
 from imgclust.runstore import RunStore
 
 UNASSIGNED = -1
-ACTIONS = ("rename", "merge", "move", "reject")
+ACTIONS = ("rename", "merge", "move", "reject", "split")
 
 
 class CurationError(ValueError):
@@ -45,12 +50,14 @@ class Curation:
     names: dict[int, str] = field(default_factory=dict)
     merged_into: dict[int, int] = field(default_factory=dict)  # cluster -> the cluster it was merged into
     moved: dict[str, int] = field(default_factory=dict)  # path -> cluster (UNASSIGNED: "not this")
+    splits: dict[int, list[int]] = field(default_factory=dict)  # model cluster -> its parts, itself first
     edits: list[dict[str, Any]] = field(default_factory=list)
+    store: RunStore | None = None  # where the splits' re-clusterings are read from
 
     @classmethod
     def of(cls, store: RunStore) -> Curation:
         """The curation of ``store`` (empty when nobody edited it)."""
-        cur = cls()
+        cur = cls(store=store)
         for edit in read_edits(store):
             cur._apply_edit(edit)
         return cur
@@ -69,15 +76,43 @@ class Curation:
         return self.names.get(cluster, f"cluster {cluster}")
 
     def parts(self, cluster: int, clusters: list[int]) -> list[int]:
-        """The original clusters that make up ``cluster`` now, itself first."""
+        """The original clusters (``units``) that make up ``cluster`` now, itself first."""
         return [cluster] + sorted(c for c in clusters if c != cluster and self.target(c) == cluster)
+
+    def units(self, model_clusters: Iterable[int]) -> list[int]:
+        """The clusters curation starts from: the model's, with each split one replaced by its parts."""
+        ids = set(model_clusters) | {c for parts in self.splits.values() for c in parts}
+        return sorted(ids)
+
+    def split_part_of(self, cluster: int) -> int | None:
+        """The split model cluster that ``cluster`` is a part of, or None."""
+        return next((c for c, parts in self.splits.items() if cluster in parts), None)
+
+    def units_of(self, table: pd.DataFrame) -> np.ndarray:
+        """The unit (the model's cluster, or its part where it was split) of each row of ``table``
+        (``path``, ``cluster``: the model's; with ``index``, a row the split has not seen is placed
+        by the split's centres)."""
+        model = table["cluster"].to_numpy(np.int64)
+        out = model.copy()
+        for c, parts in self.splits.items():
+            rows = np.flatnonzero(model == c)
+            if len(rows):
+                out[rows] = np.asarray(parts, np.int64)[self._split_of(c).part(table.iloc[rows])]
+        return out
+
+    def _split_of(self, cluster: int) -> SplitMembers:
+        if self.store is None:
+            raise CurationError("a split needs the run it was made in")
+        made = next(str(e.get("at", "")) for e in self.edits if e.get("action") == "split" and e["cluster"] == cluster)
+        return split_members(self.store.split(cluster), self.store, made)
 
     def apply(self, table: pd.DataFrame) -> pd.DataFrame:
         """``table`` (with ``path`` and ``cluster``) with ``cluster`` curated, the model's own in
         ``model_cluster``, and a ``name`` column."""
         out = table.copy()
         model = out["cluster"].to_numpy(np.int64)
-        curated = np.array([self.target(int(c)) for c in model], np.int64) if self.merged_into else model.copy()
+        units = self.units_of(out) if self.splits else model
+        curated = np.array([self.target(int(c)) for c in units], np.int64) if self.merged_into else units.copy()
         if self.moved:
             override = out["path"].map(self.moved)
             hit = override.notna().to_numpy()
@@ -89,12 +124,13 @@ class Curation:
     def check(self, edit: dict[str, Any], clusters: set[int]) -> None:
         """Raise ``CurationError`` when ``edit`` cannot apply to a run with these (model) clusters."""
         action = edit.get("action")
-        live = {c for c in clusters if self.target(c) == c}
+        units = set(self.units(clusters))
+        live = {c for c in units if self.target(c) == c}
 
         def known(c: Any, what: str) -> int:
             if not isinstance(c, int) or isinstance(c, bool) or c not in live:
                 raise CurationError(f"{what} {c!r} is not a cluster of this run" + (
-                    f" (it was merged into {self.target(c)})" if c in clusters else ""))
+                    f" (it was merged into {self.target(c)})" if c in units else ""))
             return c
 
         if action not in ACTIONS:
@@ -112,6 +148,17 @@ class Curation:
             for c in others:
                 if known(c, "cluster") == into:
                     raise CurationError(f"cluster {into} cannot be merged into itself")
+        elif action == "split":
+            c = known(edit.get("cluster"), "cluster")
+            into = edit.get("into")
+            if c not in clusters or c in self.splits or self.split_part_of(c) is not None:
+                raise CurationError(f"cluster {c} is already a part of a split; split the model's clusters only once")
+            if self.parts(c, sorted(units)) != [c]:
+                raise CurationError(f"clusters were merged into cluster {c}; a merged cluster cannot be split")
+            if (not isinstance(into, list) or len(into) < 2 or into[0] != c
+                    or not all(isinstance(i, int) and not isinstance(i, bool) for i in into)
+                    or len(set(into)) != len(into) or any(i in units for i in into[1:])):
+                raise CurationError("a split needs its parts: the cluster's own id first, then new ids")
         else:
             paths = edit.get("paths")
             if not isinstance(paths, list) or not paths or not all(isinstance(p, str) for p in paths):
@@ -130,7 +177,52 @@ class Curation:
             self.moved.update({p: int(edit["cluster"]) for p in edit["paths"]})
         elif action == "reject":
             self.moved.update({p: UNASSIGNED for p in edit["paths"]})
+        elif action == "split":
+            self.splits[int(edit["cluster"])] = [int(i) for i in edit["into"]]
         self.edits.append(edit)
+
+
+@dataclass
+class SplitMembers:
+    """Which part of a split cluster each image is in: its members at the split by path, later
+    images by the split's fitted centres (from their codes)."""
+
+    part_by_path: pd.Series  # path -> part number (0 = the cluster's own id)
+    store: RunStore  # the re-clustering's store
+    run: RunStore
+
+    def part(self, rows: pd.DataFrame) -> np.ndarray:
+        """Part numbers (len(rows),) of rows with ``path`` (and ``index`` for unseen ones)."""
+        found = rows["path"].map(self.part_by_path)
+        out = found.fillna(0).to_numpy(np.int64)
+        unseen = found.isna().to_numpy()
+        if unseen.any() and "index" in rows.columns:
+            out[unseen] = self._place(rows["index"].to_numpy(np.int64)[unseen])
+        return out
+
+    def _place(self, index: np.ndarray) -> np.ndarray:
+        from imgclust.io.arrays import open_array, read_rows
+        from imgclust.runmodel import RunModel
+        from imgclust.runstore import Location
+
+        model = RunModel.load(Location(self.store.model, self.store.storage_options))
+        codes = read_rows(open_array(self.run.codes, self.run.storage_options), index)
+        labels, _ = model.placement.assign(model.features(codes))
+        return np.asarray(labels, np.int64)
+
+
+_SPLITS: dict[str, SplitMembers] = {}
+
+
+def split_members(sub: RunStore, run: RunStore, made: str = "") -> SplitMembers:
+    """The split written at ``sub`` by the edit made at ``made`` (read once per process: the
+    split of a cluster is made once and never rewritten)."""
+    key = f"{sub.url}@{made}"
+    if key not in _SPLITS:
+        table = sub.read_table("assignments", ["path", "subcluster"])
+        _SPLITS[key] = SplitMembers(pd.Series(table["subcluster"].to_numpy(np.int64), index=table["path"].to_numpy()),
+                                    sub, run)
+    return _SPLITS[key]
 
 
 def read_edits(store: RunStore) -> list[dict[str, Any]]:

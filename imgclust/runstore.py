@@ -170,6 +170,10 @@ class RunStore(Location):
         """The store of a re-clustering of one cluster (``recluster/cluster-<c>/``)."""
         return RunStore(self.path("recluster", f"cluster-{cluster}"), self.storage_options)
 
+    def split(self, cluster: int) -> RunStore:
+        """The store of the re-clustering behind a curation split of ``cluster``."""
+        return RunStore(self.path("curation", "splits", f"cluster-{cluster}"), self.storage_options)
+
     # Intermediate work
     def work(self, *parts: str) -> str:
         """``_work/...``: intermediate arrays and tables of the stages."""

@@ -17,6 +17,7 @@ from imgclust.models.refiner import (
     predict,
     refine,
     scan_loss,
+    size_prior,
 )
 
 
@@ -63,6 +64,25 @@ def test_scan_loss_rewards_agreeing_neighbours_and_penalises_unused_clusters():
     collapsed = scan_loss(eye[[0, 0, 0, 0]], eye[[0, 0, 0, 0]], entropy_weight=1.0)
     assert agree < disagree
     assert agree < collapsed  # same agreement, but one cluster for everything
+
+
+def test_size_term_aims_at_the_prior_shares_in_any_numbering():
+    eye = torch.eye(4)
+    uneven = eye[[0] * 8 + [1] * 4 + [2] * 2 + [3] * 2]  # shares 1/2, 1/4, 1/8, 1/8
+    even = eye[[0] * 4 + [1] * 4 + [2] * 4 + [3] * 4]
+    prior = torch.tensor([0.125, 0.5, 0.125, 0.25])  # the same shares, numbered otherwise
+    assert scan_loss(uneven, uneven, 1.0, prior) < scan_loss(even, even, 1.0, prior)
+    assert scan_loss(uneven, uneven, 1.0) > scan_loss(even, even, 1.0)  # equal sizes without a prior
+    renumbered = uneven.roll(1, 1)
+    assert float(scan_loss(uneven, uneven, 1.0, prior)) == pytest.approx(float(scan_loss(renumbered, renumbered, 1.0, prior)))
+    assert float(scan_loss(even, even, 1.0, torch.full((4,), 0.25))) == pytest.approx(float(scan_loss(even, even, 1.0)))
+
+
+def test_size_prior_is_kmeans_shares_smoothed_or_none():
+    labels = np.array([0] * 7 + [1] * 2 + [2])
+    prior = size_prior(labels, 4, RefineSettings())
+    assert prior.tolist() == pytest.approx([8 / 14, 3 / 14, 2 / 14, 1 / 14])
+    assert size_prior(labels, 4, RefineSettings(size_prior="uniform")) is None
 
 
 def test_head_losses_rank_a_trained_head_below_an_untrained_one():

@@ -178,6 +178,51 @@ def test_curation_renames_merges_moves_and_rejects_without_retraining(client, ru
     assert client.post("/api/curation", content=b"{", headers={"Content-Type": "application/json"}).status_code == 400
 
 
+def test_a_split_reclusters_one_cluster_into_parts_applied_everywhere(client, run):
+    _, store = run
+    before = {c["id"]: c for c in client.get("/api/clusters").json()}
+    big = max(before, key=lambda c: before[c]["size"])
+    members = client.get(f"/api/cluster/{big}/members", params={"count": 1000}).json()["members"]
+    assert "Split into parts" in client.get(f"/cluster/{big}").text
+    r = client.post("/api/split", json={"cluster": big, "parts": 2})
+    assert r.status_code == 200, r.text
+    into = r.json()["into"]
+    assert into[0] == big and len(into) == 2 and into[1] == max(before) + 1 and sum(r.json()["sizes"]) == len(members)
+    after = {c["id"]: c for c in client.get("/api/clusters").json()}
+    assert after[big]["size"] + after[into[1]]["size"] == before[big]["size"] and min(r.json()["sizes"]) > 0
+    assert sum(c["size"] for c in after.values()) == sum(c["size"] for c in before.values())
+    paged = {p: [m["path"] for m in client.get(f"/api/cluster/{p}/members", params={"count": 1000}).json()["members"]]
+             for p in into}
+    assert sorted(paged[into[0]] + paged[into[1]]) == sorted(m["path"] for m in members)
+    assert [len(paged[p]) for p in into] == [after[p]["size"] for p in into]
+    dist = [m["distance"] for m in client.get(f"/api/cluster/{into[1]}/members", params={"count": 1000}).json()["members"]]
+    assert dist == sorted(dist)  # the part pages in order of distance to its own centre
+    # every reader applies it: the export, an image's page, a fresh catalog; the parts can be curated
+    from imgclust.export import curated_assignments
+
+    table = curated_assignments(store).set_index("path")["cluster"]
+    assert all(table[p] == part for part in into for p in paged[part])
+    one = client.get(f"/api/cluster/{into[1]}/members", params={"count": 1}).json()["members"][0]
+    assert f"/cluster/{into[1]}" in client.get(f"/image/{one['index']}").text
+    assert {c.id for c in RunCatalog(store).clusters()} == set(after)
+    assert client.post("/api/curation", json={"action": "rename", "cluster": into[1], "name": "the far ones"}).status_code == 200
+    assert "the far ones" in client.get("/").text and f"split of cluster {big}" in client.get("/").text
+    from imgclust.report.build import render_index
+
+    assert f"split into clusters <a href=\"http://127.0.0.1:8000/cluster/{big}\">" in open(render_index(store)).read()
+    # the split's centres place an image it has not seen: the cluster's own member, by its code
+    cur = Curation.of(store)
+    import pandas as pd
+
+    unseen = pd.DataFrame({"path": ["new/elsewhere.png"], "cluster": [big], "index": [one["index"]]})
+    assert cur.apply(unseen)["cluster"].tolist() == [into[1]]
+    for bad, words in [({"cluster": big, "parts": 2}, "already a part of a split"),
+                       ({"cluster": 999, "parts": 2}, "no cluster 999"), ({"cluster": big, "parts": 1}, "parts is 2 to 50"),
+                       ({"parts": 2}, "send")]:
+        r = client.post("/api/split", json=bad)
+        assert r.status_code in (400, 404) and words in r.json()["error"], (bad, r.text)
+
+
 def test_edits_made_at_once_are_all_kept(run):
     _, store = run
     ids = [c.id for c in RunCatalog(store).clusters()]

@@ -24,8 +24,44 @@ class ProjectionHead(nn.Sequential):
         super().__init__(nn.Linear(dim, dim), nn.BatchNorm1d(dim), nn.ReLU(inplace=True), nn.Linear(dim, out))
 
 
+# Colour distortions of colour views: (probability, saturation range, hue turn range, grey probability)
+COLOUR_DISTORTIONS: dict[str, tuple[float, float, float, float]] = {
+    "none": (0.0, 0.0, 0.0, 0.0),
+    "jitter": (0.8, 0.4, 0.1, 0.2),
+    "hue": (0.8, 0.4, 0.5, 0.2),
+    "grey": (0.0, 0.0, 0.0, 0.5),
+}
+
+
+def distort_colour(x: torch.Tensor, u, kind: str) -> torch.Tensor:
+    """SimCLR's colour distortion of RGB views ``x`` (B, 3, H, W): with the kind's probability a
+    saturation change and a hue rotation (about the grey axis), then with its own probability the
+    view turned grey. ``u(*shape)`` draws uniform numbers."""
+    p, sat, hue, grey = COLOUR_DISTORTIONS[kind]
+    b = x.shape[0]
+    luma = torch.tensor([0.299, 0.587, 0.114], device=x.device).view(1, 3, 1, 1)
+    if p:
+        on = (u(b, 1, 1, 1) < p).float()
+        g = (x * luma).sum(1, keepdim=True)
+        s = 1 + (u(b, 1, 1, 1) * 2 - 1) * sat * on
+        x = g + (x - g) * s
+        angle = (u(b) * 2 - 1) * hue * 2 * math.pi * on.view(b)
+        c, sn = torch.cos(angle), torch.sin(angle)
+        k = 1 / math.sqrt(3)
+        axis = torch.full((3,), k, device=x.device)
+        cross = torch.tensor([[0, -k, k], [k, 0, -k], [-k, k, 0]], device=x.device)
+        rot = (c.view(b, 1, 1) * torch.eye(3, device=x.device) + sn.view(b, 1, 1) * cross
+               + (1 - c).view(b, 1, 1) * torch.outer(axis, axis))
+        x = torch.einsum("bij,bjhw->bihw", rot, x)
+    if grey:
+        turn = (u(b, 1, 1, 1) < grey).float()
+        g = (x * luma).sum(1, keepdim=True)
+        x = turn * g + (1 - turn) * x
+    return x
+
+
 def augment_views(x: torch.Tensor, gen: torch.Generator, crop: float = 0.5, jitter: float = 0.4,
-                  erase: float = 0.25) -> torch.Tensor:
+                  erase: float = 0.25, colour: str = "none") -> torch.Tensor:
     """One random view of each image of ``x`` (B, C, H, W) in [0, 1], batched: resized crop (area
     ``crop``..1, aspect 3/4..4/3), horizontal flip, contrast and brightness jitter, and with
     probability ``erase`` one blacked-out rectangle. Random numbers come from ``gen`` (CPU)."""
@@ -46,6 +82,8 @@ def augment_views(x: torch.Tensor, gen: torch.Generator, crop: float = 0.5, jitt
     contrast, brightness = 1 + (u(b, 1, 1, 1) * 2 - 1) * jitter, (u(b, 1, 1, 1) * 2 - 1) * jitter / 2
     mean = x.mean((2, 3), keepdim=True)
     x = (x - mean) * contrast + mean + brightness
+    if colour != "none" and x.shape[1] == 3:
+        x = distort_colour(x, u, colour)
     eh, ew = (2 + u(b) * (h / 3 - 2)).long(), (2 + u(b) * (w / 3 - 2)).long()
     ey, ex = (u(b) * (h - eh)).long(), (u(b) * (w - ew)).long()
     rows, cols = torch.arange(h, device=x.device)[None, :, None], torch.arange(w, device=x.device)[None, None, :]

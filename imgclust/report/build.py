@@ -73,6 +73,9 @@ def render_html(run: dict[str, Any], clusters: list[dict[str, Any]], metrics: di
         named = f": {html.escape(curation.names[cid])}" if cid in curation.names else ""
         merged = (f' <small>(merged into <a href="#cluster-{curation.target(cid)}">cluster {curation.target(cid)}</a>)'
                   '</small>' if curation.target(cid) != cid else "")
+        if cid in curation.splits:
+            merged += (' <small>(split into clusters ' + ", ".join(
+                f'<a href="{APP}/cluster/{p}">{p}</a>' for p in curation.splits[cid]) + ' in the app)</small>')
         app = f'<p><a href="{APP}/cluster/{curation.target(cid)}">Every member, in order of distance, in the app</a></p>'
         sections.append(
             f'<section id="cluster-{cid}"><h2>Cluster {cid}{named} <small>{c["size"]} images</small>{merged}</h2>'

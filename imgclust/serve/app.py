@@ -20,6 +20,7 @@ from urllib.parse import quote
 from fastapi import FastAPI, File, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
 
 from imgclust.curation import UNASSIGNED, CurationError, add_edit
 from imgclust.serve.catalog import ClusterInfo, NotFound, RunCatalog
@@ -106,6 +107,9 @@ def create_app(catalog: RunCatalog, token: str | None = None) -> FastAPI:
             thumbs = "".join(_thumb(int(r.index), str(r.path)) for r in few.itertuples())
             cohesion = f"{c.cohesion:.3f}" if math.isfinite(c.cohesion) else "–"
             merged = f' <span class="muted">(with {", ".join(map(str, c.parts[1:]))})</span>' if len(c.parts) > 1 else ""
+            parent = catalog.curation.split_part_of(c.id)
+            if parent is not None:
+                merged += f' <span class="muted">(split of cluster {parent})</span>'
             rows.append(f'<tr data-cluster="{c.id}"><td><a href="/cluster/{c.id}">{c.id}</a></td>'
                         f'<td><a href="/cluster/{c.id}">{html.escape(c.name)}</a>{merged}</td>'
                         f'<td class="num">{c.size:,}</td><td class="num">{cohesion}</td>'
@@ -142,7 +146,10 @@ def create_app(catalog: RunCatalog, token: str | None = None) -> FastAPI:
             f'<form class="tool" data-action="rename"><input name="name" value="{html.escape(info.name)}" '
             'aria-label="name" maxlength="200"><button>Rename</button></form>'
             f'<form class="tool" data-action="merge"><select name="other" aria-label="cluster to merge">{options}</select>'
-            '<button>Merge it into this one</button></form>')
+            '<button>Merge it into this one</button></form>'
+            + ('' if info.parts != (cluster,) or catalog.curation.split_part_of(cluster) is not None else
+               '<form class="tool" data-action="split"><input name="parts" type="number" min="2" max="50" value="2" '
+               'aria-label="parts"><button>Split into parts</button></form>'))
         move = (f'<div class="tool selection"><span id="picked">0 selected</span> '
                 f'<select id="move-to" aria-label="move to">{options}</select>'
                 '<button id="move">Move to cluster</button> <button id="reject">Not this</button></div>')
@@ -254,11 +261,39 @@ def create_app(catalog: RunCatalog, token: str | None = None) -> FastAPI:
         catalog.refresh()
         return JSONResponse(stored)
 
+    @app.post("/api/split")
+    async def api_split(request: Request) -> Response:
+        try:
+            body = await request.json()
+        except Exception:
+            raise ValueError("send the split as a JSON object") from None
+        if not isinstance(body, dict) or not isinstance(body.get("cluster"), int):
+            raise ValueError('send {"cluster": N, "parts": K} (parts: 2 to 50, or null to choose by silhouette)')
+        parts = body.get("parts")
+        if parts is not None and (not isinstance(parts, int) or not 2 <= parts <= 50):
+            raise ValueError("parts is 2 to 50, or null to choose by silhouette")
+        catalog.refresh()
+        catalog.cluster(body["cluster"])  # a clear 404 before any work
+        stored = await run_in_threadpool(split_in_app, catalog, body["cluster"], parts,
+                                         request.headers.get("X-Imgclust-User"))
+        catalog.refresh()
+        return JSONResponse(stored)
+
     @app.get("/favicon.ico")
     def favicon() -> Response:
         return Response(status_code=204)
 
     return app
+
+
+def split_in_app(catalog: RunCatalog, cluster: int, parts: int | None, who: str | None) -> dict[str, Any]:
+    """Split ``cluster`` with the re-clustering stage on a one-worker local Dask cluster."""
+    from imgclust.dask_cluster import dask_client
+    from imgclust.stages.explore import split_cluster
+
+    with dask_client(None, n_workers=1) as client:
+        return split_cluster(catalog.store, cluster, parts, int(catalog.run.get("config", {}).get("seed", 0)),
+                             client, who=who)
 
 
 def _info(c: ClusterInfo) -> dict[str, Any]:

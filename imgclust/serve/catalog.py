@@ -76,6 +76,7 @@ class RunCatalog:
         self._map: dict[str, Any] | None = None
         self._dups: pd.DataFrame | None = None
         self._group_starts = np.zeros(1, np.int64)
+        self._split_layouts: dict[int, MemberLayout] = {}  # split cluster -> its parts' layout
         self.refresh()
         threading.Thread(target=self._warm, daemon=True).start()  # seconds: not on the first query
 
@@ -128,37 +129,70 @@ class RunCatalog:
 
     def _count_clusters(self) -> list[ClusterInfo]:
         cur = self.curation
-        ids = sorted(self.model_clusters)
+        units = cur.units(self.model_clusters)
         moved = self.moved
-        out_of = moved.groupby("cluster").size().to_dict() if len(moved) else {}
+        out_of = pd.Series(cur.units_of(moved)).value_counts().to_dict() if len(moved) else {}
         into: dict[int, int] = {}
         for p in moved["path"]:
             c = cur.moved[p]
             into[c] = into.get(c, 0) + 1
+        added_to_part: dict[int, int] = {}  # assign's additions to a split cluster's parts, since its layout
+        if cur.splits and len(self.added):
+            fresh = self.added[~self.added["path"].isin(cur.moved.keys()) & self.added["cluster"].isin(cur.splits)]
+            added_to_part = pd.Series(cur.units_of(fresh)).value_counts().to_dict() if len(fresh) else {}
         out = []
-        for c in ids:
+        for c in units:
             if cur.target(c) != c:
                 continue
-            parts = cur.parts(c, ids)
-            size = sum(self.model_clusters[p]["size"] for p in parts)
-            size -= sum(int(out_of.get(p, 0)) for p in parts)
-            size += into.get(c, 0)  # clusters.json counts assign's additions already
-            weight = sum(self.model_clusters[p]["size"] for p in parts) or 1
-            cohesion = sum(self.model_clusters[p]["mean_distance"] * self.model_clusters[p]["size"] for p in parts)
+            parts = cur.parts(c, units)
+            sizes = [self._unit_size(p) for p in parts]
+            size = sum(sizes) - sum(int(out_of.get(p, 0)) for p in parts)
+            size += into.get(c, 0) + sum(int(added_to_part.get(p, 0)) for p in parts)
+            weight = sum(sizes) or 1
+            cohesion = sum(self._unit_cohesion(p) * n for p, n in zip(parts, sizes))
             out.append(ClusterInfo(c, cur.name(c), max(0, size), cohesion / weight, tuple(parts)))
         n_out = into.get(UNASSIGNED, 0)
         if n_out:
             out.append(ClusterInfo(UNASSIGNED, cur.name(UNASSIGNED), n_out, float("nan"), ()))
         return out
 
+    def _segment(self, unit: int) -> tuple[MemberLayout, int, int]:
+        """The layout that holds ``unit``'s rows (a split's own for its parts), its first row and size."""
+        parent = self.curation.split_part_of(unit)
+        if parent is None:
+            return (self.layout, *self.layout.clusters.get(unit, (0, 0)))
+        with self._lock:
+            if parent not in self._split_layouts:
+                layout = MemberLayout.open(self.store.split(parent))
+                if layout is None:
+                    raise NotFound(f"the split of cluster {parent} has no layout")
+                self._split_layouts[parent] = layout
+            layout = self._split_layouts[parent]
+        return (layout, *layout.clusters.get(unit, (0, 0)))
+
+    def _unit_size(self, unit: int) -> int:
+        """Images of a unit as clustered (clusters.json counts assign's additions; a split part, its layout)."""
+        if self.curation.split_part_of(unit) is None:
+            return int(self.model_clusters[unit]["size"])
+        return self._segment(unit)[2]
+
+    def _unit_cohesion(self, unit: int) -> float:
+        parent = self.curation.split_part_of(unit)
+        if parent is None:
+            return float(self.model_clusters[unit]["mean_distance"])
+        edit = next(e for e in self.curation.edits if e.get("action") == "split" and e["cluster"] == parent)
+        values = edit.get("cohesion") or [float("nan")] * len(edit["into"])
+        return float(values[edit["into"].index(unit)])
+
     def cluster(self, cluster: int) -> ClusterInfo:
         for c in self.clusters():
             if c.id == cluster:
                 return c
-        if cluster in self.model_clusters:
+        units = self.curation.units(self.model_clusters)
+        if cluster in units:
             raise NotFound(f"cluster {cluster} was merged into cluster {self.curation.target(cluster)}")
-        raise NotFound(f"there is no cluster {cluster} in this run ({len(self.model_clusters)} clusters, "
-                       f"0 to {max(self.model_clusters)})")
+        raise NotFound(f"there is no cluster {cluster} in this run ({len(units)} clusters, "
+                       f"0 to {max(units)})")
 
     def members(self, cluster: int, start: int, count: int) -> pd.DataFrame:
         """Members [start, start + count) of a (curated) cluster: the layout rows of its parts in
@@ -168,15 +202,15 @@ class RunCatalog:
         Returns a frame of cluster, distance, path, index.
         """
         info = self.cluster(cluster)
-        segments = [self.layout.clusters.get(p, (0, 0)) for p in info.parts]  # (first row, size) of each part
+        segments = [self._segment(p) for p in info.parts]  # (layout, first row, size) of each part
         tail = self._tail(cluster)
-        total = sum(s for _, s in segments) + len(tail)
+        total = sum(s for _, _, s in segments) + len(tail)
         start, stop = max(0, start), min(total, start + count)
         frames, at = [], 0
-        for first, size in segments:
+        for layout, first, size in segments:
             a, b = max(start, at), min(stop, at + size)
             if a < b:
-                rows = self.layout.read(first + a - at, first + b - at)
+                rows = layout.read(first + a - at, first + b - at)
                 frames.append(rows[~rows["path"].isin(self.hidden)])
             at += size
         a, b = max(start, at), min(stop, at + len(tail))
@@ -189,7 +223,7 @@ class RunCatalog:
     def member_span(self, cluster: int) -> int:
         """How many rows ``members`` pages through for ``cluster`` (its layout rows and tail)."""
         info = self.cluster(cluster)
-        return sum(self.layout.clusters.get(p, (0, 0))[1] for p in info.parts) + len(self._tail(cluster))
+        return sum(self._segment(p)[2] for p in info.parts) + len(self._tail(cluster))
 
     def _tail(self, cluster: int) -> pd.DataFrame:
         """Images added by assign or moved into ``cluster``, by distance."""

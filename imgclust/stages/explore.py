@@ -12,9 +12,11 @@ import pandas as pd
 from distributed import Client
 
 from imgclust.codeindex import CodeIndex
+from imgclust.curation import Curation, add_edit
 from imgclust.io.arrays import chunk_spans, create_array, open_array, read_rows
 from imgclust.io.imagefile import ImageRejected
 from imgclust.io.storage import open_fs, read_json, with_retries, write_bytes_atomic, write_json
+from imgclust.members import write_members
 from imgclust.progress import track
 from imgclust.report.build import image_rows, render_index
 from imgclust.report.figures import cluster_members, grid, png_bytes, to_rgb_thumbs
@@ -106,8 +108,10 @@ class Reclustered:
     report_url: str
 
 
-def recluster(store: RunStore, cluster: int, n_clusters: int | None, seed: int, client: Client) -> Reclustered:
-    """Cluster the members of one cluster again; results under ``RUN/recluster/cluster-<c>/``."""
+def recluster(store: RunStore, cluster: int, n_clusters: int | None, seed: int, client: Client,
+              dest: RunStore | None = None) -> Reclustered:
+    """Cluster the members of one cluster again; results under ``RUN/recluster/cluster-<c>/`` and
+    the report's ``recluster-<c>.html``, or (a curation split) under ``dest`` with no report page."""
     so = store.storage_options
     assignments = store.read_table("assignments")
     members = np.flatnonzero(assignments["cluster"].to_numpy() == cluster)
@@ -119,7 +123,7 @@ def recluster(store: RunStore, cluster: int, n_clusters: int | None, seed: int, 
     if len(members) < 3:
         raise ValueError(f"cluster {cluster} has only {len(members)} images: nothing to split")
     run = read_json(store.run_record, so)
-    sub = store.recluster(cluster)
+    sub = dest or store.recluster(cluster)
     codes = open_array(store.codes, so)
     sub_codes = Location(sub.work("codes.zarr"), so)
     rows = image_rows(store, assignments)[members]
@@ -135,11 +139,12 @@ def recluster(store: RunStore, cluster: int, n_clusters: int | None, seed: int, 
     dist = open_array(res.distances_url, so)[:]
     table = pd.DataFrame({"path": assignments["path"].to_numpy()[members],
                           "sha256": assignments["sha256"].to_numpy()[members], "cluster": cluster,
-                          "subcluster": labels.astype(np.int64), "distance": dist.astype(np.float64)})
+                          "subcluster": labels.astype(np.int64), "distance": dist.astype(np.float64),
+                          "index": rows.astype(np.int64)})
     sub.write_table("assignments", table)
     summaries = cluster_summaries(table.rename(columns={"cluster": "parent", "subcluster": "cluster"}))
     write_json(sub.clusters, summaries, so)
-    report_url = _recluster_report(store, cluster, table, rows, summaries, seed)
+    report_url = "" if dest is not None else _recluster_report(store, cluster, table, rows, summaries, seed)
     logger.info("recluster: cluster %d (%d images) -> %d subclusters", cluster, len(members), len(summaries))
     return Reclustered(sub.url, [s["size"] for s in summaries], report_url)
 
@@ -170,3 +175,29 @@ def _recluster_report(store: RunStore, cluster: int, table: pd.DataFrame, rows: 
     render_index(store)  # the cluster's section now links to its split
     return url
 
+
+
+def split_cluster(store: RunStore, cluster: int, n_parts: int | None, seed: int, client: Client,
+                  who: str | None = None) -> dict[str, Any]:
+    """Split one of the model's clusters by curation: re-cluster its members (``n_parts``, or a
+    k chosen by silhouette), lay the parts out for paging (``RUN/curation/splits/cluster-<c>/``),
+    then append the ``split`` edit. Nothing retrains; the run's lease is held only for the append.
+
+    Returns the stored edit (``into``: the parts' ids, the cluster's own first; ``sizes``).
+    """
+    so = store.storage_options
+    model_ids = {int(c["id"]) for c in read_json(store.clusters, so)}
+    cur = Curation.of(store)
+    first_new = max(cur.units(model_ids)) + 1
+    cur.check({"action": "split", "cluster": cluster, "into": [cluster, first_new]}, model_ids)  # fail before work
+    dest = store.split(cluster)
+    res = recluster(store, cluster, n_parts, seed, client, dest=dest)
+    into = [cluster] + list(range(first_new, first_new + len(res.sizes) - 1))
+    table = dest.read_table("assignments", ["path", "subcluster", "distance", "index"])
+    parts = table.assign(cluster=np.asarray(into, np.int64)[table["subcluster"].to_numpy(np.int64)])
+    write_members(dest, parts, parts["index"].to_numpy(np.int64), 0)
+    cohesion = parts.groupby("cluster")["distance"].mean()
+    stored = add_edit(store, {"action": "split", "cluster": cluster, "into": into, "sizes": res.sizes,
+                              "cohesion": [float(cohesion.get(c, 0.0)) for c in into]}, who=who)
+    logger.info("split: cluster %d (%d images) -> clusters %s of sizes %s", cluster, sum(res.sizes), into, res.sizes)
+    return stored

@@ -16,6 +16,15 @@ async function edit(body) {
   say("saved"); location.reload(); return true;
 }
 
+async function split(cluster, parts) {
+  say("splitting cluster " + cluster + " into " + parts + " (re-clustering its members)...");
+  const r = await fetch("/api/split", {method: "POST", headers: {"Content-Type": "application/json"},
+                                       body: JSON.stringify({cluster, parts})});
+  const answer = await r.json().catch(() => ({error: "no answer"}));
+  if (!r.ok) { say(answer.error || ("failed: " + r.status), true); return; }
+  say("split into clusters " + answer.into.join(", ")); location.href = "/";
+}
+
 function clusterTools() {
   const tools = document.querySelector(".tools[data-cluster]");
   if (!tools) return;
@@ -30,6 +39,7 @@ function clusterTools() {
     ev.preventDefault();
     if (form.dataset.action === "rename") edit({action: "rename", cluster, name: form.elements.name.value});
     if (form.dataset.action === "merge") edit({action: "merge", into: cluster, clusters: [Number(form.elements.other.value)]});
+    if (form.dataset.action === "split") split(cluster, Number(form.elements.parts.value));
   }));
   const selection = () => {
     const figs = picked();
