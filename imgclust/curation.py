@@ -194,10 +194,13 @@ class SplitMembers:
     def part(self, rows: pd.DataFrame) -> np.ndarray:
         """Part numbers (len(rows),) of rows with ``path`` (and ``index`` for unseen ones)."""
         found = rows["path"].map(self.part_by_path)
-        out = found.fillna(0).to_numpy(np.int64)
-        unseen = found.isna().to_numpy()
+        out = found.fillna(0).to_numpy(np.int64, copy=True)
+        unseen = found.isna().to_numpy(copy=True)
         if unseen.any() and "index" in rows.columns:
-            out[unseen] = self._place(rows["index"].to_numpy(np.int64)[unseen])
+            index = rows["index"].to_numpy(np.int64)
+            unseen &= index >= 0
+            if unseen.any():
+                out[unseen] = self._place(index[unseen])
         return out
 
     def _place(self, index: np.ndarray) -> np.ndarray:

@@ -7,6 +7,7 @@ import posixpath
 import re
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from imgclust.curation import Curation
@@ -24,9 +25,14 @@ class ExportError(ValueError):
 
 def curated_assignments(store: RunStore) -> pd.DataFrame:
     """Every image of the run once: path, sha256, cluster (curated), name, model_cluster, distance."""
-    table = store.read_table("assignments")
-    return Curation.of(store).apply(table[["path", "sha256", "cluster", "distance"]]).sort_values(
-        ["cluster", "distance", "path"], kind="stable").reset_index(drop=True)
+    table = store.read_table("assignments")[["path", "sha256", "cluster", "distance"]]
+    cur = Curation.of(store)
+    if cur.splits:  # images added to a split cluster after its split are placed by their codes
+        index = store.read_table("manifest", ["path", "index"]).drop_duplicates("path", keep="last")
+        table = table.merge(index, on="path", how="left")
+        table = table.assign(index=table["index"].fillna(-1).astype(np.int64))
+    out = cur.apply(table).drop(columns=["index"], errors="ignore")
+    return out.sort_values(["cluster", "distance", "path"], kind="stable").reset_index(drop=True)
 
 
 def folder_name(cluster: int, name: str) -> str:

@@ -53,7 +53,8 @@ def overrides(text: str) -> dict:
     out = {}
     for item in filter(None, text.split("+")):
         key, _, value = item.partition("=")
-        out[key] = type(getattr(defaults, key))(float(value))
+        default = getattr(defaults, key)
+        out[key] = value if isinstance(default, str) else type(default)(float(value))
     return out
 
 
