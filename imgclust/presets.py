@@ -40,6 +40,8 @@ class Preset:
     # ``epochs=None``: a budget of ``budget_epochs`` epochs' worth of steps within ``step_range`` (train_steps)
     step_range: tuple[int, int] = (500, 1_500)
     budget_epochs: int = 15
+    # contrastive presets: the colour distortion of colour views (imgclust.models.contrastive.COLOUR_DISTORTIONS)
+    colour_distortion: str = "none"
 
 
 PRESETS: dict[str, Preset] = {
@@ -60,8 +62,10 @@ PRESETS: dict[str, Preset] = {
             step_range=(1_875, 7_500),
             budget_epochs=94,
             refine=True,
+            colour_distortion="grey",
             description="Conv 32-64-128 (stride 2, BatchNorm) -> 128-d features trained contrastively "
-            "(SimCLR: crops, flips, contrast, erasing), then a decoder fitted to the frozen codes; 1,875-7,500 "
+            "(SimCLR: crops, flips, contrast, erasing; on colour images one view in five turned grey), then a "
+            "decoder fitted to the frozen codes; 1,875-7,500 "
             "steps (94 epochs' worth), four fifths of them contrastive; L2-normalised codes -> UMAP (10-d) -> "
             "K-means -> refined by a neighbour-consistent conv net (SCAN-style: five heads, the lowest-loss "
             "one kept, then self-labelling).",

@@ -4,7 +4,7 @@
 import numpy as np
 import torch
 
-from imgclust.models.contrastive import augment_views, nt_xent, warmup_cosine
+from imgclust.models.contrastive import augment_views, distort_colour, nt_xent, warmup_cosine
 
 
 def test_views_are_random_valid_images_and_reproducible():
@@ -15,6 +15,27 @@ def test_views_are_random_valid_images_and_reproducible():
     assert a.shape == x.shape and a.min() >= 0 and a.max() <= 1
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert not torch.allclose(a, x, atol=0.05)
+
+
+def test_colour_distortions_turn_views_grey_or_rotate_hues_and_leave_grey_images_alone():
+    g = torch.Generator().manual_seed(0)
+
+    def u(*shape):
+        return torch.rand(*shape, generator=g)
+
+    red = torch.zeros(400, 3, 4, 4)
+    red[:, 0] = 0.8
+    grey = distort_colour(red, u, "grey")
+    turned = (grey.std(1) < 1e-6).flatten(1).all(1)
+    assert 0.1 < turned.float().mean() < 0.3  # one view in five
+    assert torch.allclose(grey[turned][:, 0], torch.full_like(grey[turned][:, 0], 0.8 * 0.299))
+    assert torch.equal(grey[~turned], red[~turned])  # the others keep their colour exactly
+    hue = distort_colour(red, u, "hue")
+    assert (hue[:, 1] - hue[:, 0]).max() > 0  # some views are no longer red
+    assert torch.equal(distort_colour(red, u, "none"), red)
+    one = torch.rand(8, 1, 8, 8)  # a grey archive's views get no colour distortion
+    assert torch.equal(augment_views(one, torch.Generator().manual_seed(3), colour="grey"),
+                       augment_views(one, torch.Generator().manual_seed(3)))
 
 
 def test_nt_xent_rewards_matching_views():

@@ -24,12 +24,16 @@ class ProjectionHead(nn.Sequential):
         super().__init__(nn.Linear(dim, dim), nn.BatchNorm1d(dim), nn.ReLU(inplace=True), nn.Linear(dim, out))
 
 
-# Colour distortions of colour views: (probability, saturation range, hue turn range, grey probability)
+# Colour distortions of colour views: (probability, saturation range, hue turn range, grey probability).
+# ``grey`` (the default's) turns one view in five grey: codes cannot sort a colour archive by tint
+# alone, yet keep the colour that tells photographed scenes apart; SimCLR's ``jitter`` (and ``hue``)
+# also rotate hues, which costs exactly that (bench/RESULTS.md, "Colour distortion").
 COLOUR_DISTORTIONS: dict[str, tuple[float, float, float, float]] = {
     "none": (0.0, 0.0, 0.0, 0.0),
+    "grey": (0.0, 0.0, 0.0, 0.2),
+    "grey50": (0.0, 0.0, 0.0, 0.5),
     "jitter": (0.8, 0.4, 0.1, 0.2),
     "hue": (0.8, 0.4, 0.5, 0.2),
-    "grey": (0.0, 0.0, 0.0, 0.5),
 }
 
 

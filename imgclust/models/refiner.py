@@ -44,7 +44,7 @@ class RefineSettings:
     batch_size: int = 128
     scan_learning_rate: float = 1e-3
     label_learning_rate: float = 2e-3
-    entropy_weight: float = 5.0
+    entropy_weight: float = 2.0
     # ``kmeans``: the size term pulls the sorted cluster shares towards K-means' sorted shares, so an
     # uneven archive keeps its big and small clusters; ``uniform``: towards equal sizes (SCAN's entropy).
     size_prior: str = "kmeans"

@@ -205,6 +205,7 @@ def train_autoencoder(images: zarr.Array, plan: TrainPlan,
     use_amp = dev.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     shift = max(1, round(min(h, w) / 14)) if p.augment and plan.encoder is None else 0
+    colour = (PRESETS["default"] if plan.encoder is not None else p).colour_distortion
     per_round = loss_round(steps, per_epoch)
     losses: list[float] = []
     step, round_total, round_seen, stream_state = 0, 0.0, 0, None
@@ -260,7 +261,7 @@ def train_autoencoder(images: zarr.Array, plan: TrainPlan,
                     target = x
                 with torch.autocast(device_type=dev.type, dtype=torch.float16, enabled=use_amp):
                     if step < pretext:
-                        views = torch.cat([augment_views(x, gen), augment_views(x, gen)])
+                        views = torch.cat([augment_views(x, gen, colour=colour), augment_views(x, gen, colour=colour)])
                         loss = nt_xent(proj(model.features(views)))
                     else:
                         loss = reconstruction_loss(model, x, target, p.loss, beta)

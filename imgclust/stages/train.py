@@ -12,6 +12,7 @@ from imgclust.io.arrays import create_array, open_array, open_if_exists
 from imgclust.io.storage import open_fs, remove, with_retries, write_bytes_atomic
 from imgclust.models.pretrained import read_source
 from imgclust.models.training import TrainPlan, train_autoencoder, training_rows, untrained_result
+from imgclust.presets import PRESETS
 from imgclust.runmodel import ModelFormatError, ModelRef, RunModel
 from imgclust.runstore import Location, RunStore
 from imgclust.stages.ingest import compact_into
@@ -38,6 +39,9 @@ def train_key(plan: TrainPlan, ingest_key: str) -> str:
     """Identity of a training: the images and every setting that shapes the weights (for an
     encoder the run does not train: which one, and the sha256 of its file)."""
     settings = (plan.steps, plan.batch_size, plan.learning_rate, plan.seed, plan.train_sample)
+    colour = PRESETS[plan.preset].colour_distortion
+    if colour != "none":  # the views the pretext trains on
+        settings = (*settings, colour)
     choice = plan.untrained or plan.encoder
     if choice is None:
         return fingerprint("train", ingest_key, plan.preset, *settings)
