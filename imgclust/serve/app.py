@@ -251,24 +251,17 @@ def create_app(catalog: RunCatalog, token: str | None = None) -> FastAPI:
 
     @app.post("/api/curation")
     async def api_curation(request: Request) -> Response:
-        try:
-            edit = await request.json()
-        except Exception:
-            raise ValueError("send the edit as a JSON object") from None
-        if not isinstance(edit, dict):
-            raise ValueError("send the edit as a JSON object")
+        edit = await _json_object(request, "send the edit as a JSON object")
         stored = add_edit(catalog.store, edit, who=request.headers.get("X-Imgclust-User"))
         catalog.refresh()
         return JSONResponse(stored)
 
     @app.post("/api/split")
     async def api_split(request: Request) -> Response:
-        try:
-            body = await request.json()
-        except Exception:
-            raise ValueError("send the split as a JSON object") from None
-        if not isinstance(body, dict) or not isinstance(body.get("cluster"), int):
-            raise ValueError('send {"cluster": N, "parts": K} (parts: 2 to 50, or null to choose by silhouette)')
+        how = 'send {"cluster": N, "parts": K} (parts: 2 to 50, or null to choose by silhouette)'
+        body = await _json_object(request, how)
+        if not isinstance(body.get("cluster"), int):
+            raise ValueError(how)
         parts = body.get("parts")
         if parts is not None and (not isinstance(parts, int) or not 2 <= parts <= 50):
             raise ValueError("parts is 2 to 50, or null to choose by silhouette")
@@ -284,6 +277,17 @@ def create_app(catalog: RunCatalog, token: str | None = None) -> FastAPI:
         return Response(status_code=204)
 
     return app
+
+
+async def _json_object(request: Request, how: str) -> dict[str, Any]:
+    """The request's JSON body, which must be an object (ValueError ``how`` otherwise: a 400)."""
+    try:
+        body = await request.json()
+    except Exception:
+        raise ValueError(how) from None
+    if not isinstance(body, dict):
+        raise ValueError(how)
+    return body
 
 
 def split_in_app(catalog: RunCatalog, cluster: int, parts: int | None, who: str | None) -> dict[str, Any]:
