@@ -5,7 +5,15 @@ import numpy as np
 import pandas as pd
 
 from imgclust.cluster.code_space import standardise
-from imgclust.cluster.kmeans import choose_k, relabel_by_size
+from imgclust.cluster.kmeans import (
+    choose_k,
+    cluster_means,
+    dask_centres_of_labels,
+    dask_label_counts,
+    distance_to_centre,
+    relabel_by_size,
+    size_order,
+)
 from imgclust.io.arrays import create_array
 from imgclust.runmodel import RunModel
 from imgclust.runstore import Location, RunStore
@@ -183,3 +191,22 @@ def test_publish_killed_at_every_write_never_reports_a_finished_run_until_it_is_
         pd.testing.assert_frame_equal(frame, expected[name], obj=name)
     every_file_in_exactly_one_table(run, root)
     assert (run / "report" / "index.html").exists()
+
+
+def test_centres_counts_and_distances_computed_block_by_block_equal_the_whole_arrays():
+    import dask
+    import dask.array as da
+
+    rng = np.random.default_rng(0)
+    x, labels = rng.normal(size=(1000, 3)), rng.integers(0, 5, 1000)
+    labels[labels == 3] = 4  # an empty cluster
+    xd, ld = da.from_array(x, chunks=(128, 3)), da.from_array(labels, chunks=128)
+    with dask.config.set(scheduler="sync"):
+        counts = dask_label_counts(ld, 6)
+        centres, out = dask_centres_of_labels(xd, ld[:, None], 6)
+        out = out.compute()
+    assert counts.tolist() == np.bincount(labels, minlength=6).tolist()
+    assert np.allclose(centres, cluster_means(x, labels, 6)) and not centres[3].any()
+    assert out[:, 0].tolist() == labels.tolist()
+    assert np.allclose(out[:, 1], distance_to_centre(x, cluster_means(x, labels, 6), labels))
+    assert size_order(counts).tolist() == relabel_by_size(labels, 6)[1].tolist()

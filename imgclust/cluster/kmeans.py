@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dask
 import dask.array as da
 import numpy as np
 
@@ -65,23 +66,66 @@ def distance_to_centre(x: np.ndarray, centres: np.ndarray, labels: np.ndarray) -
     return np.sqrt(((x - centres[labels]) ** 2).sum(1))
 
 
-def centres_of_labels(x: np.ndarray, labels: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Centres of clusters not found by K-means (their means), and (label, distance) per row in
-    the layout of ``nearest_centre``."""
-    centres = cluster_means(x, labels, k)
-    return centres, np.stack([labels.astype(np.float64), distance_to_centre(x, centres, labels)], axis=1)
-
-
 def relabel_by_size(labels: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Cluster 0 is the largest, ids are dense: stable, meaningful to read, and no empty cluster.
 
     Returns the new labels and ``remap`` (old id -> new id).
     """
-    counts = np.bincount(labels, minlength=k)
-    order = np.lexsort((np.arange(k), -counts))
+    remap = size_order(np.bincount(labels, minlength=k))
+    return remap[labels], remap
+
+
+def size_order(counts: np.ndarray) -> np.ndarray:
+    """``remap`` (k,) int32, old id -> new id, numbering clusters of ``counts`` (k,) largest first
+    (ties by old id)."""
+    k = len(counts)
+    order = np.lexsort((np.arange(k), -np.asarray(counts)))
     remap = np.empty(k, dtype=np.int32)
     remap[order] = np.arange(k, dtype=np.int32)
-    return remap[labels], remap
+    return remap
+
+
+# -- the same over Dask arrays, block by block on the workers: only (k, d) comes back ----------------
+def block_sums(x: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
+    """(k, d + 1) float64: per cluster, the sum of a block's rows of ``x`` and (last column) their count."""
+    out = np.zeros((k, x.shape[1] + 1))
+    lab = np.asarray(labels, np.int64).ravel()
+    np.add.at(out[:, :-1], lab, np.asarray(x, np.float64))
+    out[:, -1] = np.bincount(lab, minlength=k)
+    return out
+
+
+def dask_cluster_sums(x: da.Array, labels: da.Array, k: int) -> np.ndarray:
+    """``block_sums`` of the whole of ``x`` (N, d) labelled ``labels`` (N, 1), summed on the workers."""
+    parts = [dask.delayed(block_sums)(xb, lb, k)
+             for xb, lb in zip(x.to_delayed().ravel(), labels.to_delayed().ravel())]
+    return np.asarray(dask.delayed(sum)(parts).compute())
+
+
+def dask_label_counts(labels: da.Array, k: int) -> np.ndarray:
+    """Rows (k,) int64 per label of ``labels`` (N,), counted on the workers."""
+    parts = [dask.delayed(_bincount)(b, k) for b in labels.to_delayed().ravel()]
+    return np.asarray(dask.delayed(sum)(parts).compute(), np.int64) if parts else np.zeros(k, np.int64)
+
+
+def _bincount(block: np.ndarray, k: int) -> np.ndarray:
+    return np.bincount(np.asarray(block, np.int64).ravel(), minlength=k)
+
+
+def dask_centres_of_labels(x: da.Array, labels: da.Array, k: int) -> tuple[np.ndarray, da.Array]:
+    """Centres (k, d) of clusters not found by K-means (their members' means; an empty one's is
+    zero), and (label, distance to its centre) per row in the layout of ``nearest_centre``, as a
+    lazy (N, 2) array with the chunks of ``x``."""
+    sums = dask_cluster_sums(x, labels, k)
+    centres = sums[:, :-1] / np.maximum(sums[:, -1], 1)[:, None]
+    out = da.map_blocks(labelled_distances, x, labels, centres, chunks=(x.chunks[0], (2,)), dtype=np.float64)
+    return centres, out
+
+
+def labelled_distances(x: np.ndarray, labels: np.ndarray, centres: np.ndarray) -> np.ndarray:
+    """(N, 2) float64: each row's label (from ``labels`` (N, 1)) and its distance to that centre."""
+    lab = np.asarray(labels, np.int64).ravel()
+    return np.stack([lab.astype(np.float64), distance_to_centre(np.asarray(x, np.float64), centres, lab)], axis=1)
 
 
 def silhouette(x: np.ndarray, labels: np.ndarray, seed: int) -> float | None:

@@ -17,17 +17,18 @@ from imgclust.cluster.density import fit_density, nearest_reference
 from imgclust.cluster.embedding import umap_embed
 from imgclust.cluster.kmeans import (
     K_SEARCH_SAMPLE,
-    centres_of_labels,
     choose_k,
+    dask_centres_of_labels,
+    dask_label_counts,
     fit_kmeans,
     nearest_centre,
-    relabel_by_size,
     silhouette,
+    size_order,
 )
 from imgclust.cluster.merge import merge_subclusters, subcluster_count
 from imgclust.cluster.placement import ClusterPlacement
 from imgclust.cluster.sampling import sample_rows, umap_fit_rows
-from imgclust.io.arrays import create_array, open_array
+from imgclust.io.arrays import create_array, open_array, read_rows
 from imgclust.runmodel import RunModel
 from imgclust.runstore import Location, RunStore
 from imgclust.state.resume import ShardLedger, fingerprint
@@ -76,6 +77,41 @@ class FittedClusters:
     placement: ClusterPlacement
 
 
+@dataclass(frozen=True)
+class LabelArrays:
+    """Where the workers write each row's cluster (int32) and distance to its centre (float32)."""
+
+    labels: Location
+    distances: Location
+    n: int
+    step: int
+
+    def write(self, out: da.Array) -> da.Array:
+        """Write (label, distance) rows ``out`` (N, 2); returns the labels as read back (N,) int32."""
+        self._create(self.labels, "int32")
+        self._create(self.distances, "float32")
+        if self.n:
+            da.store([out[:, 0].astype(np.int32), out[:, 1].astype(np.float32)],
+                     [open_array(self.labels.url, self.labels.storage_options, "r+"),
+                      open_array(self.distances.url, self.distances.storage_options, "r+")], lock=False)
+        return da.from_zarr(open_array(self.labels.url, self.labels.storage_options))
+
+    def write_labels(self, labels: da.Array) -> da.Array:
+        self._create(self.labels, "int32")
+        if self.n:
+            da.store(labels.astype(np.int32), open_array(self.labels.url, self.labels.storage_options, "r+"), lock=False)
+        return da.from_zarr(open_array(self.labels.url, self.labels.storage_options))
+
+    def write_distances(self, distances: da.Array) -> None:
+        self._create(self.distances, "float32")
+        if self.n:
+            da.store(distances.astype(np.float32), open_array(self.distances.url, self.distances.storage_options, "r+"),
+                     lock=False)
+
+    def _create(self, where: Location, dtype: str) -> None:
+        create_array(where.url, (self.n,), self.step, dtype, where.storage_options)
+
+
 def cluster_codes(codes: Location, store: RunStore, settings: ClusterSettings, client: Client) -> FittedClusters:
     """Cluster the codes (N, D) at ``codes``: K-means on standardised codes or their UMAP manifold
     (``embedding_dim``-d), or (``method="dbscan"``) DBSCAN on a 2-D t-SNE/UMAP map of a sample, which
@@ -99,16 +135,22 @@ def cluster_codes(codes: Location, store: RunStore, settings: ClusterSettings, c
             warnings.filterwarnings("ignore", message="Sending large graph", category=UserWarning)
             da.store(x.rechunk((step, x.shape[1])).astype(np.float32), open_array(features_url, so, "r+"), lock=False)
         x = da.from_zarr(open_array(features_url, so))
-        sample = x[sample_rows(n, K_SEARCH_SAMPLE, seed)].compute()
+        sampled = sample_rows(n, K_SEARCH_SAMPLE, seed)
+        sample = x[sampled].compute()
+        # Labels and distances go from the workers to arrays; the flow process sees only (k, d) centres,
+        # counts and samples, whatever N.
+        raw_url, distances_url = store.work("raw-labels.zarr"), store.work("distances.zarr")
+        raw = LabelArrays(Location(raw_url, so), Location(distances_url, so), n, step)
         if settings.method == "dbscan":
             if n_clusters is not None:
                 logger.warning("cluster: DBSCAN chooses the number of clusters itself; n_clusters=%d is ignored",
                                n_clusters)
             fit = fit_density(x, settings.embedding, seed)
-            labels0 = x.map_blocks(nearest_reference, fit.reference, fit.reference_labels,
-                                   chunks=(x.chunks[0], (1,)), dtype=np.float64).compute()[:, 0].astype(np.int32)
-            n_clusters = int(max(labels0.max(), fit.reference_labels.max())) + 1  # a sampled cluster may win no point
-            centres, out = centres_of_labels(x.compute(), labels0, n_clusters)
+            lab = raw.write_labels(x.map_blocks(nearest_reference, fit.reference, fit.reference_labels,
+                                                chunks=(x.chunks[0], (1,)), dtype=np.float64)[:, 0])
+            n_clusters = int(max(int(lab.max().compute()) if n else 0, fit.reference_labels.max())) + 1
+            centres, out = dask_centres_of_labels(x, lab[:, None], n_clusters)  # a sampled cluster may win no point
+            raw.write_distances(out[:, 1])
         else:
             if n_clusters is None:
                 n_clusters, curve = choose_k(sample, seed)
@@ -118,16 +160,24 @@ def cluster_codes(codes: Location, store: RunStore, settings: ClusterSettings, c
                 raise ValueError(f"n_clusters={n_clusters} is larger than the {n} images that could be read")
             n_pieces = subcluster_count(n_clusters, n) if settings.merge else n_clusters
             centres = fit_kmeans(x, n_pieces, seed)
-            out = x.map_blocks(nearest_centre, centres, chunks=(x.chunks[0], (2,)), dtype=np.float64).compute()
+            lab = raw.write(x.map_blocks(nearest_centre, centres, chunks=(x.chunks[0], (2,)), dtype=np.float64))
             if n_pieces > n_clusters:
-                sub_centres, pieces, xa = centres, out[:, 0].astype(np.int64), x.compute()
-                rows = sample_rows(n, MERGE_SAMPLE, seed)
-                sub_to_cluster = merge_subclusters(xa[rows], pieces[rows], n_clusters, seed)
-                centres, out = centres_of_labels(xa, sub_to_cluster[pieces], n_clusters)
+                sub_centres, rows = centres, sample_rows(n, MERGE_SAMPLE, seed)
+                sub_to_cluster = merge_subclusters(x[rows].compute(), read_rows(open_array(raw_url, so), rows)
+                                                   .astype(np.int64), n_clusters, seed)
+                joined = lab.map_blocks(lambda b, m: m[b], sub_to_cluster.astype(np.int32), dtype=np.int32)
+                centres, out = dask_centres_of_labels(x, joined[:, None], n_clusters)
+                lab = replace(raw, labels=Location(store.work("joined-labels.zarr"), so)).write(out)  # not over its input
                 logger.info("cluster: K-means cut %d pieces, joined into %d clusters along the manifold", n_pieces,
                             n_clusters)
-    labels, remap = relabel_by_size(out[:, 0].astype(np.int32), n_clusters)
-    found = int(labels.max()) + 1 if n else 0
+        counts = dask_label_counts(lab, n_clusters) if n else np.zeros(n_clusters, np.int64)
+        remap = size_order(counts)
+        labels_url = store.work("labels.zarr")
+        create_array(labels_url, (n,), step, "int32", so)
+        if n:
+            da.store(lab.map_blocks(lambda b, r: r[b], remap, dtype=np.int32), open_array(labels_url, so, "r+"),
+                     lock=False)
+    found = int((counts > 0).sum())
     ordered = np.empty_like(centres)
     ordered[remap] = centres
     placement = ClusterPlacement(ordered[:found])
@@ -139,11 +189,7 @@ def cluster_codes(codes: Location, store: RunStore, settings: ClusterSettings, c
     if found < n_clusters:
         logger.warning("cluster: only %d of %d clusters are non-empty", found, n_clusters)
         n_clusters = found
-    dist = out[:, 1].astype(np.float32)
-    labels_url, distances_url = store.work("labels.zarr"), store.work("distances.zarr")
-    create_array(labels_url, (n,), step, "int32", so)[:] = labels
-    create_array(distances_url, (n,), step, "float32", so)[:] = dist
-    sil = silhouette(sample, labels[sample_rows(n, K_SEARCH_SAMPLE, seed)], seed)
+    sil = silhouette(sample, read_rows(open_array(labels_url, so), sampled), seed)
     logger.info("cluster: %d clusters, silhouette on a sample %.3f", n_clusters, sil if sil is not None else float("nan"))
     return FittedClusters(Clustering(labels_url, distances_url, features_url, n_clusters, sil, curve), space, placement)
 
