@@ -33,7 +33,7 @@ from imgclust.cluster.placement import ClusterPlacement
 from imgclust.io.storage import with_retries, write_bytes_atomic
 from imgclust.models.autoencoders import ARCHITECTURES, UNTRAINED, Autoencoder, build_model
 from imgclust.models.encoding import encode_array
-from imgclust.models.refiner import ClusterNet, predict
+from imgclust.models.refiner import ClusterNet, apply_restored, predict
 from imgclust.runstore import Location
 
 MODEL_FORMAT = 1
@@ -144,13 +144,20 @@ class RunModel:
         x = self.features(codes)
         if self.refiner is None:
             return self.placement.assign(x)
-        labels = self.refine_labels(pixels)
+        labels = self.refine_labels(pixels, x)
         return labels, self.placement.distances(x, labels)
 
-    def refine_labels(self, pixels: np.ndarray) -> np.ndarray:
-        """The cluster net's cluster (N,) int64 of uint8 images (N, C, H, W), in the run's ids."""
+    def refine_labels(self, pixels: np.ndarray, features: np.ndarray) -> np.ndarray:
+        """The cluster net's cluster (N,) int64 of uint8 images (N, C, H, W) with their features
+        (N, d), in the run's ids. Where the run restored K-means clusters the net left empty,
+        the images nearest those K-means centres get them, as the run's own images did."""
         assert self.refiner is not None and self.refiner_spec is not None
         raw = self.refiner_raw(pixels)
+        restored = self.refiner_spec.get("restored")
+        if restored:
+            centres = np.asarray(self.refiner_spec["kmeans_centres"], np.float64)
+            kmeans = ((np.asarray(features, np.float64)[:, None, :] - centres[None]) ** 2).sum(-1).argmin(1)
+            raw = apply_restored(raw, kmeans, restored)
         return np.asarray(self.refiner_spec["remap"], np.int64)[raw]
 
     def refiner_raw(self, pixels: np.ndarray) -> np.ndarray:

@@ -100,7 +100,7 @@ def test_a_refined_run_assigns_new_images_with_its_cluster_net(tmp_path):
     model = RunModel.load(Location(str(out / "model")))
     assert model.refiner is not None and len(model.refiner_spec["remap"]) == 4
     a = pd.read_parquet(out / "assignments.parquet")
-    own = model.refine_labels(open_array(str(out / "images.zarr"))[:])
+    own = model.refine_labels(open_array(str(out / "images.zarr"))[:], model.features(open_array(str(out / "codes.zarr"))[:]))
     assert (own == a["cluster"].to_numpy()).all()  # the net reproduces the run's own assignments
 
     r = imgclust("assign", str(out), str(new))

@@ -9,6 +9,7 @@ from imgclust.metrics import hungarian_accuracy
 from imgclust.models.refiner import (
     ClusterNet,
     RefineSettings,
+    apply_restored,
     augment,
     confident_subset,
     fit_on_labels,
@@ -16,6 +17,7 @@ from imgclust.models.refiner import (
     nearest_neighbours,
     predict,
     refine,
+    restore_dead_clusters,
     scan_loss,
     size_prior,
 )
@@ -117,3 +119,30 @@ def test_refinement_repairs_noisy_initial_labels(heads):
     assert set(history) == {"warm", "neighbours", "selflabel"}
     again, _ = refine(x, features, noisy, confidence, 4, settings, seed=0)
     assert (predict(again, x).argmax(1) == pred).all()  # seeded: reproducible
+
+
+def test_a_cluster_the_net_left_empty_is_restored_from_kmeans_and_the_rest_stays_refined():
+    kmeans = np.array([0] * 50 + [1] * 40 + [2] * 5)
+    raw = np.array([2] * 48 + [0] * 2 + [0] * 40 + [0] * 5)  # the small K-means cluster 2 merged away
+    restored = restore_dead_clusters(raw, kmeans, 3)
+    assert restored == [(1, 2)]  # net cluster 1 takes back K-means cluster 2
+    fixed = apply_restored(raw, kmeans, restored)
+    assert np.bincount(fixed, minlength=3).tolist() == [42, 5, 48]
+    assert (fixed[kmeans == 2] == 1).all() and (fixed[48:50] == 0).all()  # refined moves elsewhere kept
+    assert restore_dead_clusters(kmeans, kmeans, 3) == []
+
+
+def test_a_saved_model_places_new_images_into_a_restored_cluster_by_its_kmeans_centre():
+    from imgclust.runmodel import RunModel
+
+    torch.manual_seed(0)
+    centres = [[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]]
+    spec = {"remap": [2, 0, 1], "restored": [[1, 2]], "kmeans_centres": centres}
+    model = RunModel(None, {}, refiner=ClusterNet(1, 3).eval(), refiner_spec=spec)
+    pixels = np.random.default_rng(0).integers(0, 255, (6, 1, 28, 28), dtype=np.uint8)
+    features = np.array([[0.1, 9.5], [0.3, 10.2], [9.0, 0.1], [0.0, 0.2], [10.0, 1.0], [1.0, 11.0]])
+    labels = model.refine_labels(pixels, features)
+    raw = model.refiner_raw(pixels)
+    near_restored = np.array([True, True, False, False, False, True])
+    assert (labels[near_restored] == 0).all()  # net cluster 1, remapped to the run's id 0
+    assert (labels[~near_restored] == np.array([2, 0, 1])[raw[~near_restored]]).all()

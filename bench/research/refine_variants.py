@@ -87,10 +87,11 @@ def run_variant(run: str, variant: str, seed: int) -> dict:
         seconds = time.perf_counter() - t0
     finally:
         refiner.ClusterNet = original
-    s, s0 = score(truth, pred), score(truth, labels0)
+    restored = refiner.restore_dead_clusters(pred, labels0, k)  # as the refine stage does
+    s, s0 = score(truth, refiner.apply_restored(pred, labels0, restored)), score(truth, labels0)
     return {"run": run, "variant": variant, "acc": round(s["accuracy"], 4), "nmi": round(s["nmi"], 4),
             "kmeans_acc": round(s0["accuracy"], 4), "kmeans_nmi": round(s0["nmi"], 4),
-            "clusters_used": len(np.unique(pred)), "history": history, "seconds": round(seconds, 1)}
+            "clusters_used": len(np.unique(pred)), "restored": len(restored), "history": history, "seconds": round(seconds, 1)}
 
 
 def main() -> None:

@@ -261,3 +261,28 @@ def refine(x: torch.Tensor, features: np.ndarray, labels: np.ndarray, confidence
         history["selflabel"] = hungarian_accuracy(labels, predict(net, x).argmax(1))
         logger.info("refine: after self-labelling %.3f", history["selflabel"])
     return net.eval(), history
+
+
+def restore_dead_clusters(raw: np.ndarray, kmeans: np.ndarray, k: int) -> list[tuple[int, int]]:
+    """Where the net's choice ``raw`` (N,) left some of its k clusters empty: the (net cluster,
+    K-means cluster) pairs that bring them back. Net clusters are matched to K-means' (``kmeans``
+    (N,)) by their overlap (Hungarian); each empty one takes back the K-means cluster it is matched
+    to, so a refinement that merged away a small group keeps the rest of its gain. Apply with
+    ``apply_restored``."""
+    from scipy.optimize import linear_sum_assignment
+
+    counts = np.bincount(raw, minlength=k)
+    if (counts > 0).all():
+        return []
+    overlap = np.zeros((k, k), np.int64)
+    np.add.at(overlap, (raw.astype(np.int64), kmeans.astype(np.int64)), 1)
+    rows, cols = linear_sum_assignment(-overlap)
+    return [(int(r), int(c)) for r, c in zip(rows, cols) if counts[r] == 0]
+
+
+def apply_restored(raw: np.ndarray, kmeans: np.ndarray, restored: list[tuple[int, int]] | list[list[int]]) -> np.ndarray:
+    """``raw`` with the members of each restored K-means cluster given their net cluster."""
+    out = np.array(raw, copy=True)
+    for net_id, km_id in restored:
+        out[kmeans == km_id] = net_id
+    return out

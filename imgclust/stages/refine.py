@@ -25,7 +25,7 @@ from imgclust.cluster.kmeans import (
 from imgclust.cluster.sampling import refine_rows, sample_rows
 from imgclust.dask_cluster import completed, torch_threads_by_worker
 from imgclust.io.arrays import aligned_spans, create_array, open_array
-from imgclust.models.refiner import RefineSettings, refine
+from imgclust.models.refiner import RefineSettings, apply_restored, refine, restore_dead_clusters
 from imgclust.progress import track
 from imgclust.runmodel import RunModel
 from imgclust.runstore import Location, RunStore
@@ -89,9 +89,18 @@ def refine_clusters(store: RunStore, clu: Clustering, seed: int, client: Client,
         a = futures[fut]
         got = fut.result()
         raw[a:a + len(got)] = got
+    restored = restore_dead_clusters(raw, labels0, k)
+    if restored:  # the net let clusters die: those K-means clusters come back, the rest stays refined
+        raw = apply_restored(raw, labels0, restored)
+        logger.warning("refine: the cluster net left %d of %d clusters empty; K-means' cluster%s %s kept as %s",
+                       len(restored), k, "s" if len(restored) > 1 else "", ", ".join(str(c) for _, c in restored),
+                       "they were" if len(restored) > 1 else "it was")
+        model.refiner_spec["restored"] = [list(p) for p in restored]
+        model.refiner_spec["kmeans_centres"] = np.asarray(model.placement.centres, np.float64).tolist()
+        history = {**history, "restored": len(restored)}
     labels, remap = relabel_by_size(raw, k)
     found = int(labels.max()) + 1 if n else 0
-    if found < k:  # the net let clusters die: K-means' k clusters are the better answer
+    if found < k:  # still short (K-means itself had empty clusters): K-means' clusters are the answer
         logger.warning("refine: the cluster net used only %d of %d clusters; keeping K-means' clusters", found, k)
         model.refiner = model.refiner_spec = None
         model.save(model_dir)
