@@ -103,8 +103,11 @@ class Curation:
     def _split_of(self, cluster: int) -> SplitMembers:
         if self.store is None:
             raise CurationError("a split needs the run it was made in")
-        made = next(str(e.get("at", "")) for e in self.edits if e.get("action") == "split" and e["cluster"] == cluster)
-        return split_members(self.store.split(cluster), self.store, made)
+        return split_members(self.store.split(cluster), self.store, str(self.split_edit(cluster).get("at", "")))
+
+    def split_edit(self, cluster: int) -> dict[str, Any]:
+        """The edit that split model cluster ``cluster``."""
+        return next(e for e in self.edits if e.get("action") == "split" and e["cluster"] == cluster)
 
     def apply(self, table: pd.DataFrame) -> pd.DataFrame:
         """``table`` (with ``path`` and ``cluster``) with ``cluster`` curated, the model's own in

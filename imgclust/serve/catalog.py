@@ -180,7 +180,7 @@ class RunCatalog:
         parent = self.curation.split_part_of(unit)
         if parent is None:
             return float(self.model_clusters[unit]["mean_distance"])
-        edit = next(e for e in self.curation.edits if e.get("action") == "split" and e["cluster"] == parent)
+        edit = self.curation.split_edit(parent)
         values = edit.get("cohesion") or [float("nan")] * len(edit["into"])
         return float(values[edit["into"].index(unit)])
 
