@@ -39,7 +39,7 @@ def served(finished_run, tmp_path):
         proc.wait(timeout=30)
 
 
-def test_a_person_browses_searches_and_renames_in_a_real_browser(served):
+def test_a_person_browses_searches_renames_and_splits_in_a_real_browser(served):
     from playwright.sync_api import sync_playwright
 
     root, store, url = served
@@ -95,6 +95,19 @@ def test_a_person_browses_searches_and_renames_in_a_real_browser(served):
         assert page.locator("h1").inner_text() == "the biggest one"
         page.goto(url)
         assert "the biggest one" in page.locator(f'tr[data-cluster="{largest}"]').inner_text()
+
+        page.goto(f"{url}cluster/{largest}")  # split it in two: re-clustered on a worker, then the overview
+        page.fill('form[data-action="split"] input[name="parts"]', "2")
+        with page.expect_navigation(url=re.compile(r"/$"), timeout=300_000):
+            page.click('form[data-action="split"] button')
+        assert page.locator("tr[data-cluster]").count() == len(layout.clusters) + 1
+        parts = page.locator("tr[data-cluster]", has_text=f"(split of cluster {largest})")
+        ids = sorted(int(parts.nth(i).get_attribute("data-cluster")) for i in range(parts.count()))
+        assert len(ids) == 2 and largest in ids  # the cluster keeps its id for one part, the other is new
+        sizes = [int(page.locator(f'tr[data-cluster="{c}"] td.num').first.inner_text().replace(",", "")) for c in ids]
+        assert min(sizes) > 0 and sum(sizes) == size
+        assert broken_images() == []
+        page.screenshot(path=str(ARTIFACTS / "serve-split.png"), full_page=True)
 
         page.goto(f"{url}map")
         page.wait_for_selector("canvas[data-points]")
