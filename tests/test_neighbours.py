@@ -9,7 +9,14 @@ from PIL import Image, ImageEnhance
 from imgclust.codeindex import IndexSettings, Standardiser, build_index
 from imgclust.io.arrays import create_array
 from imgclust.io.tables import read_parts
-from imgclust.near_duplicates import group_pairs, hamming, perceptual_hash
+from imgclust.near_duplicates import (
+    content_bases,
+    content_similarity,
+    group_pairs,
+    hamming,
+    perceptual_hash,
+    whole_signatures,
+)
 from imgclust.runstore import Location, RunStore
 from imgclust.stages.neighbours import NeighbourSettings, knn_part, read_kth_distances, write_near_duplicates
 from imgclust.stages.publish import outlier_scores
@@ -44,6 +51,29 @@ def test_hashes_agree_on_copies_and_differ_between_images():
     others = hamming(h[:, None].repeat(30, 1), h[None, :].repeat(30, 0))[~np.eye(30, dtype=bool)]
     assert np.median(others) >= 20
     assert hamming(np.array([0], np.uint64), np.array([2**64 - 1], np.uint64))[0] == 64
+
+
+def test_an_uneven_light_crop_correlates_with_its_source_and_other_pictures_do_not():
+    rng = np.random.default_rng(2)
+    sources = np.stack([blobs(rng, 128) for _ in range(20)])
+    crops = []
+    for x in sources:  # up to 8 % off each border, each border its own amount, then letterboxed
+        left, top, right, bottom = (rng.uniform(0.0, 0.08, 4) * 128).round().astype(int)
+        im = Image.fromarray(x.transpose(1, 2, 0)).crop((left, top, 128 - right, 128 - bottom))
+        im = im.resize((im.width * 3 // 4, im.height * 3 // 4))
+        canvas = np.zeros((128, 128, 3), np.uint8)
+        canvas[:im.height, :im.width] = np.asarray(im)
+        crops.append(canvas.transpose(2, 0, 1))
+    bases = content_bases(np.concatenate([sources, np.stack(crops)]))
+    n = len(sources)
+    own = np.arange(n), np.arange(n) + n
+    whole = whole_signatures(bases)
+    assert np.median((whole[own[0]] * whole[own[1]]).sum(1)) < 0.96  # the whole images do not match
+    found = content_similarity(bases, *own, enough=0.96)
+    assert found.min() >= 0.96, found
+    np.testing.assert_allclose(content_similarity(bases, own[1], own[0]), content_similarity(bases, *own), atol=1e-6)
+    others = np.array([(i, n + j) for i in range(n) for j in range(n) if i != j]).T
+    assert content_similarity(bases, *others).max() < 0.9
 
 
 def test_near_duplicate_groups_are_stars_not_chains():

@@ -263,21 +263,42 @@ def refine(x: torch.Tensor, features: np.ndarray, labels: np.ndarray, confidence
     return net.eval(), history
 
 
+def overlap_counts(raw: np.ndarray, kmeans: np.ndarray, k: int) -> np.ndarray:
+    """(k, k) int64: images per (net cluster of ``raw``, K-means cluster of ``kmeans``), both (N,).
+    Counts of chunks add up to the counts of the whole."""
+    overlap = np.zeros((k, k), np.int64)
+    np.add.at(overlap, (np.asarray(raw, np.int64).ravel(), np.asarray(kmeans, np.int64).ravel()), 1)
+    return overlap
+
+
 def restore_dead_clusters(raw: np.ndarray, kmeans: np.ndarray, k: int) -> list[tuple[int, int]]:
     """Where the net's choice ``raw`` (N,) left some of its k clusters empty: the (net cluster,
-    K-means cluster) pairs that bring them back. Net clusters are matched to K-means' (``kmeans``
-    (N,)) by their overlap (Hungarian); each empty one takes back the K-means cluster it is matched
-    to, so a refinement that merged away a small group keeps the rest of its gain. Apply with
-    ``apply_restored``."""
+    K-means cluster) pairs that bring them back (``restore_from_overlap`` of their overlap)."""
+    return restore_from_overlap(overlap_counts(raw, kmeans, k))
+
+
+def restore_from_overlap(overlap: np.ndarray) -> list[tuple[int, int]]:
+    """The (net cluster, K-means cluster) pairs that bring back the net's empty clusters, from
+    ``overlap_counts`` (k, k). Net clusters are matched to K-means' by their overlap (Hungarian);
+    each empty one takes back the K-means cluster it is matched to, so a refinement that merged
+    away a small group keeps the rest of its gain. Apply with ``apply_restored``."""
     from scipy.optimize import linear_sum_assignment
 
-    counts = np.bincount(raw, minlength=k)
+    counts = overlap.sum(1)
     if (counts > 0).all():
         return []
-    overlap = np.zeros((k, k), np.int64)
-    np.add.at(overlap, (raw.astype(np.int64), kmeans.astype(np.int64)), 1)
     rows, cols = linear_sum_assignment(-overlap)
     return [(int(r), int(c)) for r, c in zip(rows, cols) if counts[r] == 0]
+
+
+def restored_counts(overlap: np.ndarray, restored: list[tuple[int, int]]) -> np.ndarray:
+    """(k,) images per net cluster once ``restored`` is applied, from ``overlap_counts`` (k, k)."""
+    after = np.array(overlap, copy=True)
+    for net_id, km_id in restored:
+        whole = after[:, km_id].sum()
+        after[:, km_id] = 0
+        after[net_id, km_id] = whole
+    return after.sum(1)
 
 
 def apply_restored(raw: np.ndarray, kmeans: np.ndarray, restored: list[tuple[int, int]] | list[list[int]]) -> np.ndarray:

@@ -23,7 +23,7 @@ from imgclust.dask_cluster import completed
 from imgclust.io.arrays import open_array, read_rows
 from imgclust.io.storage import open_fs, remove, with_retries, write_bytes_atomic
 from imgclust.io.tables import write_part
-from imgclust.near_duplicates import content_signatures, content_similarity, group_pairs, hamming, perceptual_hash
+from imgclust.near_duplicates import content_bases, content_similarity, group_pairs, hamming, perceptual_hash
 from imgclust.progress import track
 from imgclust.runmodel import RunModel
 from imgclust.runstore import Location, RunStore
@@ -38,14 +38,14 @@ class NeighbourSettings:
     of each image checked as near-duplicates; a pair is a candidate when its code distance is at
     most ``dup_code_ratio`` × the median ``k``-th neighbour distance of the part, and confirmed when
     the perceptual hashes differ in at most ``dup_hash_bits`` of 64 bits and the thumbnails'
-    content correlation (``imgclust.near_duplicates.content_similarity``) is at least
-    ``dup_correlation``."""
+    content correlation (``imgclust.near_duplicates.content_similarity``: the best over light
+    crops of either image) is at least ``dup_correlation``."""
 
     k: int = 10
     dup_neighbours: int = 30
     dup_code_ratio: float = 4.0
     dup_hash_bits: int = 18
-    dup_correlation: float = 0.92
+    dup_correlation: float = 0.96
     query_rows: int = 512
     index: IndexSettings = field(default_factory=IndexSettings)
 
@@ -116,9 +116,10 @@ def knn_part(index_loc: Location, pixels: Location, part: int, settings: Neighbo
     at = np.searchsorted(members, cand["a"].to_numpy()), np.searchsorted(members, cand["b"].to_numpy())
     hashes = perceptual_hash(thumbs)
     cand["hash_distance"] = hamming(hashes[at[0]], hashes[at[1]])
-    signatures = content_signatures(thumbs)
-    cand["correlation"] = content_similarity(signatures[at[0]], signatures[at[1]])
-    keep = (cand["hash_distance"] <= settings.dup_hash_bits) & (cand["correlation"] >= settings.dup_correlation)
+    near = (cand["hash_distance"] <= settings.dup_hash_bits).to_numpy()
+    cand, at = cand[near], (at[0][near], at[1][near])
+    cand["correlation"] = content_similarity(content_bases(thumbs), *at, enough=settings.dup_correlation)
+    keep = cand["correlation"] >= settings.dup_correlation
     return cand[keep][PAIR_COLUMNS].reset_index(drop=True)
 
 
