@@ -15,9 +15,12 @@ from imgclust.models.refiner import (
     fit_on_labels,
     head_losses,
     nearest_neighbours,
+    overlap_counts,
     predict,
     refine,
     restore_dead_clusters,
+    restore_from_overlap,
+    restored_counts,
     scan_loss,
     size_prior,
 )
@@ -130,6 +133,21 @@ def test_a_cluster_the_net_left_empty_is_restored_from_kmeans_and_the_rest_stays
     assert np.bincount(fixed, minlength=3).tolist() == [42, 5, 48]
     assert (fixed[kmeans == 2] == 1).all() and (fixed[48:50] == 0).all()  # refined moves elsewhere kept
     assert restore_dead_clusters(kmeans, kmeans, 3) == []
+
+
+def test_restoration_from_chunks_counts_agrees_with_the_whole():
+    """The refine stage sees only each chunk's (k, k) overlap: restoring from their sum gives the
+    pairs and the sizes that the whole labels give."""
+    rng = np.random.default_rng(3)
+    k = 6
+    kmeans = rng.integers(0, k, 5000)
+    raw = np.where(np.isin(kmeans, [1, 4]), 0, kmeans)  # net clusters 1 and 4 died
+    raw[rng.random(5000) < 0.1] = 2
+    chunks = [overlap_counts(raw[a:a + 700], kmeans[a:a + 700], k) for a in range(0, 5000, 700)]
+    restored = restore_from_overlap(sum(chunks))
+    assert restored == restore_dead_clusters(raw, kmeans, k) and {r for r, _ in restored} == {1, 4}
+    fixed = apply_restored(raw, kmeans, restored)
+    assert restored_counts(sum(chunks), restored).tolist() == np.bincount(fixed, minlength=k).tolist()
 
 
 def test_a_saved_model_places_new_images_into_a_restored_cluster_by_its_kmeans_centre():
