@@ -134,11 +134,13 @@ class MemberLayout:
         pos = np.asarray(positions, np.int64)
         if len(pos) == 0:
             return pd.DataFrame({c: [] for c in columns})
-        groups = sorted(set((pos // self.rows_per_group).tolist()))
-        with self._file() as f:
+        group_of = pos // self.rows_per_group
+        frames = []
+        with self._file() as f:  # one row group in memory at a time, however many are asked
             pf = self._parquet(f)
-            parts = {g: pf.read_row_group(g, columns=columns).to_pandas() for g in groups}
-        frames = [parts[g].iloc[pos[pos // self.rows_per_group == g] % self.rows_per_group].assign(_at=np.flatnonzero(
-            pos // self.rows_per_group == g)) for g in groups]
+            for g in np.unique(group_of).tolist():
+                asked = np.flatnonzero(group_of == g)
+                rows = pf.read_row_group(g, columns=columns).to_pandas()
+                frames.append(rows.iloc[pos[asked] % self.rows_per_group].assign(_at=asked))
         return pd.concat(frames).sort_values("_at").drop(columns="_at")[columns].reset_index(drop=True)
 

@@ -66,18 +66,51 @@ def test_prototype_strips_have_attention_maps_only_where_the_encoder_has_a_featu
     assert widths["conv-vae"] > widths["dense-vae"] > 96 * 4
 
 
-def test_members_by_distance_gives_each_clusters_rows_nearest_first_as_one_scan_per_cluster_did():
+def test_the_report_samples_members_from_the_layout_without_reading_whole_tables(finished_run):
     import numpy as np
     import pandas as pd
 
-    from imgclust.report.figures import cluster_members, members_by_distance
+    from imgclust.members import MemberLayout
+    from imgclust.report.build import grid_members, member_sample
+    from imgclust.report.figures import NEAREST_IN_GRID
+    from imgclust.runstore import RunStore
+
+    _, out, _, _ = finished_run
+    store = RunStore(str(out))
+    layout = MemberLayout.open(store)
+    a = pd.read_parquet(out / "assignments.parquet")
+    index_of = dict(zip(*store.read_table("manifest", ["path", "index"]).to_dict("list").values()))
+    for c, (_, size) in layout.clusters.items():
+        members = a[a["cluster"] == c].sort_values(["distance", "path"], kind="stable")
+        rows = members["path"].map(index_of).to_numpy()
+        near, rand = grid_members(layout, c, 0)
+        np.testing.assert_array_equal(near, rows[:NEAREST_IN_GRID])
+        assert set(rand) <= set(rows[NEAREST_IN_GRID:]) and len(set(rand)) == len(rand)
+        assert member_sample(layout, c, 0, 10_000).tolist() == sorted(rows.tolist())
+        few = member_sample(layout, c, 0, size // 2)
+        assert len(few) == size // 2 and len(set(few)) == len(few) and set(few) <= set(rows)
+        assert (np.diff(few) > 0).all() and member_sample(layout, c, 0, size // 2).tolist() == few.tolist()
+
+
+def test_a_large_clusters_sample_comes_from_a_few_row_groups(tmp_path):
+    import numpy as np
+    import pandas as pd
+
+    from imgclust.members import ROWS_PER_GROUP, MemberLayout, write_members
+    from imgclust.report.build import grid_members, member_sample
+    from imgclust.runstore import RunStore
 
     rng = np.random.default_rng(0)
-    a = pd.DataFrame({"cluster": rng.integers(0, 7, 500), "distance": rng.integers(0, 20, 500) / 4})
-    by = members_by_distance(a)
-    assert sorted(by) == sorted(set(a["cluster"])) and sum(len(v) for v in by.values()) == 500
-    for c, rows in by.items():
-        near, rand = cluster_members(a, c, 3)
-        near2, rand2 = cluster_members(a, c, 3, rows)
-        np.testing.assert_array_equal(near, near2)
-        np.testing.assert_array_equal(rand, rand2)
+    n = 6 * ROWS_PER_GROUP + 100
+    store = RunStore(str(tmp_path / "run"))
+    clusters = np.where(np.arange(n) < 50, 1, 0)  # a small cluster, and a large one over several row groups
+    a = pd.DataFrame({"path": [f"{i:06d}.png" for i in range(n)], "cluster": clusters, "distance": rng.random(n)})
+    write_members(store, a, np.arange(n), 0)
+    layout = MemberLayout.open(store)
+    got = member_sample(layout, 0, 0, 2000)
+    assert len(got) == 2000 and len(set(got)) == 2000 and (clusters[got] == 0).all()
+    assert set(got) != set(np.flatnonzero(clusters == 0)[:2000])  # not simply the nearest
+    assert member_sample(layout, 1, 0, 2000).tolist() == list(range(50))
+    near, rand = grid_members(layout, 0, 0)
+    by_distance = a[a["cluster"] == 0].sort_values("distance").index.to_numpy()
+    assert near.tolist() == by_distance[:16].tolist() and (clusters[rand] == 0).all() and len(rand) == 8

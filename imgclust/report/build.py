@@ -15,14 +15,14 @@ import numpy as np
 from imgclust.curation import Curation
 from imgclust.io.arrays import open_array, read_rows
 from imgclust.io.storage import open_fs, read_json, with_retries, write_bytes_atomic
+from imgclust.members import MemberLayout, write_members
 from imgclust.progress import track
 from imgclust.report.figures import (
     NEAREST_IN_GRID,
+    RANDOM_IN_GRID,
     charts,
-    cluster_members,
     grid,
     map_2d,
-    members_by_distance,
     png_bytes,
     prototype_and_attention,
     reconstructions,
@@ -33,6 +33,7 @@ from imgclust.runstore import Location, RunStore
 
 logger = logging.getLogger("imgclust")
 MAP_SAMPLE = 2000
+PROTOTYPE_SAMPLE = 2000  # members whose mean code is decoded into a cluster's prototype
 MEAN_IMAGE_SAMPLE = 500  # members averaged into the prototype of an encoder without a decoder
 
 
@@ -116,43 +117,42 @@ def write_report(store: RunStore, seed: int = 0, run: dict[str, Any] | None = No
     """Write ``RUN/report/``; returns the URL of index.html.
 
     ``run`` is the run record when the flow reports before writing run.json (which marks the run
-    finished); otherwise run.json is read.
+    finished); otherwise run.json is read. Members come from the run's members layout
+    (``imgclust.members``) a few row groups at a time: the report holds samples, never a table of
+    all images.
     """
     so = store.storage_options
     run = run if run is not None else read_json(store.run_record, so)
     clusters = read_json(store.clusters, so)
-    assignments = store.read_table("assignments")
-    rows = image_rows(store, assignments)  # assignments row -> images.zarr row
+    layout = members_layout(store)
     images = open_array(store.images, so)
     codes = open_array(store.codes, so)
     model = RunModel.load(Location(store.model, so))
     autoencoder = model.autoencoder
     decodes = getattr(autoencoder, "has_decoder", True)
-    assignments = assignments.reset_index(drop=True)
-    by_cluster = members_by_distance(assignments)
     for c in track(clusters, total=len(clusters), desc="report", unit="cluster"):
-        ordered = by_cluster.get(c["id"], np.zeros(0, np.int64))
-        near, rand = cluster_members(assignments, c["id"], seed, ordered)
-        idx = rows[np.concatenate([near, rand]).astype(int)]
+        near, rand = grid_members(layout, c["id"], seed)
+        idx = np.concatenate([near, rand]).astype(np.int64)
         write_bytes_atomic(store.report_file(f"cluster-{c['id']}.png"),
                            png_bytes(grid(to_rgb_thumbs(read_rows(images, idx)))), so)
-        members = np.sort(ordered)
-        sample = np.sort(np.random.default_rng(seed).choice(members, size=min(2000, len(members)), replace=False))
-        sampled = np.sort(rows[sample])
+        sampled = member_sample(layout, c["id"], seed, PROTOTYPE_SAMPLE)
         mean_image = None if decodes else read_rows(images, sampled[:MEAN_IMAGE_SAMPLE]).mean(0).round().astype(np.uint8)
         strip = prototype_and_attention(autoencoder, read_rows(codes, sampled) if decodes else codes[:0],
                                         read_rows(images, idx[:4]), mean_image)
         write_bytes_atomic(store.report_file(f"cluster-{c['id']}-prototype.png"), png_bytes(strip), so)
-    n = len(assignments)
-    pick = np.sort(np.random.default_rng(seed).choice(n, size=min(8, n), replace=False))
+    n = layout.rows
+    rng = np.random.default_rng(seed)
+    pick = np.sort(rng.choice(n, size=min(8, n), replace=False))
     if decodes:
+        shown = layout.at(pick, ["index"])["index"].to_numpy(np.int64)
         write_bytes_atomic(store.report_file("reconstructions.png"),
-                           png_bytes(reconstructions(autoencoder, read_rows(images, rows[pick]))), so)
-    sample = np.sort(np.random.default_rng(seed).choice(n, size=min(MAP_SAMPLE, n), replace=False))
+                           png_bytes(reconstructions(autoencoder, read_rows(images, shown))), so)
+    positions = np.sort(np.random.default_rng(seed).choice(n, size=min(MAP_SAMPLE, n), replace=False))
+    sample = layout.at(positions, ["index", "cluster"]).sort_values("index", kind="stable")
     features = open_array(store.work("features.zarr"), so)
-    sample = sample[rows[sample] < features.shape[0]]  # images added by assign have no run features
-    xy = map_2d(read_rows(features, rows[sample]), seed)
-    labels = assignments["cluster"].to_numpy()[sample]
+    sample = sample[sample["index"] < features.shape[0]]  # images added by assign have no run features
+    xy = map_2d(read_rows(features, sample["index"].to_numpy(np.int64)), seed)
+    labels = sample["cluster"].to_numpy()
     embedded = model.code_space is not None and model.code_space.embedding is not None
     features = "UMAP features" if embedded or run.get("resolved", {}).get("embedding") == "umap" else "codes"
     pictures = charts([c["size"] for c in clusters], run.get("train_loss", []), xy, labels,
@@ -160,6 +160,49 @@ def write_report(store: RunStore, seed: int = 0, run: dict[str, Any] | None = No
     for name, data in pictures.items():
         write_bytes_atomic(store.report_file(name), data, so)
     return render_index(store, run)
+
+
+def members_layout(store: RunStore) -> MemberLayout:
+    """The run's members layout; a run made before layouts gets one, written once from its tables."""
+    layout = MemberLayout.open(store)
+    if layout is None:
+        assignments = store.read_table("assignments")
+        write_members(store, assignments, image_rows(store, assignments), store.generations[1])
+        layout = MemberLayout.open(store)
+        assert layout is not None
+    return layout
+
+
+def grid_members(layout: MemberLayout, cluster: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """images.zarr rows (int64) of the ``NEAREST_IN_GRID`` members of ``cluster`` nearest its centre,
+    and of up to ``RANDOM_IN_GRID`` random others (in order of distance), read from ``layout``."""
+    first, size = layout.clusters.get(cluster, (0, 0))
+    near = layout.read(first, first + min(size, NEAREST_IN_GRID))["index"].to_numpy(np.int64)
+    rest = size - NEAREST_IN_GRID
+    if rest <= 0:
+        return near, np.zeros(0, np.int64)
+    chosen = np.sort(np.random.default_rng(seed + cluster).choice(rest, size=min(RANDOM_IN_GRID, rest), replace=False))
+    return near, layout.at(first + NEAREST_IN_GRID + chosen, ["index"])["index"].to_numpy(np.int64)
+
+
+def member_sample(layout: MemberLayout, cluster: int, seed: int, limit: int) -> np.ndarray:
+    """Sorted images.zarr rows of up to ``limit`` members of ``cluster``: all of a cluster that
+    small, else the members of randomly chosen whole row groups of its span (each a band of
+    distances), so that a cluster of millions costs a few row groups, not a scan."""
+    first, size = layout.clusters.get(cluster, (0, 0))
+    if size <= limit:
+        return np.sort(layout.read(first, first + size)["index"].to_numpy(np.int64))
+    per = layout.rows_per_group
+    groups = np.arange(first // per, (first + size - 1) // per + 1)
+    rng = np.random.default_rng(seed + cluster)
+    taken: list[np.ndarray] = []
+    for g in rng.permutation(groups).tolist():
+        a, b = max(first, g * per), min(first + size, (g + 1) * per)
+        taken.append(layout.read(a, b)["index"].to_numpy(np.int64))
+        if sum(len(t) for t in taken) >= limit:
+            break
+    rows = np.concatenate(taken)
+    return np.sort(rng.choice(rows, size=limit, replace=False))
 
 
 def image_rows(store: RunStore, assignments: Any) -> np.ndarray:

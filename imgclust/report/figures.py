@@ -47,20 +47,10 @@ def grid(thumbs: list[Image.Image], cols: int = 8, pad: int = 2) -> Image.Image:
     return sheet
 
 
-def members_by_distance(assignments: pd.DataFrame) -> dict[int, np.ndarray]:
-    """Every cluster's rows (positions in ``assignments``), nearest its centre first, in one sort
-    of all rows instead of one scan per cluster."""
-    cluster = assignments["cluster"].to_numpy()
-    order = np.lexsort((assignments["distance"].to_numpy(), cluster))  # stable: ties keep row order
-    ids, starts = np.unique(cluster[order], return_index=True)
-    bounds = [*starts[1:], len(order)]
-    return {int(c): order[a:b] for c, a, b in zip(ids, starts, bounds)}
-
-
 def cluster_members(assignments: pd.DataFrame, cluster: int, seed: int,
                     ordered: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Rows closest to the centre, and a few random other members (indices into the manifest);
-    ``ordered``: the cluster's rows nearest first, from ``members_by_distance``."""
+    ``ordered``: the cluster's rows nearest first, when the caller has them."""
     if ordered is None:
         members = assignments.index[assignments["cluster"] == cluster].to_numpy()
         ordered = members[np.argsort(assignments.loc[members, "distance"].to_numpy(), kind="stable")]
