@@ -19,9 +19,9 @@ from imgclust.members import MemberLayout, write_members
 from imgclust.progress import track
 from imgclust.report.figures import (
     NEAREST_IN_GRID,
-    RANDOM_IN_GRID,
     charts,
     grid,
+    grid_positions,
     map_2d,
     png_bytes,
     prototype_and_attention,
@@ -174,15 +174,12 @@ def members_layout(store: RunStore) -> MemberLayout:
 
 
 def grid_members(layout: MemberLayout, cluster: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """images.zarr rows (int64) of the ``NEAREST_IN_GRID`` members of ``cluster`` nearest its centre,
-    and of up to ``RANDOM_IN_GRID`` random others (in order of distance), read from ``layout``."""
+    """images.zarr rows (int64) of the grid's images of ``cluster`` (``grid_positions``: the nearest
+    its centre, then random others in order of distance), read from ``layout``."""
     first, size = layout.clusters.get(cluster, (0, 0))
-    near = layout.read(first, first + min(size, NEAREST_IN_GRID))["index"].to_numpy(np.int64)
-    rest = size - NEAREST_IN_GRID
-    if rest <= 0:
-        return near, np.zeros(0, np.int64)
-    chosen = np.sort(np.random.default_rng(seed + cluster).choice(rest, size=min(RANDOM_IN_GRID, rest), replace=False))
-    return near, layout.at(first + NEAREST_IN_GRID + chosen, ["index"])["index"].to_numpy(np.int64)
+    near, rand = grid_positions(size, cluster, seed)
+    return (layout.read(first, first + len(near))["index"].to_numpy(np.int64),
+            layout.at(first + rand, ["index"])["index"].to_numpy(np.int64))
 
 
 def member_sample(layout: MemberLayout, cluster: int, seed: int, limit: int) -> np.ndarray:

@@ -47,19 +47,24 @@ def grid(thumbs: list[Image.Image], cols: int = 8, pad: int = 2) -> Image.Image:
     return sheet
 
 
-def cluster_members(assignments: pd.DataFrame, cluster: int, seed: int,
-                    ordered: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Rows closest to the centre, and a few random other members (indices into the manifest);
-    ``ordered``: the cluster's rows nearest first, when the caller has them."""
-    if ordered is None:
-        members = assignments.index[assignments["cluster"] == cluster].to_numpy()
-        ordered = members[np.argsort(assignments.loc[members, "distance"].to_numpy(), kind="stable")]
-    order = ordered
-    near = order[:NEAREST_IN_GRID]
-    rest = order[NEAREST_IN_GRID:]
-    rng = np.random.default_rng(seed + cluster)
-    rand = np.sort(rng.choice(rest, size=min(RANDOM_IN_GRID, len(rest)), replace=False)) if len(rest) else rest
-    return near, rand
+def grid_positions(size: int, cluster: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Positions, among a cluster's ``size`` members in order of distance, of its grid's images:
+    the ``NEAREST_IN_GRID`` nearest, and up to ``RANDOM_IN_GRID`` random others (ascending)."""
+    near = np.arange(min(size, NEAREST_IN_GRID))
+    rest = size - len(near)
+    if rest <= 0:
+        return near, np.zeros(0, np.int64)
+    chosen = np.random.default_rng(seed + cluster).choice(rest, size=min(RANDOM_IN_GRID, rest), replace=False)
+    return near, len(near) + np.sort(chosen)
+
+
+def cluster_members(assignments: pd.DataFrame, cluster: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows closest to the centre, and a few random other members (indices into ``assignments``,
+    the random ones ascending): the rows of ``grid_positions``."""
+    members = assignments.index[assignments["cluster"] == cluster].to_numpy()
+    ordered = members[np.argsort(assignments.loc[members, "distance"].to_numpy(), kind="stable")]
+    near, rand = grid_positions(len(ordered), cluster, seed)
+    return ordered[near], np.sort(ordered[rand])
 
 
 def prototype_and_attention(model: Any, codes: np.ndarray, pixels: np.ndarray,
