@@ -9,6 +9,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -91,7 +92,7 @@ def test_killed_runs_resume_to_the_uninterrupted_result(digits_folder, tmp_path)
     kill_when(start(digits_folder, out, logs[1]), lambda: records(out, "train-*.pt"), "a training checkpoint")
     assert "ingest: resuming" in logs[1].read_text() and "already decoded" in logs[1].read_text()
     assert "taking over the expired lease" in logs[1].read_text()
-    assert "discover: 4 of 4 batches hashed by an earlier attempt" in logs[1].read_text()  # no file read twice
+    assert re.search(r"discover: (\d+) of \1 batches hashed by an earlier attempt", logs[1].read_text())  # none twice
 
     # The impatient way: take the dead run's lease at once.
     kill_when(start(digits_folder, out, logs[2], "--force-unlock"), lambda: records(out, "encode-*/*.json"), "an encoded chunk")

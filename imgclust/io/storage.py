@@ -130,6 +130,22 @@ def read_parquet(url: str, storage_options: dict[str, Any] | None = None) -> pd.
     return pd.read_parquet(io.BytesIO(with_retries(fs.cat_file, path)))
 
 
+def read_parquet_folder(url: str, storage_options: dict[str, Any] | None = None,
+                        columns: list[str] | None = None) -> pd.DataFrame:
+    """Every ``*.parquet`` file of a folder, in name order, as one frame (empty, with ``columns``,
+    when the folder is absent or empty)."""
+    fs, path = open_fs(url, storage_options)
+    try:
+        names = sorted(n for n in with_retries(fs.ls, path, detail=False) if n.endswith(".parquet")
+                       and not posixpath.basename(n).startswith("."))
+    except FileNotFoundError:
+        names = []
+    frames = [pd.read_parquet(io.BytesIO(with_retries(fs.cat_file, n)), columns=columns) for n in names]
+    if not frames:
+        return pd.DataFrame({c: pd.Series(dtype=object) for c in columns or []})
+    return pd.concat(frames, ignore_index=True)
+
+
 def exists(url: str, storage_options: dict[str, Any] | None = None) -> bool:
     fs, path = open_fs(url, storage_options)
     return with_retries(fs.exists, path)

@@ -89,7 +89,7 @@ def assign_new(store: RunStore, source: Location, client: Client) -> dict[str, A
     indices = read_parts(store.table("manifest"), so, committed, ["index"], base)["index"]
     start = int(indices.max()) + 1 if len(indices) else 0
     staging = Location(store.work("assign-staging.zarr"), so)
-    info, _ = decode_into_staging(source, unique["path"].tolist(), staging, pixels, images.chunks[0], client)
+    info = decode_into_staging(source, unique["path"].tolist(), staging, pixels, images.chunks[0], client)
     accepted_rows = np.flatnonzero(info["ok"].to_numpy(bool))
     if pixels.thumbnail:
         thumbs = open_array(store.thumbs, so, mode="r+")

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
+import posixpath
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -11,12 +13,39 @@ from typing import Any, TypeVar
 import fsspec
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 from distributed import Client
 
 from imgclust.dask_cluster import completed
 from imgclust.io.imagefile import probe_header
-from imgclust.io.listing import Listing, list_files, peek_images, source_path
-from imgclust.io.storage import StorageError, normalise_url, read_file_groups, unreadable_reason, with_retries, write_parquet
+from imgclust.io.listing import (
+    GROUP_ROWS,
+    RUN_ROWS,
+    Listing,
+    ListingGroup,
+    list_files,
+    peek_images,
+    read_group,
+    source_path,
+    walk_files,
+    write_listing,
+)
+from imgclust.io.storage import (
+    StorageError,
+    join,
+    normalise_url,
+    open_fs,
+    read_file_groups,
+    read_json,
+    remove,
+    unreadable_reason,
+    with_retries,
+    write_bytes_atomic,
+    write_json,
+    write_parquet,
+)
+from imgclust.io.tables import write_part
 from imgclust.progress import track
 from imgclust.runstore import Location, RunStore
 from imgclust.state.resume import ShardLedger, fingerprint
@@ -24,7 +53,7 @@ from imgclust.state.resume import ShardLedger, fingerprint
 logger = logging.getLogger("imgclust")
 HASH_BATCH = 256
 T = TypeVar("T")
-UNIQUE, UNREADABLE = "unique.parquet", "unreadable.parquet"  # under _work/: what ingest decodes
+UNIQUE, UNREADABLE = "unique.parquet", "unreadable.parquet"  # under _work/: folders of parts that ingest decodes
 
 
 @dataclass(frozen=True)
@@ -81,11 +110,9 @@ HashRow = tuple[str, str | None, str | None, bool | None, int | None]
 COLUMNS = ["path", "sha256", "reason", "gray", "side"]
 
 
-def hash_batch(fs: fsspec.AbstractFileSystem, root: str, paths: list[str], ledger: ShardLedger | None = None,
-               name: str | None = None) -> list[HashRow]:
+def hash_batch(fs: fsspec.AbstractFileSystem, root: str, paths: list[str]) -> list[HashRow]:
     """(path, sha256, error, is_gray, side) per file; runs on a Dask worker, reads each file once, a
-    bounded group at a time. With a ledger, the worker records the batch (when every file could be
-    read: unreadable ones are asked again next time) under ``name``."""
+    bounded group at a time."""
     full = [f"{root.rstrip('/')}/{source_path(p)}" for p in paths]
     rel_of = dict(zip(full, paths))
     out: list[HashRow] = []
@@ -95,30 +122,15 @@ def hash_batch(fs: fsspec.AbstractFileSystem, root: str, paths: list[str], ledge
                 out.append((rel_of[path], None, unreadable_reason(data), None, None))
             else:
                 out.append((rel_of[path], hashlib.sha256(data).hexdigest(), None, *probe_header(data)))
-    if ledger is not None and name is not None and all(r[1] is not None for r in out):
-        ledger.mark(name, out)
     return out
 
 
-def hash_files(fs: fsspec.AbstractFileSystem, root: str, paths: list[str], client: Client,
-                ledger: ShardLedger | None = None, stamps: list[str] | None = None) -> pd.DataFrame:
-    """(path, sha256, reason, gray, side) of every path, hashed in parallel batches on the cluster.
-
-    With a ledger, each batch's result is recorded under its paths and stamps (size, mtime): a
-    rerun after a crash hashes only batches it has not seen, without reading those files again.
-    """
-    spans = [(i, min(i + HASH_BATCH, len(paths))) for i in range(0, len(paths), HASH_BATCH)]
-    done = ledger.done() if ledger is not None else {}
+def hash_files(fs: fsspec.AbstractFileSystem, root: str, paths: list[str], client: Client) -> pd.DataFrame:
+    """(path, sha256, reason, gray, side) of every path, hashed in parallel batches on the cluster
+    (for ``assign``'s new files: a run's discover streams its listing instead)."""
+    futures = [client.submit(hash_batch, fs, root, paths[a:a + HASH_BATCH], pure=False)
+               for a in range(0, len(paths), HASH_BATCH)]
     rows: list[tuple[Any, ...]] = []
-    futures = {}
-    for a, b in spans:
-        name = fingerprint(paths[a:b], (stamps or [])[a:b])[:32]
-        if name in done:
-            rows.extend((*r, None)[:5] for r in done[name])  # a record without a side has none
-        else:
-            futures[client.submit(hash_batch, fs, root, paths[a:b], ledger, name, pure=False)] = name
-    if done:
-        logger.info("discover: %d of %d batches hashed by an earlier attempt", len(spans) - len(futures), len(spans))
     for fut in track(completed(client, futures), total=len(futures), desc="discover", unit="batch"):
         rows.extend(fut.result())
     return pd.DataFrame(rows, columns=COLUMNS).sort_values("path").reset_index(drop=True)
@@ -135,30 +147,182 @@ def split_duplicates(hashed: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     return unique, dups
 
 
-def discover(source: Location, store: RunStore, client: Client) -> Discovery:
-    """List, hash in parallel on the cluster, and write ``duplicates.parquet``; the unique and the
-    unreadable files go to ``_work/`` for ingest."""
-    listing = list_source(source)
-    paths, stamps = listing.paths, [s for _, s in listing.files]
-    fs, root = source.fs()
-    ledger = ShardLedger(store, "discover", fingerprint("discover", normalise_url(source.url)))
-    ledger.clear_others()
-    table = hash_files(fs, root, paths, client, ledger, stamps)
-    table["stamp"] = table["path"].map(dict(listing.files))  # size and modification: assign skips unchanged files
-    unreadable = pd.concat([table.loc[table["sha256"].isna(), ["path", "reason", "stamp"]],
-                            pd.DataFrame(listing.refused, columns=["path", "reason"])], ignore_index=True)
-    unreadable = unreadable.sort_values("path", kind="stable").reset_index(drop=True)
-    unique, dups = split_duplicates(table.loc[table["sha256"].notna(), ["path", "sha256", "gray", "side", "stamp"]])
-    probes = unique["gray"].dropna()
-    gray = bool(len(probes)) and bool(probes.all())
-    sides = unique["side"].dropna().to_numpy(float)
-    side_p90 = int(np.ceil(np.percentile(sides, 90))) if len(sides) else None
+LISTING_RUN_ROWS, HASH_GROUP_ROWS = RUN_ROWS, GROUP_ROWS  # listing entries sorted at a time; files per hash task
+DUPLICATE_BUCKET_ROWS = 500_000  # readable files a duplicate-finding task holds at most (about 150 MB)
+H16_ROW_GROUP = 128  # rows of a hashed part per row group: what lets a bucket read only its hashes
+
+
+def hashed_root(store: RunStore) -> str:
+    """Where discover's hashed parts are kept until the run finishes (its resume records)."""
+    return store.resume("discover", "hashed")
+
+
+def buckets_root(store: RunStore) -> str:
+    """Where the duplicate buckets record the (group, pos) of each duplicate they found."""
+    return store.resume("discover", "duplicates")
+
+
+def hashed_name(store: RunStore, number: int, group: ListingGroup) -> str:
+    return join(hashed_root(store), f"{number:06d}-{group.key}.parquet")
+
+
+def hash_group(source: Location, store: RunStore, group: ListingGroup, number: int, fence: ShardLedger) -> int:
+    """Hash one row group of the listing (on a worker) and write its rows as a hashed part, sorted by
+    the first 16 bits of their hash so that a duplicate bucket reads only its rows; how many rows.
+    Refused entries go through unread, with their reason."""
     so = store.storage_options
-    store.write_table("duplicates", dups)
-    write_parquet(store.work(UNIQUE), unique[["path", "sha256", "stamp"]], so)
-    write_parquet(store.work(UNREADABLE), unreadable, so)
-    logger.info(
-        "discover: %d image files, %d unique, %d duplicates, %d unreadable",
-        len(listing), len(unique), len(dups), len(unreadable),
-    )
-    return Discovery(len(listing), len(unique), len(dups), len(unreadable), gray, side_p90)
+    entries = read_group(group, so).to_pandas()
+    fs, root = source.fs()
+    refused = entries["reason"].notna().to_numpy()
+    rows = dict(zip(entries["path"][~refused], hash_batch(fs, root, entries["path"][~refused].tolist())))
+    table = pd.DataFrame([(p, *rows[p][1:]) if p in rows else (p, None, r, None, None)
+                          for p, r in zip(entries["path"], entries["reason"])], columns=COLUMNS)
+    table["stamp"] = entries["stamp"].to_numpy()
+    table["group"] = np.int32(number)
+    table["pos"] = np.arange(len(table), dtype=np.int32)
+    table["h16"] = np.array([int(h[:4], 16) if isinstance(h, str) else -1 for h in table["sha256"]], np.int32)
+    table["side"] = table["side"].astype("float64")
+    table = table.sort_values(["h16", "pos"], kind="stable")
+    fence.check_fence()
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pandas(table, preserve_index=False), buf, row_group_size=H16_ROW_GROUP)
+    write_bytes_atomic(hashed_name(store, number, group), buf.getvalue(), so)
+    return len(table)
+
+
+def find_bucket_duplicates(store: RunStore, hashed: list[str], bucket: int, lo: int, hi: int,
+                           fence: ShardLedger) -> int:
+    """Duplicates among the readable files whose hash starts in ``[lo, hi)`` (16 bits), on a worker:
+    a duplicates table part, and their (group, pos) for ``finish_group``; how many."""
+    so = store.storage_options
+    wanted = ["path", "sha256", "stamp", "group", "pos"]
+    frames = [_read_filtered(url, so, wanted, [("h16", ">=", lo), ("h16", "<", hi)]) for url in hashed]
+    rows = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=wanted)
+    _, dups = split_duplicates(rows)
+    positions = rows.loc[rows["path"].isin(set(dups["path"])), ["group", "pos"]].sort_values(["group", "pos"])
+    fence.check_fence()
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pandas(positions.astype("int32"), preserve_index=False), buf, row_group_size=4096)
+    write_bytes_atomic(join(buckets_root(store), f"bucket-{bucket:05d}.parquet"), buf.getvalue(), so)
+    write_part(store.table("duplicates"), dups[["path", "sha256", "stamp", "duplicate_of"]], 0, bucket, so)
+    return len(dups)
+
+
+PARTS_INDEX = "_parts.json"  # in the unique folder: [part name, rows] of every part, in path order
+
+
+def unique_part(number: int) -> str:
+    return f"part-{number:06d}.parquet"
+
+
+def unique_parts(store: RunStore) -> list[tuple[str, int]]:
+    """(URL, rows) of every part of discover's unique files, in path order."""
+    folder = store.work(UNIQUE)
+    return [(join(folder, name), int(rows)) for name, rows in read_json(join(folder, PARTS_INDEX), store.storage_options)]
+
+
+@dataclass(frozen=True)
+class GroupCounts:
+    """What one finished listing group contributes: counts and the largest sides' distribution."""
+
+    unique: int
+    unreadable: int
+    probed: int  # unique files whose header said gray or not
+    gray: int
+    sides: dict[int, int]  # largest side (from the header) -> unique files
+
+
+def finish_group(store: RunStore, hashed: str, number: int, buckets: list[str], fence: ShardLedger) -> GroupCounts:
+    """One listing group's unique files (path order) and unreadable ones, as parts under ``_work/``
+    for ingest, with the duplicates found by the buckets taken out; on a worker."""
+    so = store.storage_options
+    table = _read_filtered(hashed, so).sort_values("pos").reset_index(drop=True)
+    dup_pos = [_read_filtered(b, so, ["pos"], [("group", "==", number)])["pos"] for b in buckets]
+    is_dup = table["pos"].isin(pd.concat(dup_pos) if dup_pos else [])
+    readable = table["sha256"].notna()
+    unique = table.loc[readable & ~is_dup]
+    unreadable = table.loc[~readable, ["path", "reason", "stamp"]]
+    fence.check_fence()
+    for name, rows in ((UNIQUE, unique[["path", "sha256", "stamp"]]), (UNREADABLE, unreadable)):
+        if len(rows):
+            write_parquet(join(store.work(name), unique_part(number)), rows.reset_index(drop=True), so)
+    probes = unique["gray"].dropna()
+    sides = unique["side"].dropna().astype(np.int64).value_counts()
+    return GroupCounts(len(unique), len(unreadable), len(probes), int(probes.astype(bool).sum()),
+                       {int(k): int(v) for k, v in sides.items()})
+
+
+def _read_filtered(url: str, storage_options: dict[str, Any] | None, columns: list[str] | None = None,
+                   filters: list[tuple[str, str, int]] | None = None) -> pd.DataFrame:
+    """Rows of a Parquet file that pass ``filters``; row groups whose statistics rule them out are not read."""
+    fs, path = open_fs(url, storage_options)
+
+    def read() -> pd.DataFrame:
+        with fs.open(path, "rb") as fh:
+            return pq.read_table(fh, columns=columns, filters=filters).to_pandas()
+    return with_retries(read)
+
+
+def percentile_of_counts(counts: dict[int, int], q: float) -> float | None:
+    """``np.percentile(values, q)`` (linear interpolation) of the values that ``counts`` tallies."""
+    if not counts:
+        return None
+    values = np.array(sorted(counts), dtype=float)
+    cum = np.cumsum([counts[int(v)] for v in values])
+    at = q / 100 * (cum[-1] - 1)
+    lo, hi = int(np.floor(at)), int(np.ceil(at))
+    v_lo, v_hi = values[np.searchsorted(cum, lo + 1)], values[np.searchsorted(cum, hi + 1)]
+    return float(v_lo + (at - lo) * (v_hi - v_lo))
+
+
+def discover(source: Location, store: RunStore, client: Client) -> Discovery:
+    """List (streamed into sorted parts), hash in parallel on the cluster, find duplicates bucket by
+    bucket of hash, and write ``duplicates.parquet``; the unique and the unreadable files go to
+    ``_work/`` as parts for ingest. The flow process holds counts and the names of parts, never a
+    row per file."""
+    so = store.storage_options
+    listing = _on_source(source, lambda fs, root: write_listing(
+        walk_files(fs, root), store.resume("discover", "listing"), so, LISTING_RUN_ROWS, HASH_GROUP_ROWS))
+    fence = ShardLedger(store, "discover", fingerprint("discover", normalise_url(source.url)))
+    for url in (store.work(UNIQUE), store.work(UNREADABLE), store.table("duplicates"), buckets_root(store)):
+        remove(url, so)
+    wanted = {hashed_name(store, i, g): (i, g) for i, g in enumerate(listing.groups)}
+    fs, root = open_fs(hashed_root(store), so)
+    try:
+        present = {join(hashed_root(store), posixpath.basename(n)) for n in with_retries(fs.ls, root, detail=False)}
+    except FileNotFoundError:
+        present = set()
+    for stale in present - set(wanted):
+        with_retries(fs.rm_file, open_fs(stale, so)[1])
+    todo = [url for url in wanted if url not in present]
+    if len(todo) < len(wanted):
+        logger.info("discover: %d of %d batches hashed by an earlier attempt", len(wanted) - len(todo), len(wanted))
+    futures = [client.submit(hash_group, source, store, wanted[url][1], wanted[url][0], fence, pure=False)
+               for url in todo]
+    for fut in track(completed(client, futures), total=len(futures), desc="discover", unit="batch"):
+        fut.result()
+    hashed = list(wanted)
+    n_buckets = max(1, -(-listing.n_files // DUPLICATE_BUCKET_ROWS))
+    edges = np.linspace(0, 1 << 16, n_buckets + 1).astype(int)
+    n_dups = sum(client.gather([client.submit(find_bucket_duplicates, store, hashed, b, int(edges[b]),
+                                              int(edges[b + 1]), fence, pure=False) for b in range(n_buckets)]))
+    buckets = [join(buckets_root(store), f"bucket-{b:05d}.parquet") for b in range(n_buckets)]
+    finished = {client.submit(finish_group, store, url, i, buckets, fence, pure=False): i for i, url in enumerate(hashed)}
+    counts = GroupCounts(0, 0, 0, 0, {})
+    unique_rows = np.zeros(len(hashed), np.int64)
+    for fut in track(completed(client, finished), total=len(finished), desc="discover: unique files", unit="batch"):
+        c = fut.result()
+        unique_rows[finished[fut]] = c.unique
+        sides = counts.sides
+        for side, n in c.sides.items():
+            sides[side] = sides.get(side, 0) + n
+        counts = GroupCounts(counts.unique + c.unique, counts.unreadable + c.unreadable, counts.probed + c.probed,
+                             counts.gray + c.gray, sides)
+    write_json(join(store.work(UNIQUE), PARTS_INDEX),
+               [[unique_part(i), int(r)] for i, r in enumerate(unique_rows) if r], so)  # what ingest reads, in order
+    p90 = percentile_of_counts(counts.sides, 90)
+    side_p90 = int(np.ceil(p90)) if p90 is not None else None
+    gray = counts.probed > 0 and counts.gray == counts.probed
+    logger.info("discover: %d image files, %d unique, %d duplicates, %d unreadable",
+                len(listing), counts.unique, n_dups, counts.unreadable)
+    return Discovery(len(listing), counts.unique, n_dups, counts.unreadable, gray, side_p90)

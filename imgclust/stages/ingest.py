@@ -15,11 +15,20 @@ from imgclust.dask_cluster import completed
 from imgclust.io.arrays import aligned_spans, chunk_spans, create_array, open_array, open_if_exists
 from imgclust.io.imagefile import DEFAULT_MAX_MEGAPIXELS, DecodedImage, ImageRejected, decode_image
 from imgclust.io.listing import source_path
-from imgclust.io.storage import move_tree, read_file_groups, read_parquet, remove, unreadable_reason
-from imgclust.io.tables import part_files
+from imgclust.io.storage import (
+    exists,
+    move_tree,
+    read_file_groups,
+    read_parquet,
+    read_parquet_folder,
+    remove,
+    unreadable_reason,
+    write_parquet,
+)
+from imgclust.io.tables import part_files, write_part
 from imgclust.progress import track
 from imgclust.runstore import Location, RunStore
-from imgclust.stages.discover import UNIQUE, UNREADABLE, Discovery
+from imgclust.stages.discover import UNREADABLE, Discovery, unique_parts
 from imgclust.state.resume import ShardLedger, fingerprint
 
 logger = logging.getLogger("imgclust")
@@ -115,20 +124,17 @@ def too_few_images(found: Discovery, ing: Ingest, store: RunStore) -> str:
             f"could be used: {detail}")
 
 
-def ingest_shard(source: Location, paths: list[str], staging: Location, start: int, pixels: PixelSpec,
+def decode_shard(source: Location, paths: list[str], staging: Location, start: int, pixels: PixelSpec,
                  ledger: ShardLedger | None = None) -> list[Meta]:
-    """Decode one shard and write it as one block; (ok, width, height, format, reason) per file.
-
-    Runs on a worker. The ledger record is written after the block, so a recorded shard is
-    always a written one.
-    """
+    """Decode one shard and write it as one block at ``start``; (ok, width, height, format, reason)
+    per file. Runs on a worker; reads a bounded group of bytes at a time, whatever the shard holds."""
     block = np.zeros((len(paths), pixels.channels, *pixels.size), dtype=np.uint8)
     thumbs = np.zeros((len(paths), pixels.channels, pixels.thumbnail, pixels.thumbnail), np.uint8)
     fs, root = source.fs()
     full = [f"{root.rstrip('/')}/{source_path(p)}" for p in paths]
     meta: list[Meta] = []
     i = 0
-    for group in read_file_groups(fs, full):  # bounded bytes in memory, whatever the shard holds
+    for group in read_file_groups(fs, full):
         for _, data in group:
             if isinstance(data, BaseException) or data is None:
                 meta.append((False, 0, 0, "", unreadable_reason(data)))
@@ -149,9 +155,71 @@ def ingest_shard(source: Location, paths: list[str], staging: Location, start: i
         t = thumbs_of(staging)
         open_array(t.url, t.storage_options, mode="r+")[start:start + len(paths)] = thumbs
     open_array(staging.url, staging.storage_options, mode="r+")[start:start + len(paths)] = block
-    if ledger is not None:
-        ledger.mark(start, meta)
     return meta
+
+
+@dataclass(frozen=True)
+class ShardFiles:
+    """The files of one shard of a run's ingest: slices ``(part URL, first row, stop row)`` of
+    discover's unique parts, read by the worker (the flow process never holds them)."""
+
+    slices: tuple[tuple[str, int, int], ...]
+    storage_options: dict[str, Any]
+
+    def rows(self) -> pd.DataFrame:
+        """(path, sha256, stamp) of the shard's files, in order."""
+        frames = [read_parquet(url, self.storage_options)[["path", "sha256", "stamp"]].iloc[a:b] for url, a, b in self.slices]
+        return pd.concat(frames, ignore_index=True)
+
+
+def shard_files(parts: list[tuple[str, int]], shard_size: int, storage_options: dict[str, Any]) -> list[ShardFiles]:
+    """Every shard of ``shard_size`` rows over the parts (URL, rows), as slices of them."""
+    shards: list[ShardFiles] = []
+    current: list[tuple[str, int, int]] = []
+    room = shard_size
+    for url, rows in parts:
+        a = 0
+        while a < rows:
+            take = min(room, rows - a)
+            current.append((url, a, a + take))
+            a, room = a + take, room - take
+            if room == 0:
+                shards.append(ShardFiles(tuple(current), storage_options))
+                current, room = [], shard_size
+    if current:
+        shards.append(ShardFiles(tuple(current), storage_options))
+    return shards
+
+
+def decoded_part(store: RunStore, start: int) -> str:
+    """What a decoded shard's files became: (path, sha256, stamp, ok, width, height, format, reason)."""
+    return store.resume("ingest-decoded", f"{start:012d}.parquet")
+
+
+def ingest_shard(source: Location, files: ShardFiles, staging: Location, start: int, pixels: PixelSpec,
+                 store: RunStore, ledger: ShardLedger) -> int:
+    """Decode one shard of the run (on a worker): its block in the staging array, then its files'
+    outcome as a Parquet part, then its ledger record (so a recorded shard is a written one); how
+    many files were accepted."""
+    rows = files.rows()
+    meta = decode_shard(source, rows["path"].tolist(), staging, start, pixels, ledger)
+    info = pd.DataFrame(meta, columns=["ok", "width", "height", "format", "reason"])
+    write_parquet(decoded_part(store, start), pd.concat([rows, info], axis=1), store.storage_options)
+    n_ok = int(info["ok"].sum())
+    ledger.mark(start, {"files": len(rows), "accepted": n_ok})
+    return n_ok
+
+
+def write_shard_tables(store: RunStore, start: int, index_start: int, part: int, fence: ShardLedger) -> int:
+    """The manifest rows (indices from ``index_start``) and rejected rows of one decoded shard, as
+    parts ``part`` of both tables; on a worker. How many were accepted."""
+    decoded = read_parquet(decoded_part(store, start), store.storage_options)
+    manifest, rejected = manifest_rows(decoded, decoded, index_start)
+    fence.check_fence()
+    so = store.storage_options
+    write_part(store.table("manifest"), manifest, 0, part, so)
+    write_part(store.table("rejected"), rejected[["path", "reason", "sha256", "stamp"]], 0, part, so)
+    return len(manifest)
 
 
 def compact_chunk(staging: Location, images: Location, source_rows: np.ndarray, start: int) -> int:
@@ -168,29 +236,17 @@ def compact_chunk(staging: Location, images: Location, source_rows: np.ndarray, 
 
 
 def decode_into_staging(source: Location, paths: list[str], staging: Location, pixels: PixelSpec, shard_size: int,
-                        client: Client, ledger: ShardLedger | None = None) -> tuple[pd.DataFrame, int]:
-    """Decode ``paths`` in parallel, one task per shard; (ok, width, height, format, reason) per path.
-
-    Shards the ledger records as finished (by a killed earlier attempt) are not decoded again;
-    returns the table and how many shards were reused.
-    """
-    n = len(paths)
+                        client: Client) -> pd.DataFrame:
+    """Decode ``paths`` (new files of ``assign``) in parallel, one task per shard; (ok, width,
+    height, format, reason) per path."""
+    pixels.create(staging, len(paths), shard_size)
+    futures = {client.submit(decode_shard, source, paths[a:b], staging, a, pixels, pure=False): a
+               for a, b in chunk_spans(len(paths), shard_size)}
     meta: dict[int, list[Meta]] = {}
-    if ledger is not None:
-        meta = {a: [tuple(m) for m in rows] for a, rows in ledger.done_rows().items()}
-    if not meta:
-        pixels.create(staging, n, shard_size)
-    resumed = len(meta)
-    if resumed:
-        logger.info("ingest: resuming, %d of %d shards already decoded", resumed, -(-n // shard_size))
-    futures = {
-        client.submit(ingest_shard, source, paths[a:b], staging, a, pixels, ledger, pure=False): a
-        for a, b in chunk_spans(n, shard_size) if a not in meta
-    }
     for fut in track(completed(client, futures), total=len(futures), desc="ingest", unit="shard"):
         meta[futures[fut]] = fut.result()
     rows = [m for a in sorted(meta) for m in meta[a]]
-    return pd.DataFrame(rows, columns=["ok", "width", "height", "format", "reason"]), resumed
+    return pd.DataFrame(rows, columns=["ok", "width", "height", "format", "reason"])
 
 
 def compact_into(staging: Location, images: Location, accepted_rows: np.ndarray, start: int, client: Client) -> None:
@@ -220,11 +276,17 @@ def manifest_rows(unique: pd.DataFrame, info: pd.DataFrame, start: int) -> tuple
     return manifest, rejected
 
 
-def ingest_key(unique: pd.DataFrame, pixels: PixelSpec, shard_size: int) -> str:
-    """Identity of an ingest: every (path, content) pair plus the settings that shape the pixels."""
+def ingest_key(parts: list[tuple[str, int]], pixels: PixelSpec, shard_size: int,
+               storage_options: dict[str, Any] | None = None) -> str:
+    """Identity of an ingest: every (path, content) pair, read one unique part at a time, plus the
+    settings that shape the pixels."""
     digest = hashlib.sha256()  # of "path\tsha256" lines joined by newlines, fed row by row
-    for i, (path, sha) in enumerate(zip(unique["path"], unique["sha256"])):
-        digest.update((f"\n{path}\t{sha}" if i else f"{path}\t{sha}").encode())
+    first = True
+    for url, _ in parts:
+        part = read_parquet(url, storage_options)
+        for path, sha in zip(part["path"], part["sha256"]):
+            digest.update((f"{path}\t{sha}" if first else f"\n{path}\t{sha}").encode())
+            first = False
     return fingerprint("ingest", digest.hexdigest(), list(pixels.size), pixels.gray, pixels.fit,
                        pixels.max_megapixels, shard_size, *([pixels.thumbnail] if pixels.thumbnail else []))
 
@@ -242,16 +304,19 @@ def finished_ingest(store: RunStore, key: str) -> Ingest | None:
 
 
 def ingest(source: Location, store: RunStore, pixels: PixelSpec, shard_size: int, client: Client) -> Ingest:
-    """Write ``images.zarr``, ``manifest.parquet`` and ``rejected.parquet`` from discover's tables.
+    """Write ``images.zarr``, ``manifest.parquet`` and ``rejected.parquet`` from discover's parts.
 
-    Shards are decoded into a staging array first. When files were rejected (they leave holes), it
-    is compacted so that ``manifest.index`` is a dense 0..N-1 index into ``images.zarr``; when none
-    were, the staging array is moved into place, which writes every pixel once. Finished shards are
-    recorded, so a killed run decodes only the rest; a finished ingest is not redone at all.
+    Each worker reads its shard's files from discover's unique parts, decodes them into a staging
+    array and records their outcome as a part; the workers then write the tables' parts, so the
+    flow process holds counts per shard and the accepted rows' positions (8 bytes an image), never
+    a row per file. When files were rejected (they leave holes), the staging array is compacted so
+    that ``manifest.index`` is a dense 0..N-1 index into ``images.zarr``; when none were, it is
+    moved into place, which writes every pixel once. Finished shards are recorded, so a killed run
+    decodes only the rest; a finished ingest is not redone at all.
     """
     so = store.storage_options
-    unique = read_parquet(store.work(UNIQUE), so)
-    key = ingest_key(unique, pixels, shard_size)
+    parts = unique_parts(store)
+    key = ingest_key(parts, pixels, shard_size, so)
     done = finished_ingest(store, key)
     if done is not None:
         logger.info("ingest: already done for these files and settings; reusing images.zarr")
@@ -260,29 +325,57 @@ def ingest(source: Location, store: RunStore, pixels: PixelSpec, shard_size: int
     images = Location(store.images, so)
     ledger = ShardLedger(store, "ingest", key)
     ledger.clear_others()
-    info, resumed = decode_into_staging(source, unique["path"].tolist(), staging, pixels, shard_size, client, ledger)
-    accepted_rows = np.flatnonzero(info["ok"].to_numpy(bool))
-    if len(accepted_rows) == len(info):  # nothing rejected: the staging array is already the final one
+    shards = shard_files(parts, shard_size, so)
+    n = sum(rows for _, rows in parts)
+    recorded = {a: r for a, r in ledger.done_rows().items()
+                if isinstance(r, dict) and exists(decoded_part(store, a), so)}
+    if not recorded:
+        remove(store.resume("ingest-decoded"), so)
+        pixels.create(staging, n, shard_size)
+    else:
+        logger.info("ingest: resuming, %d of %d shards already decoded", len(recorded), len(shards))
+    accepted = {a: int(r["accepted"]) for a, r in recorded.items()}
+    futures = {client.submit(ingest_shard, source, files, staging, i * shard_size, pixels, store, ledger,
+                             pure=False): i * shard_size
+               for i, files in enumerate(shards) if i * shard_size not in accepted}
+    for fut in track(completed(client, futures), total=len(futures), desc="ingest", unit="shard"):
+        accepted[futures[fut]] = fut.result()
+    starts = [i * shard_size for i in range(len(shards))]
+    n_accepted = sum(accepted[a] for a in starts)
+    if n_accepted == n:  # nothing rejected: the staging array is already the final one
         ledger.clear()  # first: a crash while moving must not leave shards recorded in a moved array
         if pixels.thumbnail:
             move_tree(thumbs_of(staging).url, thumbs_of(images).url, so)
         move_tree(staging.url, images.url, so)
         open_array(images.url, so, mode="r+").update_attributes(pixels.attributes())
     else:
-        pixels.create(images, len(accepted_rows), shard_size, pixels.attributes())
+        accepted_rows = np.concatenate([np.flatnonzero(read_parquet(decoded_part(store, a), so)["ok"].to_numpy(bool)) + a
+                                        for a in starts]) if starts else np.zeros(0, np.int64)
+        pixels.create(images, n_accepted, shard_size, pixels.attributes())
         compact_into(staging, images, accepted_rows, 0, client)
-    manifest, decode_rejects = manifest_rows(unique, info, 0)
-    unreadable = read_parquet(store.work(UNREADABLE), so).assign(sha256=None)
-    columns = ["path", "reason", "sha256"] + (["stamp"] if "stamp" in unreadable.columns else [])
-    rejected = pd.concat([unreadable, decode_rejects], ignore_index=True)[columns]
-    rejected = rejected.sort_values("path", kind="stable").reset_index(drop=True)
-    store.write_table("manifest", manifest)
-    store.write_table("rejected", rejected)
+        del accepted_rows
+    for name in ("manifest", "rejected"):
+        remove(store.table(name), so)  # the run's ingest writes generation 0 whole
+    offsets = np.concatenate([[0], np.cumsum([accepted[a] for a in starts])]).astype(int)
+    client.gather([client.submit(write_shard_tables, store, a, int(offsets[i]), i, ledger, pure=False)
+                   for i, a in enumerate(starts)])
+    n_rejected = n - n_accepted
+    unreadable = read_parquet_folder(store.work(UNREADABLE), so, ["path", "reason", "stamp"]).assign(sha256=None)
+    store_part = len(starts)
+    write_part(store.table("rejected"), unreadable[["path", "reason", "sha256", "stamp"]], 0, store_part, so)
+    n_rejected += len(unreadable)
     open_array(images.url, so, mode="r+").attrs["ingest_key"] = key  # last: marks it finished
     remove(staging.url, so)
     remove(thumbs_of(staging).url, so)
+    remove(store.resume("ingest-decoded"), so)
     ledger.clear()
-    logger.info("ingest: %d images accepted, %d rejected", len(manifest), len(rejected))
-    for path, reason in rejected[["path", "reason"]].head(20).itertuples(index=False):
-        logger.warning("rejected %s: %s", path, reason)
-    return Ingest(len(manifest), len(rejected), pixels.channels, key, resumed)
+    logger.info("ingest: %d images accepted, %d rejected", n_accepted, n_rejected)
+    shown = 0
+    for _, url in part_files(store.table("rejected"), so) if n_rejected else []:  # the first 20, not the whole table
+        for path, reason in read_parquet(url, so)[["path", "reason"]].itertuples(index=False):
+            if shown < 20:
+                logger.warning("rejected %s: %s", path, reason)
+            shown += 1
+        if shown >= 20:
+            break
+    return Ingest(n_accepted, n_rejected, pixels.channels, key, len(recorded))

@@ -142,9 +142,11 @@ def refine_clusters(store: RunStore, clu: Clustering, seed: int, client: Client,
         fx = da.from_zarr(features)
         raw = da.from_zarr(open_array(raw_url, so)).rechunk((fx.chunks[0],))
         kmeans = da.from_zarr(open_array(clu.labels_url, so)).rechunk((fx.chunks[0],))
-        labels = da.map_blocks(final_labels, raw, kmeans, restored, remap, dtype=np.int32)
-        centres, out = dask_centres_of_labels(fx, labels[:, None], found)
-        LabelArrays(Location(labels_url, so), Location(distances_url, so), n, step).write(out)
+        arrays = LabelArrays(Location(labels_url, so), Location(distances_url, so), n, step)
+        # written first, then read back: each block's labels are computed once, not once per use
+        labels = arrays.write_labels(da.map_blocks(final_labels, raw, kmeans, restored, remap, dtype=np.int32))
+        centres, out = dask_centres_of_labels(fx, labels.rechunk((fx.chunks[0],))[:, None], found)
+        arrays.write_distances(out[:, 1])
     assert model.placement is not None
     model.placement.centres = centres
     model.placement.sub_centres = model.placement.sub_to_cluster = None  # pieces describe K-means' clusters
