@@ -193,7 +193,7 @@ def shard_files(parts: list[tuple[str, int]], shard_size: int, storage_options: 
 
 def decoded_part(store: RunStore, start: int) -> str:
     """What a decoded shard's files became: (path, sha256, stamp, ok, width, height, format, reason)."""
-    return store.resume("ingest-decoded", f"{start:012d}.parquet")
+    return store.resume("decoded-shards", f"{start:012d}.parquet")
 
 
 def ingest_shard(source: Location, files: ShardFiles, staging: Location, start: int, pixels: PixelSpec,
@@ -330,7 +330,7 @@ def ingest(source: Location, store: RunStore, pixels: PixelSpec, shard_size: int
     recorded = {a: r for a, r in ledger.done_rows().items()
                 if isinstance(r, dict) and exists(decoded_part(store, a), so)}
     if not recorded:
-        remove(store.resume("ingest-decoded"), so)
+        remove(store.resume("decoded-shards"), so)
         pixels.create(staging, n, shard_size)
     else:
         logger.info("ingest: resuming, %d of %d shards already decoded", len(recorded), len(shards))
@@ -367,7 +367,7 @@ def ingest(source: Location, store: RunStore, pixels: PixelSpec, shard_size: int
     open_array(images.url, so, mode="r+").attrs["ingest_key"] = key  # last: marks it finished
     remove(staging.url, so)
     remove(thumbs_of(staging).url, so)
-    remove(store.resume("ingest-decoded"), so)
+    remove(store.resume("decoded-shards"), so)
     ledger.clear()
     logger.info("ingest: %d images accepted, %d rejected", n_accepted, n_rejected)
     shown = 0
