@@ -116,7 +116,7 @@ def _stages(config: RunConfig, lease: Lease) -> dict[str, Any]:
             near = neighbours_task(store, address)
         lease.check()
         with _timed(sec, "publish"):
-            quality = publish_task(store, clu)
+            quality = publish_task(store, clu, address)
     counts = {"found": found.n_found, "duplicates": found.n_duplicates, "rejected": ing.n_rejected,
               "accepted": ing.n_accepted, "clusters": clu.n_clusters,
               "near_duplicate_groups": near.near_duplicate_groups, "near_duplicate_images": near.near_duplicate_images}

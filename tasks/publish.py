@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from distributed import Client
 from prefect import task
 
 from imgclust.report.build import write_report
@@ -13,8 +14,9 @@ from imgclust.stages.publish import publish
 
 
 @task(name="publish", retries=2, retry_delay_seconds=5)
-def publish_task(store: RunStore, clu: Clustering) -> dict[str, Any]:
-    return publish(store, clu.labels_url, clu.distances_url)
+def publish_task(store: RunStore, clu: Clustering, address: str) -> dict[str, Any]:
+    with Client(address, set_as_default=False) as client:
+        return publish(store, clu.labels_url, clu.distances_url, client)
 
 
 @task(name="report", retries=1, retry_delay_seconds=5)

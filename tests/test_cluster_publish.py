@@ -111,6 +111,57 @@ def test_publish_tables(tmp_path):
     assert q["size_balance"] == __import__("pytest").approx(1.0) and size_balance(np.array([99.0, 1.0])) < 0.1
 
 
+def _publish_inputs(root, n: int, rows_per_part: int) -> tuple[RunStore, str, str]:
+    """A run with a manifest in parts, final labels (one large cluster, one empty id) and distances
+    (with ties), and k-th neighbour distances for all but some images."""
+    rng = np.random.default_rng(0)
+    store = RunStore(str(root))
+    store.write_table("manifest", pd.DataFrame({
+        "index": range(n), "path": [f"d{i % 7}/p{i:05d}.png" for i in range(n)], "sha256": [f"{i:x}" for i in range(n)],
+        "width": 1, "height": 1, "format": "PNG"}), rows_per_part=rows_per_part)
+    labels = np.where(rng.random(n) < 0.5, 0, rng.integers(1, 7, n))
+    labels[labels == 4] = 5
+    create_array(f"{root}/l.zarr", (n,), 256, "int32")[:] = labels
+    create_array(f"{root}/d.zarr", (n,), 256, "float32")[:] = np.round(rng.gamma(2.0, 1.0, n), 2)
+    known = np.sort(rng.choice(n, n - 50, replace=False))
+    for part, rows in enumerate(np.array_split(rng.permutation(known), 3)):
+        (root / "index" / "knn").mkdir(parents=True, exist_ok=True)
+        pd.DataFrame({"index": rows, "kth_distance": rng.random(len(rows))}).to_parquet(
+            root / "index" / "knn" / f"part-{part:05d}.parquet")
+    return store, f"{root}/l.zarr", f"{root}/d.zarr"
+
+
+def test_publish_on_workers_in_small_buckets_writes_what_one_pass_in_the_client_does(tmp_path, client):
+    """The layout in many buckets (a cluster spread over several), written by the workers, equals
+    the one-part layout of the whole table sorted here; so do the tables and clusters.json."""
+    from imgclust.members import MemberLayout, write_members
+
+    n = 6000
+    whole, *arrays = _publish_inputs(tmp_path / "whole", n, 10**6)
+    parts, *arrays_parts = _publish_inputs(tmp_path / "parts", n, 700)
+    publish(whole, *arrays)
+    publish(parts, *arrays_parts, client, bucket_rows=400)
+    a, b = whole.read_table("assignments"), parts.read_table("assignments")
+    pd.testing.assert_frame_equal(a, b)
+    assert a["outlier"].isna().sum() == 50 and len(list((tmp_path / "parts" / "assignments.parquet").iterdir())) == 9
+    assert json.loads((tmp_path / "whole" / "clusters.json").read_text()) == \
+        json.loads((tmp_path / "parts" / "clusters.json").read_text())
+    one, many = MemberLayout.open(whole), MemberLayout.open(parts)
+    assert len(many.parts) >= n // 400 and len(one.parts) <= 2 and one.clusters == many.clusters
+    assert 4 not in many.clusters and many.clusters[0][1] > 2000
+    pd.testing.assert_frame_equal(one.read(0, n), many.read(0, n))
+    reference = tmp_path / "reference"
+    write_members(RunStore(str(reference)), a, np.arange(n), 0)  # the layout of the whole table, sorted here
+    pd.testing.assert_frame_equal(MemberLayout.open(RunStore(str(reference))).read(0, n), many.read(0, n))
+    pick = np.random.default_rng(1).choice(n, 300, replace=False)
+    pd.testing.assert_frame_equal(many.rows_of(pick), many.read(0, n).set_index("index").loc[pick].reset_index()
+                                  [["cluster", "distance", "path", "index"]])
+    first, size = many.clusters[0]
+    pd.testing.assert_frame_equal(many.members(0, size - 5, size + 5), many.read(first + size - 5, first + size))
+    assert not (tmp_path / "parts" / "_work" / "publish").exists()
+    assert sorted(p.name for p in (tmp_path / "parts" / "members").glob("*.parquet")) == [p[0] for p in many.parts]
+
+
 def test_merged_pieces_follow_long_groups_and_the_clusterer_places_codes_as_the_run_did(tmp_path, client):
     """Two interleaved moons as codes: with ``merge`` the run cuts 10 K-means pieces and joins them per moon."""
     from sklearn.datasets import make_moons

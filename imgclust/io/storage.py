@@ -130,6 +130,19 @@ def read_parquet(url: str, storage_options: dict[str, Any] | None = None) -> pd.
     return pd.read_parquet(io.BytesIO(with_retries(fs.cat_file, path)))
 
 
+def read_parquet_filtered(url: str, storage_options: dict[str, Any] | None, columns: list[str] | None = None,
+                          filters: list[tuple[str, str, Any]] | None = None) -> pd.DataFrame:
+    """Rows of a Parquet file that pass ``filters``; row groups whose statistics rule them out are not read."""
+    import pyarrow.parquet as pq
+
+    fs, path = open_fs(url, storage_options)
+
+    def read() -> pd.DataFrame:
+        with fs.open(path, "rb") as fh:
+            return pq.read_table(fh, columns=columns, filters=filters).to_pandas()
+    return with_retries(read)
+
+
 def read_parquet_folder(url: str, storage_options: dict[str, Any] | None = None,
                         columns: list[str] | None = None) -> pd.DataFrame:
     """Every ``*.parquet`` file of a folder, in name order, as one frame (empty, with ``columns``,

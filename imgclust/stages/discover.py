@@ -38,6 +38,7 @@ from imgclust.io.storage import (
     open_fs,
     read_file_groups,
     read_json,
+    read_parquet_filtered,
     remove,
     unreadable_reason,
     with_retries,
@@ -196,7 +197,7 @@ def find_bucket_duplicates(store: RunStore, hashed: list[str], bucket: int, lo: 
     a duplicates table part, and their (group, pos) for ``finish_group``; how many."""
     so = store.storage_options
     wanted = ["path", "sha256", "stamp", "group", "pos"]
-    frames = [_read_filtered(url, so, wanted, [("h16", ">=", lo), ("h16", "<", hi)]) for url in hashed]
+    frames = [read_parquet_filtered(url, so, wanted, [("h16", ">=", lo), ("h16", "<", hi)]) for url in hashed]
     rows = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=wanted)
     _, dups = split_duplicates(rows)
     positions = rows.loc[rows["path"].isin(set(dups["path"])), ["group", "pos"]].sort_values(["group", "pos"])
@@ -236,8 +237,8 @@ def finish_group(store: RunStore, hashed: str, number: int, buckets: list[str], 
     """One listing group's unique files (path order) and unreadable ones, as parts under ``_work/``
     for ingest, with the duplicates found by the buckets taken out; on a worker."""
     so = store.storage_options
-    table = _read_filtered(hashed, so).sort_values("pos").reset_index(drop=True)
-    dup_pos = [_read_filtered(b, so, ["pos"], [("group", "==", number)])["pos"] for b in buckets]
+    table = read_parquet_filtered(hashed, so).sort_values("pos").reset_index(drop=True)
+    dup_pos = [read_parquet_filtered(b, so, ["pos"], [("group", "==", number)])["pos"] for b in buckets]
     is_dup = table["pos"].isin(pd.concat(dup_pos) if dup_pos else [])
     readable = table["sha256"].notna()
     unique = table.loc[readable & ~is_dup]
@@ -250,17 +251,6 @@ def finish_group(store: RunStore, hashed: str, number: int, buckets: list[str], 
     sides = unique["side"].dropna().astype(np.int64).value_counts()
     return GroupCounts(len(unique), len(unreadable), len(probes), int(probes.astype(bool).sum()),
                        {int(k): int(v) for k, v in sides.items()})
-
-
-def _read_filtered(url: str, storage_options: dict[str, Any] | None, columns: list[str] | None = None,
-                   filters: list[tuple[str, str, int]] | None = None) -> pd.DataFrame:
-    """Rows of a Parquet file that pass ``filters``; row groups whose statistics rule them out are not read."""
-    fs, path = open_fs(url, storage_options)
-
-    def read() -> pd.DataFrame:
-        with fs.open(path, "rb") as fh:
-            return pq.read_table(fh, columns=columns, filters=filters).to_pandas()
-    return with_retries(read)
 
 
 def percentile_of_counts(counts: dict[int, int], q: float) -> float | None:
