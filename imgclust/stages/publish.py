@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import logging
+import posixpath
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
@@ -232,7 +233,8 @@ def publish(store: RunStore, labels_url: str, distances_url: str, client: Client
     inputs = PublishInputs(store, labels_url, distances_url)
     fence = ShardLedger(store, "publish", "layout")  # its fence only: the steps are redone whole
     run = _runner(client)
-    manifest_parts = [name for g, name in part_files(store.table("manifest"), so) if g == 0]
+    manifest_parts = [join(store.table("manifest"), posixpath.basename(name))  # listed names lack the protocol
+                      for g, name in part_files(store.table("manifest"), so) if g == 0]
     remove(store.members("layout.json"), so)
     for folder in (inputs.keyed, inputs.positions):
         remove(folder, so)
