@@ -20,11 +20,10 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 import pyarrow.parquet as pq
 
 from imgclust.io.arrays import create_array, open_if_exists, read_rows
-from imgclust.io.storage import open_fs, read_json, remove, with_retries, write_bytes_atomic, write_json
+from imgclust.io.storage import open_fs, read_json, remove, with_retries, write_json, write_parquet
 from imgclust.runstore import RunStore
 
 ROWS_PER_GROUP = 1024
@@ -50,9 +49,7 @@ def members_frame(assignments: pd.DataFrame, index: np.ndarray) -> pd.DataFrame:
 
 def write_members_part(store: RunStore, number: int, rows: pd.DataFrame) -> None:
     """One part of the layout (rows already in layout order), in row groups of ``ROWS_PER_GROUP``."""
-    sink = pa.BufferOutputStream()
-    pq.write_table(pa.Table.from_pandas(rows, preserve_index=False), sink, row_group_size=ROWS_PER_GROUP)
-    write_bytes_atomic(store.members(part_file(number)), sink.getvalue().to_pybytes(), store.storage_options)
+    write_parquet(store.members(part_file(number)), rows, store.storage_options, ROWS_PER_GROUP)
 
 
 def write_layout(store: RunStore, generation: int, parts: list[tuple[str, int, int]],

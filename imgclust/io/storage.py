@@ -118,9 +118,12 @@ def read_json(url: str, storage_options: dict[str, Any] | None = None) -> Any:
     return json.loads(with_retries(fs.cat_file, path))
 
 
-def write_parquet(url: str, df: pd.DataFrame, storage_options: dict[str, Any] | None = None) -> None:
+def write_parquet(url: str, df: pd.DataFrame, storage_options: dict[str, Any] | None = None,
+                  row_group_size: int | None = None) -> None:
+    """``df`` (without its index) as one Parquet file, in row groups of ``row_group_size`` rows
+    when given (readers of a row group, or of a key range through the groups' statistics)."""
     buf = io.BytesIO()
-    df.to_parquet(buf, index=False)
+    df.to_parquet(buf, index=False, row_group_size=row_group_size)
     write_bytes_atomic(url, buf.getvalue(), storage_options)
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 import posixpath
 from collections.abc import Callable
@@ -13,8 +12,6 @@ from typing import Any, TypeVar
 import fsspec
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 from distributed import Client
 
 from imgclust.dask_cluster import completed
@@ -42,7 +39,6 @@ from imgclust.io.storage import (
     remove,
     unreadable_reason,
     with_retries,
-    write_bytes_atomic,
     write_json,
     write_parquet,
 )
@@ -185,9 +181,7 @@ def hash_group(source: Location, store: RunStore, group: ListingGroup, number: i
     table["side"] = table["side"].astype("float64")
     table = table.sort_values(["h16", "pos"], kind="stable")
     fence.check_fence()
-    buf = io.BytesIO()
-    pq.write_table(pa.Table.from_pandas(table, preserve_index=False), buf, row_group_size=H16_ROW_GROUP)
-    write_bytes_atomic(hashed_name(store, number, group), buf.getvalue(), so)
+    write_parquet(hashed_name(store, number, group), table, so, H16_ROW_GROUP)
     return len(table)
 
 
@@ -202,9 +196,7 @@ def find_bucket_duplicates(store: RunStore, hashed: list[str], bucket: int, lo: 
     _, dups = split_duplicates(rows)
     positions = rows.loc[rows["path"].isin(set(dups["path"])), ["group", "pos"]].sort_values(["group", "pos"])
     fence.check_fence()
-    buf = io.BytesIO()
-    pq.write_table(pa.Table.from_pandas(positions.astype("int32"), preserve_index=False), buf, row_group_size=4096)
-    write_bytes_atomic(join(buckets_root(store), f"bucket-{bucket:05d}.parquet"), buf.getvalue(), so)
+    write_parquet(join(buckets_root(store), f"bucket-{bucket:05d}.parquet"), positions.astype("int32"), so, 4096)
     write_part(store.table("duplicates"), dups[["path", "sha256", "stamp", "duplicate_of"]], 0, bucket, so)
     return len(dups)
 

@@ -9,7 +9,6 @@ holds counts per (cluster, band), part names and each cluster's nearest paths.
 
 from __future__ import annotations
 
-import io
 import logging
 import posixpath
 from collections.abc import Callable
@@ -21,13 +20,11 @@ import dask
 import dask.array as da
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 from distributed import Client
 
 from imgclust.dask_cluster import completed
 from imgclust.io.arrays import create_array, open_array
-from imgclust.io.storage import join, read_parquet, read_parquet_filtered, remove, write_bytes_atomic, write_json
+from imgclust.io.storage import join, read_parquet, read_parquet_filtered, remove, write_json, write_parquet
 from imgclust.io.tables import drop_parts, part_files, part_index, write_part
 from imgclust.members import POSITION_CHUNK, members_frame, part_file, write_layout, write_members_part
 from imgclust.progress import track
@@ -170,9 +167,7 @@ def assignment_part(inputs: PublishInputs, manifest_part: str, typical: dict[int
     number = part_index(manifest_part)
     fence.check_fence()
     write_part(store.table("assignments"), assignments, 0, number, so)
-    buf = io.BytesIO()
-    pq.write_table(pa.Table.from_pandas(keyed, preserve_index=False), buf, row_group_size=KEYED_ROW_GROUP)
-    write_bytes_atomic(join(inputs.keyed, f"part-{number:05d}.parquet"), buf.getvalue(), so)
+    write_parquet(join(inputs.keyed, f"part-{number:05d}.parquet"), keyed, so, KEYED_ROW_GROUP)
     return len(assignments)
 
 
@@ -202,9 +197,7 @@ def members_bucket(inputs: PublishInputs, keyed_parts: list[str], number: int, k
     write_members_part(store, number, rows)
     at = pd.DataFrame({"index": rows["index"].to_numpy(np.int64),
                        "row": np.arange(first_row, first_row + len(rows), dtype=np.int64)}).sort_values("index")
-    buf = io.BytesIO()
-    pq.write_table(pa.Table.from_pandas(at, preserve_index=False), buf, row_group_size=KEYED_ROW_GROUP)
-    write_bytes_atomic(join(inputs.positions, f"bucket-{number:05d}.parquet"), buf.getvalue(), so)
+    write_parquet(join(inputs.positions, f"bucket-{number:05d}.parquet"), at, so, KEYED_ROW_GROUP)
     heads = rows.groupby("cluster", sort=True).head(NEAREST)
     return len(rows), {int(c): g["path"].tolist() for c, g in heads.groupby("cluster", sort=True)}
 
@@ -246,7 +239,8 @@ def publish(store: RunStore, labels_url: str, distances_url: str, client: Client
     k = int(n_clusters) + 1
     typical = run(kth_and_typical, [(inputs,)])[0]
     written = run(assignment_part, [(inputs, p, typical, top, fence) for p in manifest_parts], "publish", "part")
-    drop_parts(store.table("assignments"), so, lambda g, i: g == 0 and i not in {part_index(p) for p in manifest_parts})
+    numbers = {part_index(p) for p in manifest_parts}
+    drop_parts(store.table("assignments"), so, lambda g, i: g == 0 and i not in numbers)
     keys = band_keys(labels, dist, top)
     counts, dist_sums = dask.compute(da.bincount(keys, minlength=k * BANDS), da.bincount(labels, dist, minlength=k),
                                      scheduler=client or "sync") if n else (np.zeros(0, np.int64), np.zeros(0))
